@@ -1,0 +1,3 @@
+from mailsetup.cli import main
+
+main()

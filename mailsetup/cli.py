@@ -1,0 +1,336 @@
+"""The mailsetup command line: options wired to the pipeline, errors mapped to exit codes.
+
+Heavy modules (cryptography, jinja2, aiosmtpd) are imported inside the commands that use them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mailsetup.errors import MailsetupError
+
+app = typer.Typer(
+    name="mailsetup",
+    help="Bring up a working, secure OpenSMTPD: certificate, queue key, aliases.db, smtpd.conf.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# Options shared by the commands that build a MailSetup (init, render).
+Domain = Annotated[str | None, typer.Option("--domain", help="The mail domain, e.g. example.org.")]
+Hostname = Annotated[
+    str | None, typer.Option("--hostname", help="The mail host's FQDN (default: this host's, or mail.DOMAIN).")
+]
+OsName = Annotated[
+    str | None, typer.Option("--os", help="Target OS layout: debian, rhel, alpine, arch, freebsd, openbsd.")
+]
+Root = Annotated[
+    Path | None, typer.Option("--root", help="Prefix every path with DIR (a sandbox; no system files touched).")
+]
+AliasesFile = Annotated[Path | None, typer.Option("--aliases", help="An aliases(5) file to install.")]
+Admin = Annotated[str | None, typer.Option("--admin", help="Who receives root's (and so postmaster's) mail.")]
+KeyType = Annotated[str, typer.Option("--key-type", help="rsa-2048, rsa-4096 or ecdsa-p256.")]
+Days = Annotated[int, typer.Option("--days", help="Certificate lifetime in days.")]
+ExistingCert = Annotated[Path | None, typer.Option("--cert", help="Use this existing certificate (with --key).")]
+ExistingKey = Annotated[Path | None, typer.Option("--key", help="The existing certificate's private key.")]
+Listen = Annotated[
+    list[str] | None,
+    typer.Option("--listen", help="Address or interface for ports 25/587 (repeatable; default 0.0.0.0)."),
+]
+SmtpPort = Annotated[int, typer.Option("--smtp-port", help="Port of the MX listener.")]
+SubmissionPort = Annotated[int, typer.Option("--submission-port", help="Port of the submission listener.")]
+SmtpdVersion = Annotated[
+    str | None,
+    typer.Option("--smtpd-version", help="Target smtpd version (default: the installed one, else 7.4)."),
+]
+Compression = Annotated[bool, typer.Option("--queue-compression/--no-queue-compression")]
+Encryption = Annotated[bool, typer.Option("--queue-encryption/--no-queue-encryption")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+def _raw_answers(**values) -> dict:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _detect_smtpd_version(given: str | None) -> str | None:
+    if given:
+        return given
+    from mailsetup.opensmtpd import smtpd_version
+
+    found = smtpd_version()
+    return f"{found[0]}.{found[1]}" if found else None
+
+
+def _echo(text: str = "", err: bool = False, fg: str | None = None) -> None:
+    if fg and not os.environ.get("NO_COLOR"):
+        text = typer.style(text, fg=fg)
+    typer.echo(text, err=err)
+
+
+@app.command()
+def init(
+    domain: Domain = None,
+    hostname: Hostname = None,
+    os_name: OsName = None,
+    root: Root = None,
+    aliases: AliasesFile = None,
+    admin: Admin = None,
+    key_type: KeyType = "rsa-2048",
+    days: Days = 3650,
+    cert: ExistingCert = None,
+    key: ExistingKey = None,
+    listen: Listen = None,
+    smtp_port: SmtpPort = 25,
+    submission_port: SubmissionPort = 587,
+    smtpd_version: SmtpdVersion = None,
+    queue_compression: Compression = True,
+    queue_encryption: Encryption = True,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Write without asking.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and diff; write nothing.")] = False,
+    diff: Annotated[bool, typer.Option("--diff/--no-diff", help="Show the diff of each file.")] = False,
+    no_smoke: Annotated[bool, typer.Option("--no-smoke", help="Skip the smoke test.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Provision everything: certificate, queue key, aliases and aliases.db, smtpd.conf; then check it."""
+    from mailsetup import provision, report
+    from mailsetup.model import build_setup
+
+    if not domain:
+        raise MailsetupError("missing --domain (the mail domain, e.g. --domain example.org)")
+    if admin is not None:
+        from mailsetup.model import refuse_injection
+
+        refuse_injection(admin, "--admin")
+    setup = build_setup(
+        _raw_answers(
+            domain=domain, hostname=hostname, os=os_name, root=root, aliases=aliases, key_type=key_type,
+            days=days, cert=cert, key=key, listen=listen, smtp_port=smtp_port,
+            submission_port=submission_port, smtpd_version=_detect_smtpd_version(smtpd_version),
+            queue_compression=queue_compression, queue_encryption=queue_encryption,
+        )
+    )
+    prov = provision.build_plan(setup, admin=admin)
+    report.print_plan(prov, show_diff=diff or dry_run)
+    if dry_run:
+        _echo("dry run: nothing was written.")
+        return
+    if not prov.plan.pending():
+        _echo("Everything is already in place; nothing to write.")
+    elif not yes:
+        if not sys.stdin.isatty():
+            raise MailsetupError("nothing written: pass --yes to write without asking (no terminal to ask on)")
+        if not typer.confirm("Write these files?", default=False):
+            _echo("Nothing written.")
+            raise typer.Exit(1)
+    results, verdict = provision.apply_and_verify(prov)
+    report.print_applied(results)
+    report.print_verdict(verdict, provision.installed_smtpd_warning())
+    if no_smoke:
+        _echo("Smoke test skipped (--no-smoke).")
+    report.print_next_steps(setup)
+
+
+@app.command()
+def render(
+    domain: Domain = None,
+    hostname: Hostname = None,
+    os_name: OsName = None,
+    root: Root = None,
+    listen: Listen = None,
+    smtp_port: SmtpPort = 25,
+    submission_port: SubmissionPort = 587,
+    smtpd_version: SmtpdVersion = None,
+    queue_compression: Compression = True,
+    queue_encryption: Encryption = True,
+    cert: ExistingCert = None,
+    key: ExistingKey = None,
+    queue_key_file: Annotated[
+        Path | None, typer.Option("--queue-key-file", help="The queue key (default: the layout's, if present).")
+    ] = None,
+    aliases_format: Annotated[str, typer.Option("--aliases-format", help="db or file.")] = "db",
+    out: Annotated[Path | None, typer.Option("--out", help="Write here (0600, atomic, with a backup).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Print (or write) smtpd.conf for the given settings."""
+    from mailsetup import queuekey
+    from mailsetup.model import build_setup
+    from mailsetup.opensmtpd import open_relay_rules
+    from mailsetup.render import render_smtpd_conf
+
+    if not domain:
+        raise MailsetupError("missing --domain (the mail domain, e.g. --domain example.org)")
+    if aliases_format not in ("db", "file"):
+        raise MailsetupError(f"--aliases-format: {aliases_format!r} is not db or file")
+    setup = build_setup(
+        _raw_answers(
+            domain=domain, hostname=hostname, os=os_name, root=root, listen=listen, smtp_port=smtp_port,
+            submission_port=submission_port, smtpd_version=_detect_smtpd_version(smtpd_version),
+            queue_compression=queue_compression, queue_encryption=queue_encryption, cert=cert, key=key,
+        )
+    )
+    qkey = None
+    if setup.queue.encryption:
+        path = queue_key_file or Path(setup.queue.key_file)
+        if not path.exists():
+            raise MailsetupError(
+                f"--queue-key-file: no queue key at {path}; make one with "
+                f"`mailsetup keygen --out {path}` or pass --no-queue-encryption"
+            )
+        qkey = queuekey.read_queue_key(path)
+    text = render_smtpd_conf(setup, qkey, aliases_format)
+    if open_relay_rules(text):
+        raise MailsetupError("internal error: the rendered configuration would be an open relay", exit_code=1)
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    _write_one(out, text.encode(), 0o600, force, "--out")
+    _echo(f"wrote {out} (0600)")
+
+
+def _write_one(path: Path, content: bytes, mode: int, force: bool, flag: str) -> None:
+    from mailsetup.files import FileChange
+
+    _write_many([FileChange(path, content, mode, flag)], force, flag)
+
+
+def _write_many(changes, force: bool, flag: str) -> None:
+    from mailsetup.files import apply_plan
+
+    for change in changes:
+        if change.path.exists() and not force:
+            raise MailsetupError(f"{flag}: {change.path} exists; pass --force to replace it (a backup is kept)")
+        if change.path.is_dir():
+            raise MailsetupError(f"{flag}: {change.path} is a directory")
+    for result in apply_plan(changes):
+        if result.backup:
+            _echo(f"kept the old {result.path} as {result.backup}")
+
+
+@app.command()
+def cert(
+    hostname: Annotated[str | None, typer.Option("--hostname", help="The mail host's FQDN.")] = None,
+    days: Days = 3650,
+    key_type: KeyType = "rsa-2048",
+    out_cert: Annotated[Path | None, typer.Option("--out-cert", help="Certificate path.")] = None,
+    out_key: Annotated[Path | None, typer.Option("--out-key", help="Private key path (written 0600).")] = None,
+    csr: Annotated[
+        Path | None, typer.Option("--csr", help="Write a CSR for a CA here instead of a self-signed cert.")
+    ] = None,
+    os_name: OsName = None,
+    root: Root = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files (backups are kept).")] = False,
+    debug: Debug = False,
+) -> None:
+    """Make a private key and a self-signed certificate (or a CSR) for the mail host."""
+    from mailsetup import pki
+    from mailsetup.files import FileChange
+    from mailsetup.model import KEY_TYPES, validate_dns_name, validate_path
+    from mailsetup.platforms import detect_os, get_layout, sandboxed
+
+    if not hostname:
+        raise MailsetupError("missing --hostname (the mail host's FQDN, e.g. --hostname mail.example.org)")
+    host = validate_dns_name(hostname, "--hostname")
+    if key_type not in KEY_TYPES:
+        raise MailsetupError(f"--key-type: {key_type!r} is not one of {', '.join(KEY_TYPES)}")
+    if not 1 <= days <= 36500:
+        raise MailsetupError(f"--days: {days} is outside 1..36500")
+    if out_cert is None or out_key is None:
+        layout = sandboxed(get_layout(os_name or detect_os() or "debian"), root.absolute() if root else None)
+        out_cert = out_cert or Path(layout.cert_dir / f"{host}.crt")
+        out_key = out_key or Path(layout.key_dir / f"{host}.key")
+    validate_path(out_key.absolute(), "--out-key")
+    validate_path(out_cert.absolute(), "--out-cert")
+    key = pki.generate_key(key_type)
+    changes = [FileChange(out_key, pki.key_pem(key), pki.KEY_MODE, "private key", secret=True)]
+    if csr is not None:
+        changes.append(FileChange(csr, pki.csr(key, host), 0o644, "certificate signing request"))
+    else:
+        changes.append(FileChange(out_cert, pki.self_signed_cert(key, host, days), pki.CERT_MODE, "certificate"))
+    _write_many(changes, force, "--out-key" if out_key.exists() else "--out-cert")
+    _echo(f"wrote {out_key} (0600, {key_type})")
+    if csr is not None:
+        _echo(f"wrote {csr}: send it to your CA, then run init with --cert CERT --key {out_key}")
+    else:
+        info = pki.inspect_cert(pki.load_cert(out_cert))
+        _echo(f"wrote {out_cert} ({host}, expires {info.not_after:%Y-%m-%d})")
+        _echo(f"SHA-256 fingerprint: {info.fingerprint_sha256}")
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path | None, typer.Option("--out", help="Write the key here (0600) instead of printing.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists (a backup is kept).")] = False,
+    debug: Debug = False,
+) -> None:
+    """Make a queue encryption key (32 characters, as `openssl rand -hex 16`)."""
+    from mailsetup import queuekey
+
+    key = queuekey.generate_queue_key()
+    if out is None:
+        typer.echo(key)
+        return
+    _write_one(out, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE, force, "--out")
+    _echo(f"wrote {out} (0600); smtpd.conf: queue encryption <the key in {out}>", err=True)
+
+
+@app.command("aliases")
+def aliases_cmd(
+    source: Annotated[Path, typer.Argument(help="The aliases(5) file.")],
+    out: Annotated[Path | None, typer.Option("--out", help="The database (default: SOURCE.db).")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Only validate; write nothing.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Validate an aliases file and build aliases.db the way `makemap -t aliases` does."""
+    from mailsetup import aliases as aliases_mod
+    from mailsetup.files import FileChange, apply_plan
+
+    entries = aliases_mod.parse_aliases_file(source)
+    for name in aliases_mod.missing_rfc2142(entries):
+        _echo(f"warning: {source}: no {name} alias (RFC 2142 wants {name}@ to reach a person)", err=True,
+              fg="yellow")
+    if check:
+        _echo(f"{source}: {len(entries)} aliases, OK")
+        return
+    out = out or source.with_name(source.name + ".db")
+    backend = aliases_mod.db_backend()
+    if backend == "dbm":
+        db = aliases_mod.build_aliases_db(entries)
+    elif backend == "makemap":
+        _echo("note: this Python's dbm cannot write Berkeley DB; using makemap", err=True)
+        db = aliases_mod.build_aliases_db_with_makemap(source.read_text(encoding="utf-8"))
+    else:
+        raise MailsetupError(
+            "no Berkeley DB writer here (Python's dbm.ndbm or makemap): use `table aliases "
+            f"file:{source}` in smtpd.conf instead of a db: table",
+            exit_code=1,
+        )
+    apply_plan([FileChange(out, db, aliases_mod.ALIASES_MODE, "aliases.db")])
+    _echo(f"wrote {out}: {len(entries)} aliases")
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=True)
+    except MailsetupError as exc:
+        if debug:
+            raise
+        _echo(f"mailsetup: error: {exc.message}", err=True, fg="red")
+        if exc.hint:
+            _echo(f"hint: {exc.hint}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _echo("mailsetup: interrupted; nothing was left half-written.", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

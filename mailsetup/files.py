@@ -1,0 +1,230 @@
+"""Plans and the only code that writes: atomic replace, dated backups, modes born right, undo.
+
+A Plan is a list of FileChange built in memory by the renderers; `apply_plan` writes it or, if any
+step fails, puts every file back as it was.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import stat
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailsetup.errors import MailsetupError
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """One file the plan wants on disk: its bytes, its mode, and why it exists."""
+
+    path: Path
+    content: bytes
+    mode: int
+    reason: str
+    secret: bool = False  # never shown in a diff, never printed
+    # Regexes with a group named "secret": parts of an otherwise showable file never to print.
+    redact: tuple[str, ...] = ()
+
+    def state(self) -> str:
+        """'new', 'replaced' or 'unchanged' against what is on disk now."""
+        try:
+            current = self.path.read_bytes()
+        except FileNotFoundError:
+            return "new"
+        except OSError:
+            return "replaced"
+        if current != self.content:
+            return "replaced"
+        try:
+            if stat.S_IMODE(self.path.stat().st_mode) != self.mode:
+                return "replaced"
+        except OSError:
+            return "replaced"
+        return "unchanged"
+
+    def diff(self) -> str:
+        """A unified diff against the file on disk; secrets and binaries are summarised, not shown."""
+        if self.secret:
+            return f"(secret {self.path} not shown)\n"
+        try:
+            old = self.path.read_bytes()
+        except FileNotFoundError:
+            old = b""
+        except OSError as exc:
+            return f"(cannot read {self.path}: {exc.strerror})\n"
+        try:
+            old_text = old.decode()
+            new_text = self.content.decode()
+        except UnicodeDecodeError:
+            return f"(binary {self.path}: {len(old)} -> {len(self.content)} bytes)\n"
+        for pattern in self.redact:
+            old_text, new_text = (_redact(pattern, t) for t in (old_text, new_text))
+        return "".join(
+            difflib.unified_diff(
+                old_text.splitlines(keepends=True),
+                new_text.splitlines(keepends=True),
+                fromfile=f"{self.path} (on disk)",
+                tofile=f"{self.path} (planned)",
+            )
+        )
+
+
+def _redact(pattern: str, text: str) -> str:
+    def hide(m: re.Match) -> str:
+        start, end = m.span("secret")
+        return m.group(0)[: start - m.start()] + "<redacted>" + m.group(0)[end - m.start() :]
+
+    return re.sub(pattern, hide, text)
+
+
+@dataclass
+class Plan:
+    """Every file a command will write, in the order it writes them."""
+
+    changes: list[FileChange] = field(default_factory=list)
+
+    def add(self, change: FileChange) -> None:
+        if any(c.path == change.path for c in self.changes):
+            raise MailsetupError(f"two planned files share the path {change.path}")
+        self.changes.append(change)
+
+    def pending(self) -> list[FileChange]:
+        return [c for c in self.changes if c.state() != "unchanged"]
+
+
+@dataclass(frozen=True)
+class Applied:
+    path: Path
+    state: str
+    backup: Path | None
+
+
+def backup_name(path: Path, now: float | None = None) -> Path:
+    """`FILE.YYYYmmdd-HHMMSS.bak` beside FILE, never an existing name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    candidate = path.with_name(f"{path.name}.{stamp}.bak")
+    n = 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}.{stamp}.{n}.bak")
+        n += 1
+    return candidate
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_parents(path: Path, created: list[Path], private: bool) -> None:
+    missing = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for i, d in enumerate(reversed(missing)):
+        # A new directory that holds a private key is not listable by others; 0755 elsewhere.
+        d.mkdir(mode=0o700 if private and i == len(missing) - 1 else 0o755)
+        created.append(d)
+
+
+def write_atomic(path: Path, content: bytes, mode: int) -> None:
+    """Write `content` to `path` so that readers see the old file or the new one, never a mix.
+
+    The temp file is created with its final mode (O_EXCL, so a private key is never readable by
+    others, not even for a moment), fsynced, renamed over the target, and the directory fsynced.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    old_umask = os.umask(0o077)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode & 0o700)
+    finally:
+        os.umask(old_umask)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+            fh.flush()
+            # Widen to the final mode only after the content is complete (group/other bits, if any).
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _copy_backup(path: Path) -> Path:
+    """Copy `path` to a dated backup with the same mode (a backup of a key stays private)."""
+    target = backup_name(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    write_atomic(target, path.read_bytes(), mode)
+    return target
+
+
+def apply_plan(plan: Plan | Sequence[FileChange]) -> list[Applied]:
+    """Write every pending change; on any failure restore every file touched and re-raise."""
+    changes = plan.changes if isinstance(plan, Plan) else list(plan)
+    done: list[tuple[FileChange, Path | None, bool]] = []  # change, backup, existed
+    created_dirs: list[Path] = []
+    results: list[Applied] = []
+    try:
+        for change in changes:
+            state = change.state()
+            if state == "unchanged":
+                results.append(Applied(change.path, state, None))
+                continue
+            _make_parents(change.path, created_dirs, change.secret)
+            existed = change.path.exists()
+            backup = _copy_backup(change.path) if existed else None
+            done.append((change, backup, existed))
+            write_atomic(change.path, change.content, change.mode)
+            results.append(Applied(change.path, state, backup))
+    except BaseException as exc:
+        _undo(done, created_dirs)
+        if isinstance(exc, OSError):
+            where = exc.filename or "?"
+            raise MailsetupError(
+                f"cannot write {where}: {exc.strerror}; every file was put back as it was",
+                exit_code=1,
+            ) from exc
+        raise
+    return results
+
+
+def undo_applied(results: Sequence[Applied]) -> None:
+    """Put back what `apply_plan` wrote: restore each backup, remove each new file."""
+    for item in reversed(results):
+        try:
+            if item.state == "replaced" and item.backup is not None:
+                os.replace(item.backup, item.path)
+            elif item.state == "new":
+                item.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _undo(done: Iterable[tuple[FileChange, Path | None, bool]], created_dirs: list[Path]) -> None:
+    for change, backup, existed in reversed(list(done)):
+        try:
+            if existed and backup is not None:
+                os.replace(backup, change.path)
+            elif not existed:
+                change.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+    for d in reversed(created_dirs):
+        try:
+            d.rmdir()
+        except OSError:
+            pass

@@ -1,0 +1,324 @@
+"""MailSetup: the one validated, immutable model every artifact is rendered from.
+
+Raw answers (flags, answers file, wizard) go in through `build_setup`; anything that could inject
+text into smtpd.conf is refused there, with one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from mailsetup.errors import MailsetupError
+from mailsetup.platforms import Layout, detect_os, get_layout, sandboxed
+
+KEY_TYPES = ("rsa-2048", "rsa-4096", "ecdsa-p256")
+DEFAULT_SMTPD_VERSION = (7, 4)
+MODERN_GRAMMAR = (6, 4)  # action/match, `pki … cert`, `queue encryption KEY`
+DEFAULT_MAX_MESSAGE_SIZE = 35 * 1024 * 1024  # smtpd's default
+
+# Characters that end a token, start a comment or a macro, or open a block in smtpd.conf.
+_HOSTILE = {
+    '"': "a double quote",
+    "'": "a single quote",
+    "#": "'#'",
+    "{": "'{'",
+    "}": "'}'",
+    "<": "'<'",
+    ">": "'>'",
+    "\\": "a backslash",
+    "$": "'$'",
+    ";": "';'",
+    "`": "a backquote",
+}
+
+
+def _describe_char(ch: str) -> str:
+    if ch == "\n":
+        return "a newline"
+    if ch == "\r":
+        return "a carriage return"
+    if ch == "\t":
+        return "a tab"
+    if ch == " ":
+        return "a space"
+    if ch.isspace():
+        return f"white space (U+{ord(ch):04X})"
+    if ord(ch) < 32 or ord(ch) == 127:
+        return f"a control character (U+{ord(ch):04X})"
+    return _HOSTILE.get(ch, repr(ch))
+
+
+def refuse_injection(value: str, flag: str, allow_leading_dash: bool = False) -> str:
+    """Refuse any value that could end a token or add a line to smtpd.conf."""
+    for ch in value:
+        if ch.isspace() or ord(ch) < 32 or ord(ch) == 127 or ch in _HOSTILE:
+            raise MailsetupError(
+                f"{flag}: {value!r} contains {_describe_char(ch)}, which is not allowed here"
+            )
+    if not allow_leading_dash and value.startswith("-"):
+        raise MailsetupError(f"{flag}: {value!r} starts with '-', which is not allowed here")
+    return value
+
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def validate_dns_name(value: Any, flag: str, fqdn: bool = True) -> str:
+    """A DNS name as smtpd.conf and DNS want it: lower case, IDN as punycode, no trailing dot."""
+    if not isinstance(value, str) or not value.strip():
+        raise MailsetupError(f"{flag}: a DNS name is required")
+    value = value.strip()
+    refuse_injection(value, flag)
+    if value.endswith("."):
+        raise MailsetupError(f"{flag}: {value!r} ends with a dot; give the name without it")
+    try:
+        ascii_name = value.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise MailsetupError(f"{flag}: {value!r} is not a valid DNS name") from None
+    if len(ascii_name) > 253:
+        raise MailsetupError(f"{flag}: {value!r} is longer than 253 characters")
+    labels = ascii_name.split(".")
+    for label in labels:
+        if not _LABEL.match(label):
+            raise MailsetupError(
+                f"{flag}: {value!r} is not a valid DNS name (label {label!r}: letters, digits and "
+                "inner hyphens only, 1-63 characters)"
+            )
+    if fqdn and len(labels) < 2:
+        raise MailsetupError(
+            f"{flag}: {value!r} is not a fully qualified name (expected something like mail.example.com)"
+        )
+    if labels[-1].isdigit():
+        raise MailsetupError(f"{flag}: {value!r} looks like an address, not a DNS name")
+    return ascii_name
+
+
+def validate_path(value: Any, flag: str) -> PurePosixPath:
+    """An absolute path that can stand in smtpd.conf between double quotes."""
+    text = str(value)
+    if not text:
+        raise MailsetupError(f"{flag}: a path is required")
+    refuse_injection(text, flag)
+    if not text.startswith("/"):
+        raise MailsetupError(f"{flag}: {text!r} must be an absolute path")
+    return PurePosixPath(text)
+
+
+_IFNAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,14}$")
+
+
+def validate_listen(value: Any, flag: str, os_name: str) -> str:
+    text = str(value).strip()
+    refuse_injection(text, flag)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if not _IFNAME.match(text):
+        raise MailsetupError(f"{flag}: {text!r} is neither an IP address nor an interface name")
+    if text in ("egress", "all") and os_name != "openbsd":
+        raise MailsetupError(
+            f"{flag}: {text!r} is an OpenBSD interface group; on this OS use an address "
+            "(0.0.0.0, ::) or an interface name such as eth0"
+        )
+    return text
+
+
+def validate_port(value: Any, flag: str) -> int:
+    try:
+        port = int(str(value), 10)
+    except ValueError:
+        raise MailsetupError(f"{flag}: {value!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise MailsetupError(f"{flag}: {port} is not a port number (1-65535)")
+    return port
+
+
+def parse_version(value: Any, flag: str = "--smtpd-version") -> tuple[int, int]:
+    m = re.match(r"^\s*(\d+)\.(\d+)", str(value))
+    if not m:
+        raise MailsetupError(f"{flag}: {value!r} is not a version like 7.4 or 6.0.3")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _bool(value: Any, flag: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "yes", "true", "on", "y"):
+        return True
+    if text in ("0", "no", "false", "off", "n"):
+        return False
+    raise MailsetupError(f"{flag}: {value!r} is not yes or no")
+
+
+@dataclass(frozen=True)
+class Tls:
+    cert: PurePosixPath
+    key: PurePosixPath
+    key_type: str = "rsa-2048"
+    days: int = 3650
+    source: str = "self-signed"  # or "existing": the user's own files, never overwritten
+
+
+@dataclass(frozen=True)
+class Queue:
+    compression: bool = True
+    encryption: bool = True
+    key_file: PurePosixPath = PurePosixPath("/etc/mailsetup/queue.key")
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One `listen on` line: where, which port, and what it demands before mail."""
+
+    name: str  # "smtp" | "submission"
+    address: str
+    port: int
+    tls: str  # "starttls" (offered) | "require"
+    auth: str  # "optional" | "required"
+
+
+@dataclass(frozen=True)
+class MailSetup:
+    domain: str
+    hostname: str
+    os_name: str
+    layout: Layout  # already under `root`
+    root: Path | None
+    tls: Tls
+    queue: Queue
+    listeners: tuple[Listener, ...]
+    aliases_import: Path | None = None  # a user's aliases file to adopt
+    smtpd_version: tuple[int, int] = DEFAULT_SMTPD_VERSION
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    # Relay is allowed only to authenticated or local senders; nothing renders any other policy.
+    relay: str = field(default="auth-or-local", init=False)
+
+    @property
+    def modern_grammar(self) -> bool:
+        return self.smtpd_version >= MODERN_GRAMMAR
+
+    @property
+    def maildir_template(self) -> str | None:
+        """The Maildir smtpd delivers to; None means smtpd's default, ~/Maildir."""
+        if self.root is None:
+            return None
+        return str(self.layout.home_dir / "%{user.username}" / "Maildir")
+
+    def maildir_for(self, user: str) -> PurePosixPath:
+        return self.layout.home_dir / user / "Maildir"
+
+
+def default_hostname(domain: str) -> str:
+    """This host's FQDN when it belongs to the domain, else mail.DOMAIN."""
+    try:
+        fqdn = socket.getfqdn().lower().rstrip(".")
+    except OSError:
+        fqdn = ""
+    if fqdn.endswith("." + domain) and "." in fqdn:
+        return fqdn
+    return f"mail.{domain}"
+
+
+def build_setup(raw: Mapping[str, Any]) -> MailSetup:
+    """Validate raw answers (keys are flag names without dashes, '_' for '-') into a MailSetup."""
+    domain = validate_dns_name(raw.get("domain"), "--domain")
+    hostname_raw = raw.get("hostname") or default_hostname(domain)
+    hostname = validate_dns_name(hostname_raw, "--hostname")
+
+    root: Path | None = None
+    if raw.get("root"):
+        root_text = str(Path(str(raw["root"])).expanduser().absolute())
+        validate_path(root_text, "--root")
+        root = Path(root_text)
+
+    os_given = raw.get("os")
+    if os_given:
+        refuse_injection(str(os_given), "--os")
+        layout = get_layout(str(os_given))
+    else:
+        detected = detect_os()
+        if detected is None:
+            raise MailsetupError(
+                "--os: could not detect this OS's OpenSMTPD layout; pass --os "
+                "(debian, rhel, alpine, arch, freebsd, openbsd)"
+            )
+        layout = get_layout(detected)
+    os_name = layout.name
+    layout = sandboxed(layout, root)
+
+    key_type = str(raw.get("key_type") or "rsa-2048").lower()
+    if key_type not in KEY_TYPES:
+        raise MailsetupError(f"--key-type: {key_type!r} is not one of {', '.join(KEY_TYPES)}")
+    days = raw.get("days", 3650)
+    try:
+        days = int(days)
+    except (TypeError, ValueError):
+        raise MailsetupError(f"--days: {days!r} is not a number of days") from None
+    if not 1 <= days <= 36500:
+        raise MailsetupError(f"--days: {days} is outside 1..36500")
+
+    if raw.get("cert") or raw.get("key"):
+        if not (raw.get("cert") and raw.get("key")):
+            raise MailsetupError("--cert and --key: give both files of an existing certificate, or neither")
+        tls = Tls(
+            cert=validate_path(Path(str(raw["cert"])).absolute(), "--cert"),
+            key=validate_path(Path(str(raw["key"])).absolute(), "--key"),
+            key_type=key_type, days=days, source="existing",
+        )
+    else:
+        tls = Tls(
+            cert=layout.cert_dir / f"{hostname}.crt",
+            key=layout.key_dir / f"{hostname}.key",
+            key_type=key_type, days=days,
+        )
+
+    queue = Queue(
+        compression=_bool(raw.get("queue_compression", True), "--queue-compression"),
+        encryption=_bool(raw.get("queue_encryption", True), "--queue-encryption"),
+        key_file=layout.queue_key,
+    )
+
+    listen_raw = raw.get("listen") or [layout.default_listen]
+    if isinstance(listen_raw, str):
+        listen_raw = [listen_raw]
+    addresses: list[str] = []
+    for item in listen_raw:
+        addr = validate_listen(item, "--listen", os_name)
+        if addr not in addresses:
+            addresses.append(addr)
+    smtp_port = validate_port(raw.get("smtp_port", 25), "--smtp-port")
+    sub_port = validate_port(raw.get("submission_port", 587), "--submission-port")
+    if smtp_port == sub_port:
+        raise MailsetupError(f"--submission-port: {sub_port} is also the SMTP port")
+    listeners: list[Listener] = []
+    for addr in addresses:
+        listeners.append(Listener("smtp", addr, smtp_port, "starttls", "optional"))
+        listeners.append(Listener("submission", addr, sub_port, "require", "required"))
+
+    aliases_import = None
+    if raw.get("aliases"):
+        aliases_import = Path(str(raw["aliases"])).expanduser()
+
+    version = parse_version(raw["smtpd_version"]) if raw.get("smtpd_version") else DEFAULT_SMTPD_VERSION
+
+    size = raw.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE)
+    try:
+        size = int(size)
+    except (TypeError, ValueError):
+        raise MailsetupError(f"--max-message-size: {size!r} is not a number of bytes") from None
+    if size < 1024:
+        raise MailsetupError(f"--max-message-size: {size} is too small (at least 1024 bytes)")
+
+    return MailSetup(
+        domain=domain, hostname=hostname, os_name=os_name, layout=layout, root=root, tls=tls,
+        queue=queue, listeners=tuple(listeners), aliases_import=aliases_import,
+        smtpd_version=version, max_message_size=size,
+    )

@@ -1,0 +1,152 @@
+"""Where each OS's OpenSMTPD package keeps its files, how it restarts, and how we detect the OS.
+
+Facts come from each OS's packaging (see shared/reference/opensmtpd.md, "Per-OS layouts").
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+
+from mailsetup.errors import MailsetupError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths and commands of one OS's OpenSMTPD, as absolute paths on the target host."""
+
+    name: str
+    title: str
+    smtpd_conf: PurePosixPath
+    aliases: PurePosixPath
+    cert_dir: PurePosixPath
+    key_dir: PurePosixPath
+    state_dir: PurePosixPath  # mailsetup's own files: answers, queue key
+    home_dir: PurePosixPath
+    restart: str
+    smtpd_user: str
+    queue_user: str
+    default_listen: str  # the external interface/address for ports 25 and 587
+    localhost_listener: str  # how this OS's smtpd.conf names the loopback listener
+
+    @property
+    def aliases_db(self) -> PurePosixPath:
+        return self.aliases.with_name(self.aliases.name + ".db")
+
+    @property
+    def queue_key(self) -> PurePosixPath:
+        return self.state_dir / "queue.key"
+
+    @property
+    def answers(self) -> PurePosixPath:
+        return self.state_dir / "answers.toml"
+
+
+_ETC_SSL = (PurePosixPath("/etc/ssl/certs"), PurePosixPath("/etc/ssl/private"))
+
+LAYOUTS: dict[str, Layout] = {
+    "debian": Layout(
+        "debian", "Debian / Ubuntu", PurePosixPath("/etc/smtpd.conf"), PurePosixPath("/etc/aliases"),
+        *_ETC_SSL, PurePosixPath("/etc/mailsetup"), PurePosixPath("/home"),
+        "systemctl restart opensmtpd", "opensmtpd", "opensmtpq", "0.0.0.0", "localhost",
+    ),
+    "rhel": Layout(
+        "rhel", "RHEL / CentOS / Fedora / Alma / Rocky (EPEL)", PurePosixPath("/etc/opensmtpd/smtpd.conf"),
+        PurePosixPath("/etc/aliases"), PurePosixPath("/etc/pki/tls/certs"), PurePosixPath("/etc/pki/tls/private"),
+        PurePosixPath("/etc/mailsetup"), PurePosixPath("/home"),
+        "systemctl restart opensmtpd", "smtpd", "smtpq", "0.0.0.0", "localhost",
+    ),
+    "alpine": Layout(
+        "alpine", "Alpine Linux", PurePosixPath("/etc/smtpd/smtpd.conf"), PurePosixPath("/etc/smtpd/aliases"),
+        *_ETC_SSL, PurePosixPath("/etc/mailsetup"), PurePosixPath("/home"),
+        "rc-service smtpd restart", "smtpd", "smtpq", "0.0.0.0", "lo",
+    ),
+    "arch": Layout(
+        "arch", "Arch Linux", PurePosixPath("/etc/smtpd/smtpd.conf"), PurePosixPath("/etc/smtpd/aliases"),
+        *_ETC_SSL, PurePosixPath("/etc/mailsetup"), PurePosixPath("/home"),
+        "systemctl restart smtpd", "smtpd", "smtpq", "0.0.0.0", "localhost",
+    ),
+    "freebsd": Layout(
+        "freebsd", "FreeBSD (ports/pkg)", PurePosixPath("/usr/local/etc/mail/smtpd.conf"),
+        PurePosixPath("/usr/local/etc/mail/aliases"), PurePosixPath("/usr/local/etc/ssl/certs"),
+        PurePosixPath("/usr/local/etc/ssl/private"), PurePosixPath("/usr/local/etc/mailsetup"),
+        PurePosixPath("/home"), "service smtpd restart", "_smtpd", "_smtpq", "0.0.0.0", "localhost",
+    ),
+    "openbsd": Layout(
+        "openbsd", "OpenBSD", PurePosixPath("/etc/mail/smtpd.conf"), PurePosixPath("/etc/mail/aliases"),
+        PurePosixPath("/etc/ssl"), PurePosixPath("/etc/ssl/private"), PurePosixPath("/etc/mailsetup"),
+        PurePosixPath("/home"), "rcctl restart smtpd", "_smtpd", "_smtpq", "egress", "lo0",
+    ),
+}
+
+# Names people type for an OS, mapped to the layout that OS's package uses.
+ALIASES = {
+    "ubuntu": "debian", "raspbian": "debian", "linuxmint": "debian", "pop": "debian",
+    "centos": "rhel", "fedora": "rhel", "almalinux": "rhel", "alma": "rhel", "rocky": "rhel",
+    "ol": "rhel", "oracle": "rhel", "redhat": "rhel",
+    "archlinux": "arch", "manjaro": "arch", "endeavouros": "arch",
+}
+
+
+def layout_names() -> list[str]:
+    return sorted(set(LAYOUTS) | set(ALIASES))
+
+
+def get_layout(name: str, flag: str = "--os") -> Layout:
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in LAYOUTS:
+        raise MailsetupError(
+            f"{flag}: unknown OS {name!r}; choose one of: {', '.join(layout_names())}"
+        )
+    return LAYOUTS[key]
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        if "=" not in line or line.lstrip().startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip()] = value.strip().strip('"').strip("'")
+    return values
+
+
+def detect_os(os_release: Path = Path("/etc/os-release"), system: str | None = None) -> str | None:
+    """The layout name for this host, or None when nothing we know matches."""
+    system = system or platform.system()
+    if system == "OpenBSD":
+        return "openbsd"
+    if system == "FreeBSD":
+        return "freebsd"
+    try:
+        info = parse_os_release(os_release.read_text(errors="replace"))
+    except OSError:
+        return None
+    candidates = [info.get("ID", "")] + info.get("ID_LIKE", "").split()
+    for cand in candidates:
+        cand = cand.lower()
+        cand = ALIASES.get(cand, cand)
+        if cand in LAYOUTS:
+            return cand
+    return None
+
+
+def sandboxed(layout: Layout, root: Path | None) -> Layout:
+    """The same layout with every path under `root` (for a sandbox a normal user can write)."""
+    if root is None:
+        return layout
+
+    def under(p: PurePosixPath) -> PurePosixPath:
+        return PurePosixPath(root) / p.relative_to("/")
+
+    return replace(
+        layout,
+        smtpd_conf=under(layout.smtpd_conf),
+        aliases=under(layout.aliases),
+        cert_dir=under(layout.cert_dir),
+        key_dir=under(layout.key_dir),
+        state_dir=under(layout.state_dir),
+        home_dir=under(layout.home_dir),
+    )

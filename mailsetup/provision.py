@@ -1,0 +1,223 @@
+"""The init pipeline: from a MailSetup to a Plan of every file (nothing touched), then apply + check.
+
+Existing keys, certificates and queue keys are kept on a re-run; rotation is an explicit choice.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailsetup import aliases as aliases_mod
+from mailsetup import queuekey
+from mailsetup.errors import MailsetupError
+from mailsetup.files import Applied, FileChange, Plan, apply_plan, undo_applied
+from mailsetup.model import MailSetup
+from mailsetup.opensmtpd import (
+    check_config,
+    open_relay_rules,
+    openssl_major,
+    smtpd_version,
+    tls_defect,
+)
+from mailsetup.render import render_smtpd_conf
+
+CONF_MODE = 0o600  # it carries the queue key, and smtpd reads it with no secrecy check
+QUEUE_KEY_REDACT = r"(?m)^queue encryption (?:key )?(?P<secret>(?!stdin\b)[^\s-]\S*)"
+
+
+@dataclass
+class Provisioning:
+    setup: MailSetup
+    plan: Plan
+    aliases_format: str
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def default_aliases_text(setup: MailSetup, admin: str | None) -> str:
+    root_line = f"root: {admin}\n" if admin else "# root: you@example.org   (who reads root's mail)\n"
+    return (
+        f"# {setup.layout.aliases}: local aliases, aliases(5) format, written by mailsetup.\n"
+        "# After editing run `mailsetup aliases` (or makemap) and `smtpctl update table aliases`.\n"
+        f"{root_line}"
+        "postmaster: root\n"
+        "abuse: root\n"
+    )
+
+
+def _aliases_source(setup: MailSetup, admin: str | None) -> tuple[str, str]:
+    """(text, name for messages) of the aliases file to install."""
+    if setup.aliases_import is not None:
+        path = setup.aliases_import
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise MailsetupError(f"--aliases: cannot read {path}: {exc.strerror}") from None
+        try:
+            return data.decode("utf-8"), str(path)
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise MailsetupError(f"{path}:{line}: not UTF-8 text") from None
+    current = Path(setup.layout.aliases)
+    if current.exists():
+        try:
+            return current.read_text(encoding="utf-8"), str(current)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MailsetupError(f"{current}: cannot read the existing aliases file: {exc}") from None
+    return default_aliases_text(setup, admin), "(default aliases)"
+
+
+def _plan_tls(setup: MailSetup, prov: Provisioning) -> None:
+    from mailsetup import pki
+
+    cert_path, key_path = Path(setup.tls.cert), Path(setup.tls.key)
+    if setup.tls.source == "existing":
+        info = pki.check_existing_pair(cert_path, key_path, setup.hostname)
+        prov.notes.append(f"using your certificate {cert_path} (expires {info.not_after:%Y-%m-%d})")
+        return
+    if cert_path.exists() and key_path.exists():
+        try:
+            info = pki.check_existing_pair(cert_path, key_path, setup.hostname)
+        except MailsetupError as exc:
+            prov.warnings.append(f"replacing the existing certificate: {exc.message}")
+        else:
+            prov.notes.append(
+                f"kept the existing certificate {cert_path} ({info.key_type}, "
+                f"expires {info.not_after:%Y-%m-%d})"
+            )
+            return
+    key = pki.generate_key(setup.tls.key_type)
+    prov.plan.add(
+        FileChange(key_path, pki.key_pem(key), pki.KEY_MODE, f"TLS private key ({setup.tls.key_type})",
+                   secret=True)
+    )
+    prov.plan.add(
+        FileChange(cert_path, pki.self_signed_cert(key, setup.hostname, setup.tls.days), pki.CERT_MODE,
+                   f"self-signed certificate for {setup.hostname}, {setup.tls.days} days")
+    )
+
+
+def _plan_queue_key(setup: MailSetup, prov: Provisioning) -> str | None:
+    if not setup.queue.encryption:
+        return None
+    path = Path(setup.queue.key_file)
+    if path.exists():
+        key = queuekey.read_queue_key(path)
+        prov.notes.append(f"kept the existing queue key {path}")
+        return key
+    key = queuekey.generate_queue_key()
+    prov.plan.add(
+        FileChange(path, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE,
+                   "queue encryption key (AES-256-GCM)", secret=True)
+    )
+    return key
+
+
+def _plan_aliases(setup: MailSetup, prov: Provisioning, admin: str | None) -> None:
+    text, source = _aliases_source(setup, admin)
+    entries = aliases_mod.parse_aliases(text, source)
+    missing = aliases_mod.missing_rfc2142(entries)
+    if missing:
+        prov.warnings.append(
+            f"{source} has no {' or '.join(missing)} alias (RFC 2142); added '{missing[0]}: root'"
+            + (" and the rest" if len(missing) > 1 else "")
+        )
+        if not text.endswith("\n") and text:
+            text += "\n"
+        text += "# added by mailsetup: RFC 2142 wants these to reach a person\n"
+        text += "".join(f"{name}: root\n" for name in missing)
+        entries = aliases_mod.parse_aliases(text, source)
+    aliases_path = Path(setup.layout.aliases)
+    prov.plan.add(FileChange(aliases_path, text.encode(), aliases_mod.ALIASES_MODE,
+                             f"aliases(5), {len(entries)} entries"))
+    backend = aliases_mod.db_backend()
+    if backend == "dbm":
+        db = aliases_mod.build_aliases_db(entries)
+    elif backend == "makemap":
+        prov.warnings.append("this Python's dbm cannot write Berkeley DB; built aliases.db with makemap")
+        db = aliases_mod.build_aliases_db_with_makemap(text)
+    else:
+        prov.aliases_format = "file"
+        prov.warnings.append(
+            "no Berkeley DB writer here (Python dbm or makemap): smtpd.conf uses a file: aliases table"
+        )
+        return
+    prov.plan.add(FileChange(Path(setup.layout.aliases_db), db, aliases_mod.ALIASES_MODE,
+                             "aliases.db (Berkeley DB hash, as makemap writes it)"))
+
+
+def build_plan(setup: MailSetup, admin: str | None = None) -> Provisioning:
+    """Every file init would write, in memory. Nothing on disk changes."""
+    prov = Provisioning(setup=setup, plan=Plan(), aliases_format="db")
+    _plan_tls(setup, prov)
+    queue_key = _plan_queue_key(setup, prov)
+    _plan_aliases(setup, prov, admin)
+    conf = render_smtpd_conf(setup, queue_key, prov.aliases_format)
+    findings = open_relay_rules(conf)
+    if findings:  # the template cannot produce one; this guards the template itself
+        f = findings[0]
+        raise MailsetupError(f"internal error: rendered smtpd.conf line {f.line} {f.why}", exit_code=1)
+    prov.plan.add(FileChange(Path(setup.layout.smtpd_conf), conf.encode(), CONF_MODE,
+                             "smtpd.conf", redact=(QUEUE_KEY_REDACT,)))
+    prov.warnings.extend(_environment_warnings(setup))
+    return prov
+
+
+def _environment_warnings(setup: MailSetup) -> list[str]:
+    out = []
+    if os.geteuid() != 0:
+        out.append(
+            "not running as root: smtpd loads a private key only when it is owned by root (mode at "
+            f"most 0740); run `chown root {setup.tls.key} {setup.tls.cert}` before starting smtpd"
+        )
+    return out
+
+
+@dataclass
+class ConfigVerdict:
+    ran: bool
+    ok: bool
+    text: str
+
+
+def verify_with_smtpd(setup: MailSetup) -> ConfigVerdict:
+    """`smtpd -n` on the written smtpd.conf, when smtpd is installed and can judge it."""
+    if os.geteuid() != 0:
+        return ConfigVerdict(False, True, "smtpd -n skipped: it needs root (smtpd checks the key's owner)")
+    result = check_config(Path(setup.layout.smtpd_conf))
+    if result is None:
+        return ConfigVerdict(False, True, "smtpd -n skipped: OpenSMTPD is not installed here")
+    verdict = result.output.splitlines()[-1] if result.output else ""
+    return ConfigVerdict(True, result.ok, verdict if result.ok else result.output)
+
+
+def installed_smtpd_warning() -> str | None:
+    found = smtpd_version()
+    if found is None:
+        return None
+    return tls_defect((found[0], found[1]), openssl_major())
+
+
+def apply_and_verify(prov: Provisioning) -> tuple[list[Applied], ConfigVerdict]:
+    """Write the plan; if the real smtpd refuses the result, put every file back and fail."""
+    results = apply_plan(prov.plan)
+    verdict = verify_with_smtpd(prov.setup)
+    if verdict.ran and not verdict.ok:
+        undo_applied(results)
+        raise MailsetupError(
+            f"smtpd -n refused the new configuration, so every file was put back: {verdict.text}",
+            exit_code=1,
+        )
+    return results, verdict
+
+
+def next_steps(setup: MailSetup) -> list[str]:
+    return [
+        "Publish DNS: "
+        f"{setup.domain}. IN MX 10 {setup.hostname}.   and an A/AAAA record for {setup.hostname}",
+        f"Restart OpenSMTPD: {setup.layout.restart}",
+        "After editing aliases: mailsetup aliases "
+        f"{setup.layout.aliases} --out {setup.layout.aliases_db} && smtpctl update table aliases",
+    ]

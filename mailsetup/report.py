@@ -1,0 +1,73 @@
+"""What init tells the user: the plan (files, modes, states, diffs), what was written, the checks,
+and the next steps for this OS.
+"""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from mailsetup.files import Applied
+from mailsetup.model import MailSetup
+
+_STATE_COLOR = {"new": "green", "replaced": "yellow", "unchanged": None}
+
+
+def _style(text: str, fg: str | None, bold: bool = False) -> str:
+    if os.environ.get("NO_COLOR") or not fg and not bold:
+        return text
+    return typer.style(text, fg=fg, bold=bold)
+
+
+def print_plan(prov, show_diff: bool) -> None:
+    setup: MailSetup = prov.setup
+    typer.echo(
+        f"mailsetup: {setup.domain} on {setup.hostname} ({setup.layout.title}, smtpd "
+        f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}"
+        + (f", under {setup.root}" if setup.root else "")
+        + ")"
+    )
+    for note in prov.notes:
+        typer.echo(f"  - {note}")
+    typer.echo("Plan:")
+    for change in prov.plan.changes:
+        state = change.state()
+        typer.echo(
+            f"  {_style(f'{state:<9}', _STATE_COLOR[state])} {change.mode:04o}  {change.path}  ({change.reason})"
+        )
+    for warning in prov.warnings:
+        typer.echo(_style(f"warning: {warning}", "yellow"), err=True)
+    if show_diff:
+        for change in prov.plan.changes:
+            if change.state() == "unchanged":
+                continue
+            for line in change.diff().splitlines():
+                color = "green" if line.startswith("+") else "red" if line.startswith("-") else None
+                typer.echo(_style(line, color))
+
+
+def print_applied(results: list[Applied]) -> None:
+    written = [r for r in results if r.state != "unchanged"]
+    typer.echo(f"Wrote {len(written)} file(s).")
+    for r in written:
+        if r.backup:
+            typer.echo(f"  backup of the old {r.path.name}: {r.backup}")
+
+
+def print_verdict(verdict, defect: str | None) -> None:
+    mark = _style("✓", "green") if verdict.ok else _style("✗", "red")
+    if verdict.ran:
+        typer.echo(f"{mark} smtpd -n: {verdict.text}")
+    else:
+        typer.echo(f"- {verdict.text}")
+    if defect:
+        typer.echo(_style(f"✗ installed OpenSMTPD: {defect}", "red"))
+
+
+def print_next_steps(setup: MailSetup) -> None:
+    from mailsetup.provision import next_steps
+
+    typer.echo("Next steps:")
+    for step in next_steps(setup):
+        typer.echo(f"  {step}")
