@@ -11,7 +11,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,9 @@ class FileChange:
     secret: bool = False  # never shown in a diff, never printed
     # Regexes with a group named "secret": parts of an otherwise showable file never to print.
     redact: tuple[str, ...] = ()
+    # For files whose bytes differ on every build with the same meaning (Berkeley DB stamps a
+    # random file id): says whether the file on disk already holds what we would write.
+    same_meaning: Callable[[Path], bool] | None = None
 
     def state(self) -> str:
         """'new', 'replaced' or 'unchanged' against what is on disk now."""
@@ -38,7 +41,7 @@ class FileChange:
             return "new"
         except OSError:
             return "replaced"
-        if current != self.content:
+        if current != self.content and not (self.same_meaning and self._same_meaning()):
             return "replaced"
         try:
             if stat.S_IMODE(self.path.stat().st_mode) != self.mode:
@@ -46,6 +49,12 @@ class FileChange:
         except OSError:
             return "replaced"
         return "unchanged"
+
+    def _same_meaning(self) -> bool:
+        try:
+            return bool(self.same_meaning(self.path))
+        except Exception:  # an unreadable or foreign file is simply not the same
+            return False
 
     def diff(self) -> str:
         """A unified diff against the file on disk; secrets and binaries are summarised, not shown."""

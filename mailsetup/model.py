@@ -71,9 +71,8 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 def validate_dns_name(value: Any, flag: str, fqdn: bool = True) -> str:
     """A DNS name as smtpd.conf and DNS want it: lower case, IDN as punycode, no trailing dot."""
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value:
         raise MailsetupError(f"{flag}: a DNS name is required")
-    value = value.strip()
     refuse_injection(value, flag)
     if value.endswith("."):
         raise MailsetupError(f"{flag}: {value!r} ends with a dot; give the name without it")
@@ -114,7 +113,7 @@ _IFNAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,14}$")
 
 
 def validate_listen(value: Any, flag: str, os_name: str) -> str:
-    text = str(value).strip()
+    text = str(value)
     refuse_injection(text, flag)
     try:
         return str(ipaddress.ip_address(text))

@@ -144,8 +144,10 @@ def _plan_aliases(setup: MailSetup, prov: Provisioning, admin: str | None) -> No
             "no Berkeley DB writer here (Python dbm or makemap): smtpd.conf uses a file: aliases table"
         )
         return
+    wanted = {e.name: e.value for e in entries}
     prov.plan.add(FileChange(Path(setup.layout.aliases_db), db, aliases_mod.ALIASES_MODE,
-                             "aliases.db (Berkeley DB hash, as makemap writes it)"))
+                             "aliases.db (Berkeley DB hash, as makemap writes it)",
+                             same_meaning=lambda path: aliases_mod.read_aliases_db(path) == wanted))
 
 
 def build_plan(setup: MailSetup, admin: str | None = None) -> Provisioning:

@@ -1,0 +1,72 @@
+"""Shared test kit: run the installed `mailsetup` command, find the real OpenSMTPD and openssl."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+MAILSETUP = str(Path(sys.executable).with_name("mailsetup"))
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def err_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.strip()]
+
+
+def run_cli(*args: object, input: str | None = None, env: dict | None = None, timeout: int = 120) -> Run:
+    full_env = dict(os.environ, NO_COLOR="1")
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(
+        [MAILSETUP, *map(str, args)], capture_output=True, text=True, input=input, env=full_env,
+        timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL,
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def find(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/local/sbin/{name}") if os.access(p, os.X_OK)), None
+    )
+
+
+SMTPD = find("smtpd")
+OPENSSL = find("openssl")
+IS_ROOT = os.geteuid() == 0
+
+needs_smtpd = pytest.mark.skipif(
+    not (SMTPD and IS_ROOT), reason="needs OpenSMTPD installed and root (smtpd -n checks the key's owner)"
+)
+needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
+
+
+def smtpd_check(conf: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([SMTPD, "-n", "-f", str(conf)], capture_output=True, text=True, timeout=30)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes: for 'nothing was written / changed' assertions."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Path:
+    return tmp_path / "root"
+
+
+def init_args(sandbox: Path, *extra: object, domain: str = "example.test") -> list[object]:
+    return ["init", "--yes", "--domain", domain, "--os", "debian", "--root", sandbox, *extra]

@@ -1,0 +1,176 @@
+"""`mailsetup init --yes`: the seed tutorial as one unattended command, checked by the real smtpd."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import IS_ROOT, OPENSSL, init_args, needs_smtpd, run_cli, smtpd_check, tree
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_init_writes_every_file_of_the_tutorial_with_safe_modes(sandbox: Path):
+    r = run_cli(*init_args(sandbox, "--admin", "alice"))
+    assert r.code == 0, r.err
+    conf = sandbox / "etc/smtpd.conf"
+    key = sandbox / "etc/ssl/private/mail.example.test.key"
+    cert = sandbox / "etc/ssl/certs/mail.example.test.crt"
+    qkey = sandbox / "etc/mailsetup/queue.key"
+    aliases = sandbox / "etc/aliases"
+    db = sandbox / "etc/aliases.db"
+    for path in (conf, key, cert, qkey, aliases, db):
+        assert path.is_file(), path
+    assert mode(key) == 0o600
+    assert mode(qkey) == 0o600
+    assert mode(conf) == 0o600  # it carries the queue key
+    assert mode(cert) == 0o644
+    assert mode(key.parent) == 0o700
+    text = conf.read_text()
+    assert f'pki mail.example.test key "{key}"' in text
+    assert f"queue encryption {qkey.read_text().strip()}" in text
+    assert f'table aliases "db:{db}"' in text
+    assert "root: alice" in aliases.read_text()
+    assert "postmaster: root" in aliases.read_text()
+    assert "DNS" in r.out and "example.test. IN MX 10 mail.example.test." in r.out
+    assert "systemctl restart opensmtpd" in r.out
+    # Secrets never reach the terminal.
+    assert qkey.read_text().strip() not in r.out + r.err
+    assert "PRIVATE KEY" not in r.out + r.err
+
+
+@needs_smtpd
+def test_init_result_passes_real_smtpd_and_says_so(sandbox: Path):
+    r = run_cli(*init_args(sandbox))
+    assert r.code == 0, r.err
+    assert "✓ smtpd -n: configuration OK" in r.out
+    check = smtpd_check(sandbox / "etc/smtpd.conf")
+    assert check.returncode == 0, check.stderr
+
+
+def test_dry_run_shows_the_plan_and_writes_nothing(sandbox: Path):
+    r = run_cli(*init_args(sandbox, "--dry-run"))
+    assert r.code == 0, r.err
+    assert "dry run: nothing was written" in r.out
+    assert "new       0600" in r.out and "smtpd.conf" in r.out
+    assert "+listen on 0.0.0.0 port 587 tls-require" in r.out  # the diff is shown
+    assert "<redacted>" in r.out  # but not the queue key
+    assert not sandbox.exists()
+
+
+def test_rerun_keeps_cert_key_and_queue_key_unchanged(sandbox: Path):
+    assert run_cli(*init_args(sandbox)).code == 0
+    before = tree(sandbox)
+    r = run_cli(*init_args(sandbox))
+    assert r.code == 0, r.err
+    assert "Everything is already in place" in r.out
+    assert "kept the existing certificate" in r.out
+    assert tree(sandbox) == before
+
+
+def test_changed_setting_replaces_conf_and_keeps_dated_backup(sandbox: Path):
+    assert run_cli(*init_args(sandbox)).code == 0
+    old = (sandbox / "etc/smtpd.conf").read_bytes()
+    r = run_cli(*init_args(sandbox, "--submission-port", "2587"))
+    assert r.code == 0, r.err
+    assert "replaced  0600" in r.out
+    backups = list((sandbox / "etc").glob("smtpd.conf.*.bak"))
+    assert len(backups) == 1
+    assert backups[0].read_bytes() == old
+    assert mode(backups[0]) == 0o600  # a backup of a secret stays secret
+    assert "port 2587 tls-require" in (sandbox / "etc/smtpd.conf").read_text()
+
+
+def test_imported_aliases_file_gets_postmaster_and_abuse(sandbox: Path, tmp_path: Path):
+    src = tmp_path / "my-aliases"
+    src.write_text("root: alice\nteam: alice, bob\n")
+    r = run_cli(*init_args(sandbox, "--aliases", src))
+    assert r.code == 0, r.err
+    assert "no postmaster or abuse alias (RFC 2142)" in r.err
+    installed = (sandbox / "etc/aliases").read_text()
+    assert installed.startswith("root: alice\nteam: alice, bob\n")
+    assert "postmaster: root\nabuse: root\n" in installed
+
+
+def test_bad_aliases_file_names_file_and_line_and_writes_nothing(sandbox: Path, tmp_path: Path):
+    src = tmp_path / "aliases"
+    src.write_text("root: alice\n# ok\nthis line has no colon\n")
+    r = run_cli(*init_args(sandbox, "--aliases", src))
+    assert r.code == 2
+    assert len(r.err_lines) == 1
+    assert r.err_lines[0].startswith(f"mailsetup: error: {src}:3:")
+    assert "Traceback" not in r.err
+    assert not sandbox.exists()
+
+
+def test_missing_domain_is_one_line_naming_the_flag(sandbox: Path):
+    r = run_cli("init", "--yes", "--root", sandbox, "--os", "debian")
+    assert r.code == 2
+    assert r.err_lines == ["mailsetup: error: missing --domain (the mail domain, e.g. --domain example.org)"]
+    assert not sandbox.exists()
+
+
+def test_without_yes_and_no_terminal_nothing_is_written(sandbox: Path):
+    r = run_cli("init", "--domain", "example.test", "--os", "debian", "--root", sandbox)
+    assert r.code == 2
+    assert "pass --yes" in r.err
+    assert not sandbox.exists()
+
+
+def test_failure_midway_puts_every_file_back(sandbox: Path):
+    assert run_cli(*init_args(sandbox)).code == 0
+    before = tree(sandbox)
+    # smtpd.conf is written last; make its rename fail by putting a directory where it goes.
+    conf = sandbox / "etc/smtpd.conf"
+    conf.rename(sandbox / "etc/smtpd.conf.saved")
+    conf.mkdir()
+    (conf / "blocker").write_text("x")
+    r = run_cli(*init_args(sandbox, "--submission-port", "2587", "--admin", "carol"))
+    assert r.code == 1
+    assert "every file was put back" in r.err
+    assert "Traceback" not in r.err
+    conf.joinpath("blocker").unlink()
+    conf.rmdir()
+    (sandbox / "etc/smtpd.conf.saved").rename(conf)
+    after = {k: v for k, v in tree(sandbox).items() if not k.endswith(".bak")}
+    assert after == before
+
+
+@needs_smtpd
+@pytest.mark.skipif(OPENSSL is None, reason="needs openssl")
+def test_smtpd_refusal_rolls_everything_back(sandbox: Path, tmp_path: Path):
+    # The user's own certificate with a key smtpd refuses (group/other-readable).
+    key, cert = tmp_path / "own.key", tmp_path / "own.crt"
+    subprocess.run(
+        [OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "2",
+         "-subj", "/CN=mail.example.test", "-addext", "subjectAltName=DNS:mail.example.test"],
+        check=True, capture_output=True,
+    )
+    os.chmod(key, 0o644)
+    r = run_cli(*init_args(sandbox, "--cert", cert, "--key", key))
+    assert r.code == 1
+    assert "smtpd -n refused the new configuration, so every file was put back" in r.err
+    assert tree(sandbox) == {}
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="checks the warning given to a normal user; run as root here")
+def test_existing_cert_that_does_not_name_the_host_is_refused(sandbox: Path, tmp_path: Path):
+    key, cert = tmp_path / "own.key", tmp_path / "own.crt"
+    assert run_cli("cert", "--hostname", "other.example.test", "--out-cert", cert, "--out-key", key).code == 0
+    r = run_cli(*init_args(sandbox, "--cert", cert, "--key", key))
+    assert r.code == 2
+    assert r.err_lines == [f"mailsetup: error: --cert: {cert} names other.example.test, not mail.example.test"]
+    assert not sandbox.exists()
+
+
+def test_python_m_mailsetup_works():
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mailsetup", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "init" in proc.stdout and "keygen" in proc.stdout
