@@ -73,6 +73,8 @@ class FileChange:
             return f"(binary {self.path}: {len(old)} -> {len(self.content)} bytes)\n"
         for pattern in self.redact:
             old_text, new_text = (_redact(pattern, t) for t in (old_text, new_text))
+        if old_text == new_text and old != self.content:
+            return f"({self.path}: only a secret in it changes)\n"
         return "".join(
             difflib.unified_diff(
                 old_text.splitlines(keepends=True),

@@ -129,6 +129,11 @@ def _plan_aliases(setup: MailSetup, prov: Provisioning, admin: str | None) -> No
         text += "# added by mailsetup: RFC 2142 wants these to reach a person\n"
         text += "".join(f"{name}: root\n" for name in missing)
         entries = aliases_mod.parse_aliases(text, source)
+    if not any(e.name == "root" for e in entries):
+        prov.warnings.append(
+            "no alias for root: smtpd refuses to deliver to root, so mail to root, postmaster and abuse "
+            "would bounce; pass --admin USER (or add 'root: USER' to the aliases)"
+        )
     aliases_path = Path(setup.layout.aliases)
     prov.plan.add(FileChange(aliases_path, text.encode(), aliases_mod.ALIASES_MODE,
                              f"aliases(5), {len(entries)} entries"))

@@ -14,7 +14,7 @@ from mailsetup import __version__
 from mailsetup.errors import MailsetupError
 from mailsetup.model import MailSetup
 
-_BARE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/%-]*$")
+_BARE = re.compile(r"^[A-Za-z0-9:][A-Za-z0-9._:/%-]*$")
 _QUOTABLE = re.compile(r'^[^"\\\x00-\x1f\x7f\s#$]+$')
 _COMMENT = re.compile(r"^[^\x00-\x1f\x7f]*$")
 

@@ -1,0 +1,556 @@
+"""aliases(5): parse exactly as OpenSMTPD 7.4's `makemap -t aliases` does, then write the aliases.db
+(Berkeley DB hash via dbm.ndbm, or the real makemap), read one back, or render a `file:` table instead.
+"""
+
+# Behaviour mirrored from OpenSMTPD 7.4.0p1 (Debian 12's bookworm-backports), read in its makemap.c,
+# openbsd-compat/fparseln.c, to.c (text_to_expandnode), expand.c (expand_line), table_db.c and
+# table_static.c, and checked byte for byte against the real makemap in tests/test_aliases.py.
+# OpenSMTPD >= 7.5 replaced fparseln with parse_table_line: no continuation lines, no inline comments,
+# trailing blanks trimmed, only one ':' after the name skipped -- a file may parse differently there.
+#
+# Lookup semantics (aliases.c aliases_get, table.c table_lookup): the recipient's local part is
+# lower-cased (ASCII only), looked up as-is, then, if it holds the subaddress delimiter '+', cut at the
+# first '+' and looked up again. Keys are stored and looked up with a trailing NUL. See lookup().
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailsetup.errors import MailsetupError
+
+ALIASES_MODE = 0o644
+RFC2142_NAMES = ("postmaster", "abuse")
+
+# C isspace() in the "C" locale: smtpd never calls setlocale, so Unicode spaces are ordinary bytes.
+_C_SPACE = b" \t\n\v\f\r"
+_ASCII_ALNUM = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_USERNAME_EXTRA = frozenset(b"_.-+")
+_ADDRESS_USER_EXTRA = frozenset(b"!#$%*/?|^{}`~&'+-=_.")
+_ADDRESS_DOMAIN_EXTRA = frozenset(b"-.")
+# smtpd's fixed buffers: struct expandnode's u.user (SMTPD_MAXLOCALPARTSIZE) and u.buffer
+# (EXPAND_BUFFER); expand_line copies the whole value into a LINE_MAX buffer (2048 on Linux).
+_USER_BUF = 256
+_EXPAND_BUF = 1024
+_LINE_MAX = 2048
+# BDB hash metadata page: magic 0x061561 at byte offset 12, in the writer's byte order.
+_HASH_MAGIC = (b"\x61\x15\x06\x00", b"\x00\x06\x15\x61")
+
+
+class DbmUnavailable(MailsetupError):
+    """No way to write a Berkeley DB file here (no Berkeley-DB `dbm.ndbm`, or no `makemap`)."""
+
+
+@dataclass(frozen=True)
+class AliasEntry:
+    """One alias as makemap stores it: `name` is the key (ASCII lower-cased), `value` the text after
+    the colon exactly as stored (trailing blanks kept), both without the NUL the db adds; `line` is
+    the source line the entry starts on."""
+
+    name: str
+    value: str
+    line: int
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The value cut into destinations the way smtpd's expand_line does at delivery time.
+
+        Unlike makemap's check (a plain split on ','), smtpd honours backslash escapes and quotes,
+        drops empty pieces, and keeps the quote characters. Empty when smtpd cannot expand the value
+        at all; `expansion_problem` then says why.
+        """
+        pieces, _problem = _expand_like_smtpd(self.value.encode())
+        return tuple(p.decode() for p in pieces)
+
+    @property
+    def expansion_problem(self) -> str | None:
+        """Why smtpd would fail to expand this value at delivery (a temporary failure), or None."""
+        return _expand_like_smtpd(self.value.encode())[1]
+
+
+# --------------------------------------------------------------------------------------- parsing
+
+
+def _ascii_lower(data: bytes) -> bytes:
+    # tolower() in the C locale: only A-Z change, so "É" stays "É" as in the real db.
+    return data.translate(_LOWER_TABLE)
+
+
+_LOWER_TABLE = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+
+
+def _is_escaped(segment: bytes, index: int) -> bool:
+    """fparseln's rule: a character is escaped when an odd number of backslashes precede it."""
+    count = 0
+    while index - count - 1 >= 0 and segment[index - count - 1] == 0x5C:
+        count += 1
+    return count % 2 == 1
+
+
+def _unescape_comments(buf: bytes) -> bytes:
+    """FPARSELN_UNESCCOMM: drop the backslash of an escaped '#', keep every other escape pair."""
+    if b"\\" not in buf:
+        return buf
+    out = bytearray()
+    i = 0
+    while i < len(buf):
+        if buf[i] != 0x5C:
+            out.append(buf[i])
+            i += 1
+            continue
+        if i + 1 >= len(buf):
+            break  # fparseln drops a lone trailing backslash (only reachable before a NUL)
+        if buf[i + 1] != 0x23:
+            out.append(buf[i])
+        out.append(buf[i + 1])
+        i += 2
+    return bytes(out)
+
+
+def _logical_lines(data: bytes) -> Iterable[tuple[int, int, bytes]]:
+    """Yield (first line, makemap's line number, logical line) as fparseln(3) assembles them.
+
+    makemap reports the number of physical lines read so far, i.e. the entry's LAST line, and one
+    past the end of the file when a continuation runs into EOF.
+    """
+    physical = data.split(b"\n")
+    if physical[-1] == b"":
+        physical.pop()
+    count = len(physical)
+    index = 0
+    while index < count:
+        first: int | None = None
+        buf: bytes | None = None
+        lineno = index
+        more = True
+        while more:
+            more = False
+            lineno += 1
+            if index >= count:
+                break
+            segment = physical[index]
+            index += 1
+            for pos, byte in enumerate(segment):
+                if byte == 0x23 and not _is_escaped(segment, pos):
+                    segment = segment[:pos]
+                    # a comment-only line with nothing pending is skipped like a blank one
+                    more = segment == b"" and buf is None
+                    break
+            if segment.endswith(b"\\") and not _is_escaped(segment, len(segment) - 1):
+                segment = segment[:-1]
+                more = True
+            if segment == b"" and buf is not None:
+                continue
+            if first is None and segment.strip(_C_SPACE):
+                first = index  # where the name is, for people; makemap itself names the last line
+            buf = (buf or b"") + segment
+        # the rest is handled as a C string: everything after a NUL byte is invisible
+        yield first or min(lineno, count), lineno, _unescape_comments((buf or b"").split(b"\0", 1)[0])
+
+
+def _is_filename(s: bytes) -> bool:
+    return s[:1] == b"/" and len(s) < _EXPAND_BUF
+
+
+def _is_error(s: bytes) -> bool:
+    low = _ascii_lower(s[:7])
+    if low == b":error:":
+        rest = s[7:]
+    elif low[:6] == b"error:":
+        rest = s[6:]
+    else:
+        return False
+    if len(rest) >= _EXPAND_BUF or len(rest) < 5:
+        return False
+    # [45][0-9]{2} [a-zA-Z0-9].*
+    return (
+        rest[0] in b"45"
+        and rest[1] in b"0123456789"
+        and rest[2] in b"0123456789"
+        and rest[3] == 0x20
+        and rest[4] in _ASCII_ALNUM
+    )
+
+
+def _is_include(s: bytes) -> bool:
+    low = _ascii_lower(s[:9])
+    if low == b":include:":
+        return _is_filename(s[9:])
+    if low[:8] == b"include:":
+        return _is_filename(s[8:])
+    return False
+
+
+def _is_filter(s: bytes) -> bool:
+    quoted = s[:1] == b'"'
+    start = 1 if quoted else 0
+    if s[start : start + 1] != b"|":
+        return False
+    command = s[start + 1 :]
+    if len(command) >= _EXPAND_BUF:
+        return False
+    return not quoted or command.endswith(b'"')
+
+
+def _address_split(s: bytes) -> int | None:
+    """Index of the '@' that alias_is_address would cut at, or None when it never gets that far."""
+    at = s.find(b"@")
+    if len(s) < 3 or at <= 0 or at == len(s) - 1:
+        return None
+    return at
+
+
+def _is_address(s: bytes) -> bool:
+    at = _address_split(s)
+    if at is None:
+        return False
+    user, domain = s[:at], s[at + 1 :]
+    return all(c in _ASCII_ALNUM or c in _ADDRESS_USER_EXTRA for c in user) and all(
+        c in _ASCII_ALNUM or c in _ADDRESS_DOMAIN_EXTRA for c in domain
+    )
+
+
+def _is_username(s: bytes) -> bool:
+    return len(s) < _USER_BUF and all(c in _ASCII_ALNUM or c in _USERNAME_EXTRA for c in s)
+
+
+def target_kind(target: str | bytes) -> str | None:
+    """What smtpd makes of one stripped destination: "error", "include", "filter", "filename",
+    "address", "username" — or None when it is invalid. Same order of tests as text_to_expandnode.
+
+    Quirk kept on purpose: alias_is_address cuts its input at the '@' before checking the domain, so
+    when the domain is invalid (`bob@[192.0.2.1]`, `bob@bad_host`) the username test sees only `bob`
+    and the destination silently becomes the local user `bob`.
+    """
+    s = target.encode() if isinstance(target, str) else target
+    if _is_error(s):
+        return "error"
+    if _is_include(s):
+        return "include"
+    if _is_filter(s):
+        return "filter"
+    if _is_filename(s):
+        return "filename"
+    if _is_address(s):
+        return "address"
+    at = _address_split(s)
+    if _is_username(s if at is None else s[:at]):
+        return "username"
+    return None
+
+
+def _makemap_accepts_value(value: bytes) -> bool:
+    """makemap's make_aliases: a plain split on ',' where every stripped piece is a valid node."""
+    for piece in value.split(b","):
+        piece = piece.strip(_C_SPACE)
+        if not piece or target_kind(piece) is None:
+            return False
+    return True
+
+
+def _expand_like_smtpd(value: bytes) -> tuple[list[bytes], str | None]:
+    """expand.c expand_line/expand_line_split: what smtpd does with a stored value at delivery."""
+    if len(value) >= _LINE_MAX:
+        return [], f"the value is {len(value)} bytes; smtpd cannot expand {_LINE_MAX} bytes or more"
+    pieces: list[bytes] = []
+    current = bytearray()
+    escaped = dquote = squote = False
+    for byte in value:
+        if escaped:
+            current.append(byte)
+            escaped = False
+            continue
+        if byte == 0x5C:
+            escaped = True
+            continue
+        if byte == 0x2C and not dquote and not squote:
+            pieces.append(bytes(current))
+            current.clear()
+            continue
+        current.append(byte)
+        if byte == 0x22 and not squote:
+            dquote = not dquote
+        if byte == 0x27 and not dquote:
+            squote = not squote
+    if escaped or dquote or squote:
+        return [], "an unbalanced quote or trailing backslash makes smtpd refuse the whole value"
+    if current:
+        pieces.append(bytes(current))
+    targets = [p.strip(_C_SPACE) for p in pieces]
+    targets = [t for t in targets if t]
+    for target in targets:
+        if target_kind(target) is None:
+            return [], f"smtpd cannot use the destination {target.decode(errors='replace')!r}"
+    return targets, None
+
+
+def _show(data: bytes) -> str:
+    text = data.decode(errors="replace")
+    # an error must stay one readable line even for a 3000-character entry
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+def parse_aliases(text: str, source: str = "aliases") -> list[AliasEntry]:
+    """Parse aliases(5) text as `makemap -t aliases` does; refuse what it refuses, naming source:LINE."""
+    data = _encode_checked(text, source)
+    return _parse_bytes(data, source)
+
+
+def _encode_checked(text: str, source: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        line = text.count("\n", 0, exc.start) + 1
+        raise MailsetupError(f"{source}:{line}: holds a character that cannot be written as UTF-8") from None
+
+
+def _parse_bytes(data: bytes, source: str) -> list[AliasEntry]:
+    entries: list[AliasEntry] = []
+    seen: dict[bytes, int] = {}
+    total_lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+    for first, lineno, logical in _logical_lines(data):
+        # makemap counts one line past EOF when a backslash continues into nothing; point at a real one
+        shown_line = min(lineno, max(total_lines, 1))
+        where = f"{source}:{shown_line}"
+        started = f" (entry starts on line {first})" if first != shown_line else ""
+        rest = logical.lstrip(_C_SPACE)
+        if not rest:
+            continue
+        cut = min((i for i in (rest.find(b" "), rest.find(b"\t"), rest.find(b":")) if i >= 0), default=-1)
+        if cut < 0:
+            raise MailsetupError(f"{where}: invalid entry {_show(rest)}{started}: expected 'name: destination, ...'")
+        key = _ascii_lower(rest[:cut])
+        value = rest[cut + 1 :].lstrip(b":" + _C_SPACE)
+        if not value:
+            raise MailsetupError(f"{where}: invalid entry {_show(rest)}{started}: nothing after the name")
+        if key in seen:
+            raise MailsetupError(
+                f"{where}: duplicate entry for {_show(key)}{started}, first defined on line {seen[key]} "
+                "(names are compared case-insensitively)"
+            )
+        if not _makemap_accepts_value(value):
+            complaint = _value_complaint(value)
+            if rest[cut] != 0x3A and b":" in value:
+                # "first last: x" is read as name "first" with destination "last: x"
+                complaint += " (a name ends at the first blank; it cannot contain blanks)"
+            raise MailsetupError(f"{where}: invalid entry {_show(rest)}{started}: {complaint}")
+        seen[key] = first
+        entries.append(AliasEntry(name=key.decode(), value=value.decode(), line=first))
+    return entries
+
+
+def _value_complaint(value: bytes) -> str:
+    for piece in value.split(b","):
+        piece = piece.strip(_C_SPACE)
+        if not piece:
+            return "empty destination (two commas, or a comma at the start or end)"
+        if target_kind(piece) is None:
+            return f"{_show(piece)} is not a user, address, /file, |command, :include:/file or error:NNN text"
+    return "invalid destination"  # not reached: only called for values makemap refuses
+
+
+def parse_aliases_file(path: Path) -> list[AliasEntry]:
+    """Read and parse an aliases file; any problem (missing, unreadable, not UTF-8) is one line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MailsetupError(f"{path}: no such aliases file") from None
+    except IsADirectoryError:
+        raise MailsetupError(f"{path}: is a directory, not an aliases file") from None
+    except OSError as exc:
+        raise MailsetupError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise MailsetupError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8",
+        ) from None
+    return _parse_bytes(data, str(path))
+
+
+# ------------------------------------------------------------------------------------- checks
+
+
+def lookup(mapping: Mapping[str, str], localpart: str) -> str | None:
+    """The stored value smtpd's aliases_get would find for a recipient's local part, or None."""
+    key = _ascii_lower(localpart.encode()).decode()
+    if key in mapping:
+        return mapping[key]
+    if "+" in key:
+        return mapping.get(key.split("+", 1)[0])
+    return None
+
+
+def missing_rfc2142(entries: Iterable[AliasEntry], local_users: Iterable[str] = frozenset()) -> list[str]:
+    """RFC 2142 mailbox names (postmaster, abuse) that are neither an alias nor a local user."""
+    names = {e.name for e in entries}
+    users = {_ascii_lower(u.encode()).decode() for u in local_users}
+    return [n for n in RFC2142_NAMES if n not in names and n not in users]
+
+
+# ------------------------------------------------------------------------------------ database
+
+
+def _ndbm():
+    """dbm.ndbm when it writes the Berkeley DB hash files smtpd reads, else None."""
+    try:
+        import dbm.ndbm as ndbm
+    except ImportError:
+        return None
+    # gdbm-compat or a classic ndbm would write a .dir/.pag pair that smtpd cannot open
+    if getattr(ndbm, "library", "") != "Berkeley DB":
+        return None
+    return ndbm
+
+
+def _makemap_path() -> str | None:
+    # /usr/sbin is often missing from a non-root PATH
+    return shutil.which("makemap") or shutil.which("makemap", path="/usr/sbin:/usr/local/sbin:/usr/bin")
+
+
+def db_backend() -> str:
+    """Which writer is available: "dbm" (Python writes the db), "makemap" (the real tool does), or
+    "file" (neither; use a `file:` table rendered by render_file_table).
+
+    Caveat: "Berkeley DB" names a format family; on an OS where smtpd and Python link different DB
+    libraries (e.g. db 1.85 vs 5.x) check the written file with `makemap -U` or `smtpd -n`.
+    """
+    if _ndbm() is not None:
+        return "dbm"
+    if _makemap_path() is not None:
+        return "makemap"
+    return "file"
+
+
+def build_aliases_db(entries: Iterable[AliasEntry]) -> bytes:
+    """The aliases.db bytes, written with dbm.ndbm: keys `name\\0`, values `value\\0`, as makemap."""
+    ndbm = _ndbm()
+    if ndbm is None:
+        raise DbmUnavailable(
+            "this Python's dbm.ndbm is missing or not Berkeley DB, so it cannot write aliases.db",
+            hint="run mailsetup with Debian's /usr/bin/python3, or install OpenSMTPD's makemap",
+        )
+    records: dict[bytes, bytes] = {}
+    for entry in entries:
+        key = entry.name.encode()
+        if key in records:
+            # a db holds one value per key; silently keeping the last would hide a mistake
+            raise MailsetupError(f"aliases:{entry.line}: duplicate entry for {entry.name!r}")
+        records[key] = entry.value.encode()
+    with tempfile.TemporaryDirectory(prefix="mailsetup-aliases-") as tmp:
+        base = os.path.join(tmp, "aliases")
+        db = ndbm.open(base, "n", ALIASES_MODE)
+        try:
+            for key, value in records.items():
+                db[key + b"\0"] = value + b"\0"
+        finally:
+            db.close()
+        # Berkeley DB's ndbm emulation appends ".db" to the name it is given
+        return Path(base + ".db").read_bytes()
+
+
+def build_aliases_db_with_makemap(text: str) -> bytes:
+    """The aliases.db bytes made by the real `makemap -t aliases` from the aliases source text."""
+    makemap = _makemap_path()
+    if makemap is None:
+        raise DbmUnavailable(
+            "makemap is not installed, so aliases.db cannot be built",
+            hint="install OpenSMTPD (it provides makemap) or use a file: aliases table",
+        )
+    data = _encode_checked(text, "aliases")
+    with tempfile.TemporaryDirectory(prefix="mailsetup-makemap-") as tmp:
+        source = os.path.join(tmp, "aliases")
+        Path(source).write_bytes(data)
+        os.chmod(source, ALIASES_MODE)  # makemap copies the source's mode onto the db
+        result = subprocess.run(
+            [makemap, "-t", "aliases", "-o", source + ".db", source],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            check=False,
+        )
+        if result.returncode != 0:
+            detail = result.stderr.strip().replace(tmp + "/", "").replace("makemap: ", "", 1)
+            raise MailsetupError(detail or f"makemap failed with exit code {result.returncode}")
+        return Path(source + ".db").read_bytes()
+
+
+def read_aliases_db(path: Path) -> dict[str, str]:
+    """Read an aliases db back: {name: value}, both without their NUL terminators."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MailsetupError(f"{path}: no such aliases database") from None
+    except IsADirectoryError:
+        raise MailsetupError(f"{path}: is a directory, not an aliases database") from None
+    except OSError as exc:
+        raise MailsetupError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) < 16 or data[12:16] not in _HASH_MAGIC:
+        raise MailsetupError(f"{path}: not a Berkeley DB hash file (build it with makemap -t aliases)")
+    ndbm = _ndbm()
+    with tempfile.TemporaryDirectory(prefix="mailsetup-readdb-") as tmp:
+        # a private copy: ndbm insists on a ".db" name, and we never risk touching the live file
+        base = os.path.join(tmp, "aliases")
+        Path(base + ".db").write_bytes(data)
+        if ndbm is not None:
+            try:
+                db = ndbm.open(base, "r")
+            except ndbm.error as exc:
+                raise MailsetupError(f"{path}: cannot open as Berkeley DB: {exc}") from None
+            try:
+                raw = {k: db[k] for k in db.keys()}
+            finally:
+                db.close()
+        else:
+            raw = _read_with_makemap(path, base + ".db")
+    result: dict[str, str] = {}
+    for key, value in raw.items():
+        try:
+            result[key.removesuffix(b"\0").decode()] = value.removesuffix(b"\0").decode()
+        except UnicodeDecodeError:
+            shown = _show(key.removesuffix(b"\0"))
+            raise MailsetupError(f"{path}: the entry {shown} is not valid UTF-8") from None
+    return result
+
+
+def _read_with_makemap(shown: Path, path: str) -> dict[bytes, bytes]:
+    makemap = _makemap_path()
+    if makemap is None:
+        raise DbmUnavailable(f"{shown}: neither a Berkeley-DB dbm.ndbm nor makemap is available to read it")
+    result = subprocess.run([makemap, "-U", path], capture_output=True, check=False)
+    if result.returncode != 0:
+        raise MailsetupError(f"{shown}: makemap -U cannot read it")
+    # `makemap -U` prints "key<TAB>value"; a key never holds a tab (makemap cuts names there)
+    pairs = (line.split(b"\t", 1) for line in result.stdout.split(b"\n") if line)
+    return {p[0]: p[1] if len(p) > 1 else b"" for p in pairs}
+
+
+# ---------------------------------------------------------------------------------- file table
+
+
+def render_file_table(entries: Iterable[AliasEntry]) -> bytes:
+    """The same aliases as a `table aliases file:PATH` that smtpd's table_static reads identically.
+
+    table_static only knows whole-line comments, trims blanks at both ends of a line, and cuts the
+    name at the first blank or ':' -- our stored names and values survive that unchanged, except
+    trailing blanks of a value, which smtpd strips again when it expands the value anyway.
+    """
+    lines = [b"# aliases for OpenSMTPD (file: table), generated by mailsetup from the aliases source"]
+    for entry in entries:
+        name, value = entry.name.encode(), entry.value.encode()
+        if name.startswith(b"#"):
+            raise MailsetupError(
+                f"aliases:{entry.line}: the name {entry.name!r} starts with '#', which a file: table "
+                "reads as a comment",
+                hint="rename the alias, or use a db: table",
+            )
+        lines.append(name + b": " + value)
+    return b"\n".join(lines) + b"\n"

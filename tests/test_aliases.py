@@ -1,0 +1,679 @@
+"""aliases: our parser and db writer against the real makemap, db_dump and smtpd (OpenSMTPD 7.4.0p1).
+
+Every expectation here was measured on the real tools; the matrix runs them again on each test run.
+"""
+
+from __future__ import annotations
+
+import dbm
+import os
+import shutil
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mailsetup import aliases
+from mailsetup.aliases import (
+    ALIASES_MODE,
+    AliasEntry,
+    DbmUnavailable,
+    build_aliases_db,
+    build_aliases_db_with_makemap,
+    db_backend,
+    lookup,
+    missing_rfc2142,
+    parse_aliases,
+    parse_aliases_file,
+    read_aliases_db,
+    render_file_table,
+    target_kind,
+)
+from mailsetup.errors import MailsetupError
+
+MAKEMAP = shutil.which("makemap") or shutil.which("makemap", path="/usr/sbin")
+DB_DUMP = shutil.which("db_dump")
+SMTPD = shutil.which("smtpd") or shutil.which("smtpd", path="/usr/sbin")
+
+needs_makemap = pytest.mark.skipif(
+    MAKEMAP is None or DB_DUMP is None, reason="needs OpenSMTPD's makemap and db_dump (db-util)"
+)
+needs_smtpd = pytest.mark.skipif(SMTPD is None, reason="needs OpenSMTPD's smtpd")
+needs_dbm = pytest.mark.skipif(db_backend() != "dbm", reason="this Python's dbm.ndbm is not Berkeley DB")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _unescape_db_dump(field: bytes) -> bytes:
+    # db_dump -p prints printable bytes as-is, "\\" for a backslash and "\hh" for anything else
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        if field[i : i + 1] == b"\\":
+            if field[i + 1 : i + 2] == b"\\":
+                out.append(0x5C)
+                i += 2
+            else:
+                out.append(int(field[i + 1 : i + 3], 16))
+                i += 3
+        else:
+            out.append(field[i])
+            i += 1
+    return bytes(out)
+
+
+def db_dump_records(path: Path) -> list[tuple[bytes, bytes]]:
+    """The (key, value) byte pairs exactly as stored, NULs included, sorted."""
+    out = subprocess.run([DB_DUMP, "-p", str(path)], capture_output=True, check=True).stdout
+    lines = out.split(b"\n")
+    body = lines[lines.index(b"HEADER=END") + 1 : lines.index(b"DATA=END")]
+    fields = [_unescape_db_dump(line[1:]) for line in body]
+    return sorted(zip(fields[0::2], fields[1::2], strict=True))
+
+
+def run_makemap(data: bytes) -> tuple[int, str, list[tuple[bytes, bytes]] | None]:
+    """Run the real `makemap -t aliases` on `data`: (exit code, stderr, stored records or None)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp, "aliases")
+        source.write_bytes(data)
+        proc = subprocess.run([MAKEMAP, "-t", "aliases", str(source)], capture_output=True)
+        stderr = proc.stderr.decode(errors="replace").replace(tmp + "/", "").strip()
+        records = db_dump_records(Path(tmp, "aliases.db")) if proc.returncode == 0 else None
+        return proc.returncode, stderr, records
+
+
+def our_records(entries: list[AliasEntry]) -> list[tuple[bytes, bytes]]:
+    return sorted((e.name.encode() + b"\0", e.value.encode() + b"\0") for e in entries)
+
+
+def physical_lines(data: bytes) -> int:
+    return data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+
+
+# Inputs makemap 7.4.0p1 accepts; what it stores is compared record for record with ours.
+ACCEPTED = {
+    "comment-only": b"# only a comment\n",
+    "empty-file": b"",
+    "blank-lines-and-comments": b"\n\n# c\na: b\n\n  \n# d\n",
+    "leading-whitespace": b"  a: b\n",
+    "continuation-line": b"a: b,\\\n  c\n",
+    "continuation-three-lines": b"a: b, \\\n c, \\\n d\n",
+    "continuation-at-eof": b"a: b\\",
+    "continuation-then-blank": b"a: b\\\n\\\n\n",
+    "continuation-inside-name": b"a\\\n: b\n",
+    "two-targets": b"team: alice, bob\n",
+    "pipe-quoted": b'a: "|/usr/bin/cmd arg"\n',
+    "pipe-bare": b"a: |/usr/bin/cmd arg\n",
+    "pipe-quoted-empty": b'a: "|"\n',
+    "file-target": b"a: /var/mail/file\n",
+    "include-colon": b"a: :include:/etc/list\n",
+    "include-plain": b"a: include:/etc/list\n",
+    "include-upper": b"a: INCLUDE:/x\n",
+    "error": b"a: error:550 no such user\n",
+    "error-colon": b"a: :error:550 no such user\n",
+    "error-upper": b"a: ERROR:550 Gone\n",
+    "error-non-ascii-text": "a: error:550 xé\n".encode(),
+    "uppercase-name": b"Root: Alice\n",
+    "no-colon": b"a b\n",
+    "no-space-after-colon": b"a:b\n",
+    "double-colon": b"a::b\n",
+    "colon-before-value": b"a: :b\n",
+    "empty-name": b": b\n",
+    "trailing-spaces-kept": b"a: b   \n",
+    "tabs": b"a:\tb\t\n",
+    "tab-before-colon": b"a\t:\tb\n",
+    "crlf": b"a: b\r\nb: c\r\n",
+    "no-final-newline": b"a: b\nc: d",
+    "inline-comment": b"a: b # comment\n",
+    "escaped-hash-in-name": b"\\#a: b\n",
+    "escaped-hash-in-pipe": b"a: |/bin/x \\#c\n",
+    "double-backslash-before-hash": b"a: |/bin/x \\\\#c\n",
+    "backslash-in-name": b"a\\b: c\n",
+    "nul-truncates-line": b"a: b\x00c\n",
+    "address": b"a: alice@example.com\n",
+    "address-odd-local-part": b"a: b!c@example.com\n",
+    "address-bad-domain-becomes-user": b"a: alice@bad_domain.com\n",
+    "address-literal-becomes-user": b"a: b@[127.0.0.1], c\n",
+    "address-two-ats": b"a: x@y@z\n",
+    "name-is-address": b"a@example.com: b\n",
+    "name-with-plus": b"a+tag: b\n",
+    "non-ascii-names-not-lowercased": "café: b\nÉ: c\n".encode(),
+    "vertical-tab-in-name": b"a\x0b: b\n",
+    "form-feed-in-value": b"a: b\x0c\n",
+    "username-255": b"a: " + b"u" * 255 + b"\n",
+    "pipe-1023": b"a: |" + b"x" * 1023 + b"\n",
+    "long-address": b"a: " + b"u" * 300 + b"@example.com\n",
+    "long-name": b"k" * 3000 + b": b\n",
+    "very-long-line": b"a: " + b", ".join(b"user%d" % i for i in range(2000)) + b"\n",
+    "many-kinds": b"a: b@ex.com, |/x, /y, error:550 z, :include:/w\n",
+    "space-before-comma": b"a: b ,c\n",
+    "unbalanced-quote-in-pipe": b"a: |/bin/echo it's\n",
+    "escaped-comma-in-pipe": b"a: |/bin/echo a\\,b\n",
+}
+
+# Inputs makemap refuses; we must refuse them naming the same line.
+REFUSED = {
+    "continued-with-comma": b"a: b,\n  c\n",
+    "comment-ends-continuation": b"a: b, \\\n# comment\n c\n",
+    "include-relative": b"a: :include:relative\n",
+    "error-without-text": b"a: error:550\n",
+    "error-bad-code": b"a: error:650 x\n",
+    "error-text-starts-non-alnum": b"a: error:550 -x\n",
+    "duplicate": b"a: b\na: c\n",
+    "duplicate-case": b"A: b\n\n\na: c\n",
+    "duplicate-before-bad-value": b"a: b\na: ,,\n",
+    "no-value": b"a\n",
+    "colon-no-value": b"a:\n",
+    "colon-space-no-value": b"a: \n",
+    "value-with-space": b"a b c\n",
+    "name-with-space": b"first last: x\n",
+    "cr-only-name": b"a\r\n",
+    "double-comma": b"a: b,,c\n",
+    "trailing-comma": b"a: b,\n",
+    "leading-comma": b"a: ,b\n",
+    "quoted-user": b'a: "b c"\n',
+    "comma-in-quoted-pipe": b'a: "|/bin/echo a, b"\n',
+    "unterminated-quoted-pipe": b'a: "|/bin/cmd\n',
+    "quoted-path": b'a: "/path"\n',
+    "address-empty-local": b"a: @example.com\n",
+    "address-empty-domain": b"a: alice@\n",
+    "non-ascii-user": "a: café\n".encode(),
+    "escaped-hash-then-words": b"a: b \\# not comment\n",
+    "double-backslash-user": b"a: b\\\\\n",
+    "nul-in-name": b"a\x00b: c\n",
+    "username-256": b"a: " + b"u" * 256 + b"\n",
+    "path-1024": b"a: /" + b"x" * 1023 + b"\n",
+    "continuation-joins-next-entry": b"a: b\\\nc: d\n",
+    "comment-cuts-continuation": b"a: b # x \\\n c\n",
+    "backslash-space-is-not-continuation": b"a: b, \\  \n c\n",
+    "crlf-blocks-continuation": b"a: b\\\r\nc\n",
+    "continuation-into-eof": b"x: y\nc\\\n",
+    "control-char": b"a: b\x1f\n",
+}
+
+
+# ----------------------------------------------------------------------- parser vs real makemap
+
+
+@needs_makemap
+@pytest.mark.parametrize("data", ACCEPTED.values(), ids=ACCEPTED.keys())
+def test_entries_match_what_makemap_stores(data, tmp_path):
+    rc, stderr, expected = run_makemap(data)
+    assert rc == 0, stderr
+    entries = parse_aliases(data.decode())
+    assert our_records(entries) == expected
+
+
+@needs_makemap
+@needs_dbm
+@pytest.mark.parametrize("data", ACCEPTED.values(), ids=ACCEPTED.keys())
+def test_our_db_dumps_identically_to_makemaps(data, tmp_path):
+    _rc, _stderr, expected = run_makemap(data)
+    ours = tmp_path / "aliases.db"
+    ours.write_bytes(build_aliases_db(parse_aliases(data.decode())))
+    assert db_dump_records(ours) == expected
+
+
+@needs_makemap
+@pytest.mark.parametrize("data", REFUSED.values(), ids=REFUSED.keys())
+def test_refuses_what_makemap_refuses_naming_the_line(data):
+    rc, stderr, _ = run_makemap(data)
+    assert rc == 1
+    makemap_line = int(stderr.split("aliases:")[1].split(":")[0])
+    with pytest.raises(MailsetupError) as err:
+        parse_aliases(data.decode(), source="/etc/aliases")
+    # makemap counts one line past EOF when a continuation runs into the end; we name the last real one
+    line = min(makemap_line, physical_lines(data))
+    assert str(err.value).startswith(f"/etc/aliases:{line}: ")
+    assert "\n" not in str(err.value)
+    kind = "duplicate entry" if "duplicate" in stderr else "invalid entry"
+    assert kind in str(err.value)
+
+
+def test_duplicate_message_names_both_lines_and_case_rule():
+    with pytest.raises(MailsetupError) as err:
+        parse_aliases("Postmaster: root\n# staff\npostmaster: alice\n")
+    assert str(err.value) == (
+        "aliases:3: duplicate entry for 'postmaster', first defined on line 1 (names are compared case-insensitively)"
+    )
+
+
+def test_name_with_blank_gets_a_hint():
+    with pytest.raises(MailsetupError, match=r"^aliases:1: .*cannot contain blanks"):
+        parse_aliases("first last: x\n")
+
+
+def test_entry_line_is_where_the_name_is():
+    entries = parse_aliases("# header\n\nteam: alice,\\\n  bob\nsolo: carol\n")
+    assert [(e.name, e.line) for e in entries] == [("team", 3), ("solo", 5)]
+
+
+def test_stored_value_keeps_what_makemap_keeps():
+    (entry,) = parse_aliases("Sales:: :include:/etc/sales  # the list\n")
+    assert entry == AliasEntry(name="sales", value="include:/etc/sales  ", line=1)
+
+
+# ------------------------------------------------------------------------------- reading files
+
+
+def test_missing_file_is_one_line(tmp_path):
+    with pytest.raises(MailsetupError) as err:
+        parse_aliases_file(tmp_path / "nope")
+    assert str(err.value) == f"{tmp_path / 'nope'}: no such aliases file"
+
+
+def test_directory_is_one_line(tmp_path):
+    with pytest.raises(MailsetupError, match="is a directory"):
+        parse_aliases_file(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file_is_one_line(tmp_path):
+    path = tmp_path / "aliases"
+    path.write_text("a: b\n")
+    path.chmod(0)
+    with pytest.raises(MailsetupError, match="cannot read"):
+        parse_aliases_file(path)
+
+
+def test_latin1_file_names_path_and_line(tmp_path):
+    path = tmp_path / "aliases"
+    path.write_bytes(b"root: alice\ncaf\xe9: bob\n")
+    with pytest.raises(MailsetupError) as err:
+        parse_aliases_file(path)
+    assert str(err.value) == f"{path}:2: not valid UTF-8 (byte 0xe9); save the file as UTF-8"
+
+
+def test_file_errors_name_the_path(tmp_path):
+    path = tmp_path / "aliases"
+    path.write_text("root: alice\nbad\n")
+    with pytest.raises(MailsetupError, match=rf"^{path}:2: invalid entry 'bad'"):
+        parse_aliases_file(path)
+
+
+def test_crlf_file_values_keep_the_cr_like_makemap(tmp_path):
+    path = tmp_path / "aliases"
+    path.write_bytes(b"root: alice\r\n")
+    assert parse_aliases_file(path) == [AliasEntry("root", "alice\r", 1)]
+
+
+# ------------------------------------------------------------------------- smtpd's expansion
+
+
+def test_targets_split_like_smtpd():
+    (entry,) = parse_aliases('team: alice , "|/usr/bin/x a" ,bob@example.com,\t/var/mail/t\n')
+    assert entry.targets == ("alice", '"|/usr/bin/x a"', "bob@example.com", "/var/mail/t")
+    assert entry.expansion_problem is None
+
+
+def test_escaped_comma_is_one_target_for_smtpd():
+    (entry,) = parse_aliases("a: |/bin/echo a\\,b\n")
+    assert entry.targets == ("|/bin/echo a,b",)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("|/bin/echo it's", "unbalanced quote"),
+        (", ".join(["root"] * 500), "2048 bytes"),
+    ],
+)
+def test_values_makemap_accepts_but_smtpd_cannot_expand(value, problem):
+    (entry,) = parse_aliases(f"a: {value}\n")
+    assert entry.targets == ()
+    assert problem in entry.expansion_problem
+
+
+@pytest.mark.parametrize(
+    ("target", "kind"),
+    [
+        ("alice", "username"),
+        ("alice@example.com", "address"),
+        ("alice@[192.0.2.1]", "username"),  # smtpd cuts at '@' before rejecting the domain
+        ("|/bin/cat", "filter"),
+        ('"|/bin/cat"', "filter"),
+        ("/var/mail/x", "filename"),
+        (":include:/etc/list", "include"),
+        ("error:550 Gone", "error"),
+        ("al ice", None),
+    ],
+)
+def test_target_kind(target, kind):
+    assert target_kind(target) == kind
+
+
+def test_lookup_lowercases_and_strips_subaddress():
+    mapping = {e.name: e.value for e in parse_aliases("Team: alice\nteam+ops: bob\n")}
+    assert lookup(mapping, "TEAM") == "alice"
+    assert lookup(mapping, "team+ops") == "bob"
+    assert lookup(mapping, "team+sales") == "alice"
+    assert lookup(mapping, "nobody") is None
+
+
+def test_missing_rfc2142_names():
+    entries = parse_aliases("Postmaster: root\n")
+    assert missing_rfc2142(entries) == ["abuse"]
+    assert missing_rfc2142(entries, local_users={"abuse"}) == []
+    assert missing_rfc2142([]) == ["postmaster", "abuse"]
+
+
+# ------------------------------------------------------------------------------ db round trips
+
+
+@needs_dbm
+def test_db_round_trip_and_mode():
+    entries = parse_aliases("Root: alice\nteam: alice, bob\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "aliases.db")
+        path.write_bytes(build_aliases_db(entries))
+        assert read_aliases_db(path) == {"root": "alice", "team": "alice, bob"}
+    assert ALIASES_MODE == 0o644
+
+
+@needs_dbm
+@needs_makemap
+def test_copied_db_reads_the_same_anywhere(tmp_path):
+    data = build_aliases_db(parse_aliases("team: alice, bob\n"))
+    first, second = tmp_path / "a" / "aliases.db", tmp_path / "b" / "other-name.db"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    assert db_dump_records(first) == db_dump_records(second) == [(b"team\0", b"alice, bob\0")]
+    assert read_aliases_db(second) == {"team": "alice, bob"}
+
+
+def test_read_db_refuses_a_text_file(tmp_path):
+    path = tmp_path / "aliases.db"
+    path.write_text("team: alice\n")
+    with pytest.raises(MailsetupError) as err:
+        read_aliases_db(path)
+    assert str(err.value) == f"{path}: not a Berkeley DB hash file (build it with makemap -t aliases)"
+
+
+def test_read_db_missing_is_one_line(tmp_path):
+    with pytest.raises(MailsetupError, match="no such aliases database"):
+        read_aliases_db(tmp_path / "aliases.db")
+
+
+@needs_makemap
+def test_read_db_reads_makemaps_file(tmp_path):
+    source = tmp_path / "aliases"
+    source.write_text("Team: alice, bob\nroot: |/usr/bin/x\n")
+    subprocess.run([MAKEMAP, "-t", "aliases", str(source)], check=True)
+    assert read_aliases_db(tmp_path / "aliases.db") == {"team": "alice, bob", "root": "|/usr/bin/x"}
+
+
+def test_build_refuses_duplicate_entries():
+    with pytest.raises(MailsetupError, match="duplicate entry"):
+        build_aliases_db([AliasEntry("a", "b", 1), AliasEntry("a", "c", 2)])
+
+
+# ---------------------------------------------------------------------------- fallback paths
+
+
+def _without_berkeley_dbm(monkeypatch):
+    # Nothing real can make this interpreter lose its dbm, so only the selection is forced here.
+    fake = types.SimpleNamespace(library="GNU gdbm")
+    monkeypatch.setattr(dbm, "ndbm", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "dbm.ndbm", fake)
+
+
+def test_gdbm_backed_ndbm_is_not_used(monkeypatch):
+    _without_berkeley_dbm(monkeypatch)
+    with pytest.raises(DbmUnavailable) as err:
+        build_aliases_db(parse_aliases("a: b\n"))
+    assert "not Berkeley DB" in str(err.value)
+    assert isinstance(err.value, MailsetupError)
+
+
+@needs_makemap
+def test_backend_falls_back_to_makemap_which_builds_the_same_records(monkeypatch, tmp_path):
+    _without_berkeley_dbm(monkeypatch)
+    assert db_backend() == "makemap"
+    text = ACCEPTED["many-kinds"].decode() + "Root: alice\n"
+    path = tmp_path / "aliases.db"
+    path.write_bytes(build_aliases_db_with_makemap(text))
+    assert db_dump_records(path) == our_records(parse_aliases(text))
+    # and without dbm the reader goes through `makemap -U`
+    assert read_aliases_db(path) == {e.name: e.value for e in parse_aliases(text)}
+
+
+@needs_makemap
+def test_makemap_fallback_reports_makemaps_own_error():
+    with pytest.raises(MailsetupError) as err:
+        build_aliases_db_with_makemap("a: b\na: c\n")
+    assert str(err.value) == "aliases:2: duplicate entry for a"
+
+
+def test_without_dbm_or_makemap_the_backend_is_a_file_table(monkeypatch):
+    _without_berkeley_dbm(monkeypatch)
+    monkeypatch.setattr(aliases, "_makemap_path", lambda: None)
+    assert db_backend() == "file"
+    with pytest.raises(DbmUnavailable, match="makemap is not installed"):
+        build_aliases_db_with_makemap("a: b\n")
+
+
+def test_file_table_text():
+    entries = parse_aliases("Team: alice, bob   \nroot: |/usr/bin/x # not kept\n")
+    assert render_file_table(entries).decode().splitlines()[1:] == ["team: alice, bob   ", "root: |/usr/bin/x "]
+
+
+def test_file_table_cannot_hold_a_hash_name():
+    with pytest.raises(MailsetupError, match="starts with '#'"):
+        render_file_table(parse_aliases("\\#a: b\n"))
+
+
+# ------------------------------------------------------------------------------- real smtpd
+
+
+def _config(table: str, port: int = 2525, maildir: str = "/tmp/unused") -> str:
+    return (
+        f"table aliases {table}\n"
+        f"listen on 127.0.0.1 port {port}\n"
+        f'action "local" maildir "{maildir}/%{{user.username}}" alias <aliases>\n'
+        'match from any for domain "example.test" action "local"\n'
+        'match for local action "local"\n'
+    )
+
+
+@needs_smtpd
+@needs_dbm
+def test_smtpd_accepts_our_db_in_its_config(tmp_path):
+    db = tmp_path / "aliases.db"
+    db.write_bytes(build_aliases_db(parse_aliases("postmaster: root\nabuse: root\n")))
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text(_config(f"db:{db}"))
+    result = subprocess.run([SMTPD, "-n", "-f", str(conf)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stdout + result.stderr
+
+
+@needs_smtpd
+def test_smtpd_accepts_our_file_table_in_its_config(tmp_path):
+    table = tmp_path / "aliases"
+    table.write_bytes(render_file_table(parse_aliases("postmaster: root\nabuse: root\n")))
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text(_config(f"file:{table}"))
+    result = subprocess.run([SMTPD, "-n", "-f", str(conf)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+DELIVERY_ALIASES = (
+    "Team: nobody\nquirk: nobody@[192.0.2.1]\nsq: |/bin/echo it's\nlong: " + ", ".join(["nobody"] * 400) + "\n"
+)
+
+
+@needs_smtpd
+@pytest.mark.skipif(os.geteuid() != 0, reason="the smtpd daemon must start as root")
+@pytest.mark.parametrize("kind", ["db", "file"])
+def test_smtpd_delivers_through_our_table_and_refuses_what_we_predict(kind):
+    entries = parse_aliases(DELIVERY_ALIASES)
+    if kind == "db" and db_backend() != "dbm":
+        pytest.skip("this Python's dbm.ndbm is not Berkeley DB")
+    # not tmp_path: smtpd delivers as "nobody", who cannot enter pytest's 0700 directories
+    work = Path(tempfile.mkdtemp(prefix="mailsetup-aliases-e2e-"))
+    work.chmod(0o755)
+    proc = None
+    try:
+        maildir = work / "md"
+        maildir.mkdir()
+        maildir.chmod(0o1777)
+        if kind == "db":
+            table = work / "aliases.db"
+            table.write_bytes(build_aliases_db(entries))
+        else:
+            table = work / "aliases"
+            table.write_bytes(render_file_table(entries))
+        port = _free_port()
+        conf = work / "smtpd.conf"
+        conf.write_text(_config(f"{kind}:{table}", port, str(maildir)))
+        log = (work / "log").open("w")
+        proc = subprocess.Popen([SMTPD, "-d", "-f", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                smtp = smtplib.SMTP("127.0.0.1", port, timeout=10)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.skip(f"smtpd did not start: {(work / 'log').read_text()[-300:]}")
+                time.sleep(0.1)
+        with smtp:
+            smtp.ehlo("client.example.test")
+            smtp.mail("sender@example.test")
+            codes = {r: smtp.rcpt(f"{r}@example.test")[0] for r in ("TEAM", "quirk", "sq", "long")}
+            smtp.data(b"Subject: aliases test\r\n\r\nhello\r\n")
+        assert codes == {"TEAM": 250, "quirk": 250, "sq": 424, "long": 424}
+        assert [e.expansion_problem is not None for e in entries] == [False, False, True, True]
+        new = maildir / "nobody" / "new"
+        deadline = time.monotonic() + 15
+        while not (new.is_dir() and len(list(new.iterdir())) >= 2) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        # one copy per accepted recipient: TEAM via the lower-cased key, quirk via the '@[...]' quirk
+        messages = list(new.iterdir())
+        assert len(messages) == 2
+        assert all(b"hello" in m.read_bytes() for m in messages)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------- fuzzing
+
+FUZZ_ALPHABET = "aB: ,#\\\n\t\r|/\"'@.:-e0r5!é\x00"
+
+
+@given(st.text())
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+def test_any_text_gives_entries_or_one_clear_error(text):
+    try:
+        entries = parse_aliases(text)
+    except MailsetupError as err:
+        assert str(err).startswith("aliases:") and "\n" not in str(err)
+    else:
+        assert all(isinstance(e, AliasEntry) for e in entries)
+
+
+@given(st.binary())
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_bytes_file_gives_entries_or_one_clear_error(tmp_path, data):
+    path = tmp_path / "aliases"
+    path.write_bytes(data)
+    try:
+        parse_aliases_file(path)
+    except MailsetupError as err:
+        assert str(err).startswith(f"{path}") and "\n" not in str(err)
+
+
+@needs_dbm
+@given(st.text(alphabet=FUZZ_ALPHABET, max_size=60))
+@settings(max_examples=300)
+def test_round_trip_through_our_db(text):
+    try:
+        entries = parse_aliases(text)
+    except MailsetupError:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "aliases.db")
+        path.write_bytes(build_aliases_db(entries))
+        assert read_aliases_db(path) == {e.name: e.value for e in entries}
+
+
+@needs_makemap
+@given(st.text(alphabet=FUZZ_ALPHABET, max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_fuzzed_text_agrees_with_real_makemap(text):
+    data = text.encode()
+    rc, stderr, expected = run_makemap(data)
+    try:
+        entries = parse_aliases(text)
+    except MailsetupError as err:
+        assert rc == 1, f"we refused what makemap stored: {err}"
+        makemap_line = int(stderr.split("aliases:")[1].split(":")[0])
+        assert str(err).startswith(f"aliases:{min(makemap_line, physical_lines(data))}:")
+    else:
+        assert rc == 0, f"we accepted what makemap refused: {stderr}"
+        assert our_records(entries) == expected
+
+
+_FRAGMENTS = [
+    "alice",
+    "Bob",
+    "x@ex.com",
+    "x@[1.2.3.4]",
+    "|/bin/cat",
+    '"|/bin/x y"',
+    "/var/m",
+    ":include:/l",
+    "include:/l",
+    "error:550 No",
+    "ERROR:450 x y",
+    ":error:5",
+    "a.b+c",
+    "é",
+    "'",
+    "\\,",
+    "\\#",
+]
+
+
+@st.composite
+def _alias_line(draw):
+    targets = draw(st.lists(st.sampled_from(_FRAGMENTS), min_size=1, max_size=4))
+    value = targets[0]
+    for target in targets[1:]:
+        value += draw(st.sampled_from([",", ", ", " ,", ",\\\n ", ",\t", " ,  "])) + target
+    indent = draw(st.sampled_from(["", " ", "\t"]))
+    name = draw(st.sampled_from(["a", "A", "b", "Root", "x+y", "a@b", "\\#h", ""]))
+    colon = draw(st.sampled_from([":", ": ", " : ", "::", "\t", " ", ":\\\n "]))
+    tail = draw(st.sampled_from(["", " ", "\r", " # c", "\\", "  \\# x"]))
+    return indent + name + colon + value + tail
+
+
+_ALIAS_FILES = st.lists(st.one_of(_alias_line(), st.sampled_from(["", "# c", "  ", "\\"])), max_size=5).map(
+    lambda lines: "\n".join(lines) + "\n"
+)
+
+
+@needs_makemap
+@given(_ALIAS_FILES)
+@settings(max_examples=300, deadline=None)
+def test_fuzzed_alias_files_agree_with_real_makemap(text):
+    test_fuzzed_text_agrees_with_real_makemap.hypothesis.inner_test(text)

@@ -1,0 +1,161 @@
+"""smtpd.conf from the templates: the real `smtpd -n` over a matrix of options, both grammars, and the
+open-relay check that `smtpd -n` does not make.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import SMTPD, init_args, needs_smtpd, run_cli, smtpd_check
+
+from mailsetup.model import build_setup
+from mailsetup.opensmtpd import open_relay_rules
+from mailsetup.render import render_smtpd_conf
+
+KEY = "0123456789abcdef0123456789abcdef"
+
+MATRIX = list(
+    itertools.product(
+        ["debian", "rhel", "alpine", "arch", "freebsd"],
+        [[], ["--no-queue-encryption"], ["--no-queue-compression"]],
+        [[], ["--listen", "127.0.0.1"], ["--listen", "::", "--listen", "0.0.0.0"], ["--listen", "lo"]],
+    )
+)
+
+
+@needs_smtpd
+@pytest.mark.parametrize("os_name,queue,listen", MATRIX, ids=lambda v: "-".join(v) if isinstance(v, list) else v)
+def test_real_smtpd_accepts_every_rendered_config(os_name: str, queue: list, listen: list, sandbox: Path):
+    args = init_args(sandbox, *queue, *listen, "--key-type", "ecdsa-p256")
+    args[args.index("--os") + 1] = os_name
+    r = run_cli(*args)
+    assert r.code == 0, r.err
+    conf = next(sandbox.rglob("smtpd.conf"))
+    check = smtpd_check(conf)
+    assert check.returncode == 0, check.stderr
+    text = conf.read_text()
+    assert bool(re.search("^queue encryption ", text, re.M)) == ("--no-queue-encryption" not in queue)
+    assert bool(re.search("^queue compression$", text, re.M)) == ("--no-queue-compression" not in queue)
+    assert open_relay_rules(text) == []
+
+
+@needs_smtpd
+@pytest.mark.parametrize("key_type", ["rsa-2048", "rsa-4096", "ecdsa-p256"])
+def test_real_smtpd_loads_each_key_type(key_type: str, sandbox: Path):
+    r = run_cli(*init_args(sandbox, "--key-type", key_type))
+    assert r.code == 0, r.err
+    assert smtpd_check(sandbox / "etc/smtpd.conf").returncode == 0
+
+
+def test_modern_config_holds_what_the_tutorial_asked_for():
+    setup = build_setup({"domain": "ehouse.io", "hostname": "mail.ehouse.io", "os": "debian"})
+    text = render_smtpd_conf(setup, KEY)
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert lines == [
+        'pki mail.ehouse.io cert "/etc/ssl/certs/mail.ehouse.io.crt"',
+        'pki mail.ehouse.io key "/etc/ssl/private/mail.ehouse.io.key"',
+        "queue compression",
+        f"queue encryption {KEY}",
+        'table aliases "db:/etc/aliases.db"',
+        "listen on 0.0.0.0 port 25 tls pki mail.ehouse.io auth-optional",
+        "listen on 0.0.0.0 port 587 tls-require pki mail.ehouse.io auth",
+        'action "local_mail" maildir alias <aliases>',
+        'action "outbound" relay',
+        'match from any for domain "ehouse.io" action "local_mail"',
+        'match for local action "local_mail"',
+        'match auth from any for any action "outbound"',
+        'match from local for any action "outbound"',
+    ]
+
+
+def test_openbsd_listens_on_egress_and_lo0():
+    setup = build_setup({"domain": "ehouse.io", "os": "openbsd"})
+    text = render_smtpd_conf(setup, KEY)
+    assert "listen on lo0\n" in text
+    assert "listen on egress port 25 tls pki mail.ehouse.io auth-optional" in text
+    assert 'table aliases "db:/etc/mail/aliases.db"' in text
+
+
+def test_specific_address_keeps_a_localhost_listener():
+    text = render_smtpd_conf(build_setup({"domain": "ehouse.io", "os": "debian", "listen": ["192.0.2.1"]}), KEY)
+    assert "listen on localhost\n" in text
+
+
+def test_legacy_grammar_for_smtpd_before_6_4():
+    setup = build_setup({"domain": "ehouse.io", "os": "freebsd", "smtpd_version": "6.0.3"})
+    text = render_smtpd_conf(setup, KEY)
+    assert 'pki mail.ehouse.io certificate "/usr/local/etc/ssl/certs/mail.ehouse.io.crt"' in text
+    assert f"queue encryption key {KEY}" in text
+    assert 'accept from any for domain "ehouse.io" alias <aliases> deliver to maildir\n' in text
+    assert "accept for local alias <aliases> deliver to maildir\n" in text
+    assert "accept from local for any relay\n" in text
+    assert "match " not in text and "action " not in text
+    assert open_relay_rules(text) == []
+
+
+def test_file_table_when_no_db_writer():
+    text = render_smtpd_conf(build_setup({"domain": "ehouse.io", "os": "debian"}), KEY, aliases_format="file")
+    assert 'table aliases "file:/etc/aliases"' in text
+
+
+def test_render_command_prints_the_config_and_needs_a_queue_key(tmp_path: Path):
+    r = run_cli("render", "--domain", "example.test", "--os", "debian", "--root", tmp_path)
+    assert r.code == 2
+    assert r.err_lines[0].startswith("mailsetup: error: --queue-key-file: no queue key at ")
+    keyfile = tmp_path / "qk"
+    assert run_cli("keygen", "--out", keyfile).code == 0
+    r = run_cli("render", "--domain", "example.test", "--os", "debian", "--queue-key-file", keyfile)
+    assert r.code == 0, r.err
+    assert f"queue encryption {keyfile.read_text().strip()}" in r.out
+    out = tmp_path / "smtpd.conf"
+    r = run_cli("render", "--domain", "example.test", "--os", "debian", "--queue-key-file", keyfile, "--out", out)
+    assert r.code == 0 and (out.stat().st_mode & 0o777) == 0o600
+    r = run_cli("render", "--domain", "example.test", "--os", "debian", "--queue-key-file", keyfile, "--out", out)
+    assert r.code == 2 and "pass --force" in r.err
+
+
+# --- the open-relay check -----------------------------------------------------------------------
+
+OPEN = [
+    'action "relay" relay\nmatch from any for any action "relay"',
+    'action "r" relay host smtp://192.0.2.1\nmatch from src 0.0.0.0/0 for any action "r"',
+    'action "r" relay\nmatch from any for ! local action "r"',
+    'action "r" relay\nmatch !auth from any for any action "r"',
+    "accept from any for any relay",
+]
+CLOSED = [
+    'action "relay" relay\nmatch from local for any action "relay"',
+    'action "relay" relay\nmatch auth from any for any action "relay"',
+    'action "relay" relay\nmatch from any auth for any action "relay"',
+    'action "relay" relay\nmatch for any action "relay"',
+    'action "relay" relay\nmatch from any for domain "example.org" action "relay"',
+    'action "local" maildir\nmatch from any for any action "local"',
+    'action "relay" relay\n# match from any for any action "relay"',
+    "accept for any relay",
+]
+
+
+@pytest.mark.parametrize("conf", OPEN)
+def test_open_relay_rules_are_found(conf: str):
+    findings = open_relay_rules(conf)
+    assert len(findings) == 1
+    assert "open relay" in findings[0].why
+    assert findings[0].line == len(conf.splitlines())
+
+
+@pytest.mark.parametrize("conf", CLOSED)
+def test_safe_rules_are_not_flagged(conf: str):
+    assert open_relay_rules(conf) == []
+
+
+@pytest.mark.skipif(SMTPD is None, reason="needs OpenSMTPD")
+def test_real_smtpd_n_accepts_an_open_relay_so_our_check_must(tmp_path: Path):
+    conf = tmp_path / "open.conf"
+    conf.write_text('listen on 127.0.0.1 port 12525\naction "relay" relay\nmatch from any for any action "relay"\n')
+    proc = subprocess.run([SMTPD, "-n", "-f", conf], capture_output=True, text=True)
+    assert proc.returncode == 0  # smtpd calls it fine...
+    assert open_relay_rules(conf.read_text())  # ...we do not
