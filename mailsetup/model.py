@@ -226,6 +226,13 @@ def default_hostname(domain: str) -> str:
     return f"mail.{domain}"
 
 
+def _user_path(value: Any, flag: str) -> Path:
+    try:
+        return Path(str(value)).expanduser()
+    except RuntimeError:  # "~someone" for a user who does not exist
+        raise MailsetupError(f"{flag}: {value!r} names the home of an unknown user") from None
+
+
 def build_setup(raw: Mapping[str, Any]) -> MailSetup:
     """Validate raw answers (keys are flag names without dashes, '_' for '-') into a MailSetup."""
     domain = validate_dns_name(raw.get("domain"), "--domain")
@@ -234,7 +241,7 @@ def build_setup(raw: Mapping[str, Any]) -> MailSetup:
 
     root: Path | None = None
     if raw.get("root"):
-        root_text = str(Path(str(raw["root"])).expanduser().absolute())
+        root_text = str(_user_path(raw["root"], "--root").absolute())
         validate_path(root_text, "--root")
         root = Path(root_text)
 
@@ -304,7 +311,7 @@ def build_setup(raw: Mapping[str, Any]) -> MailSetup:
 
     aliases_import = None
     if raw.get("aliases"):
-        aliases_import = Path(str(raw["aliases"])).expanduser()
+        aliases_import = _user_path(raw["aliases"], "--aliases")
 
     version = parse_version(raw["smtpd_version"]) if raw.get("smtpd_version") else DEFAULT_SMTPD_VERSION
 

@@ -42,6 +42,15 @@ class Layout:
     def answers(self) -> PurePosixPath:
         return self.state_dir / "answers.toml"
 
+    @property
+    def credentials(self) -> PurePosixPath:
+        return self.state_dir / "credentials"
+
+    @property
+    def queue_dir(self) -> PurePosixPath:
+        """The embedded MTA's queue (smtpd keeps its own spool)."""
+        return self.state_dir / "queue"
+
 
 _ETC_SSL = (PurePosixPath("/etc/ssl/certs"), PurePosixPath("/etc/ssl/private"))
 

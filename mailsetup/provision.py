@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailsetup import aliases as aliases_mod
-from mailsetup import queuekey
+from mailsetup import credentials, queuekey
 from mailsetup.errors import MailsetupError
 from mailsetup.files import Applied, FileChange, Plan, apply_plan, undo_applied
 from mailsetup.model import MailSetup
@@ -155,12 +155,24 @@ def _plan_aliases(setup: MailSetup, prov: Provisioning, admin: str | None) -> No
                              same_meaning=lambda path: aliases_mod.read_aliases_db(path) == wanted))
 
 
+def _plan_credentials(setup: MailSetup, prov: Provisioning) -> None:
+    """An empty credentials table on first run (smtpd -n needs the file); users come from `user add`."""
+    path = Path(setup.layout.credentials)
+    users = credentials.read_credentials(path)
+    if path.exists():
+        prov.notes.append(f"{len(users)} mail user(s) in {path}")
+        return
+    prov.plan.add(FileChange(path, credentials.render_credentials([]), credentials.CREDS_MODE,
+                             "credentials table for AUTH (add users with `mailsetup user add`)", secret=True))
+
+
 def build_plan(setup: MailSetup, admin: str | None = None) -> Provisioning:
     """Every file init would write, in memory. Nothing on disk changes."""
     prov = Provisioning(setup=setup, plan=Plan(), aliases_format="db")
     _plan_tls(setup, prov)
     queue_key = _plan_queue_key(setup, prov)
     _plan_aliases(setup, prov, admin)
+    _plan_credentials(setup, prov)
     conf = render_smtpd_conf(setup, queue_key, prov.aliases_format)
     findings = open_relay_rules(conf)
     if findings:  # the template cannot produce one; this guards the template itself

@@ -61,8 +61,9 @@ def test_modern_config_holds_what_the_tutorial_asked_for():
         "queue compression",
         f"queue encryption {KEY}",
         'table aliases "db:/etc/aliases.db"',
-        "listen on 0.0.0.0 port 25 tls pki mail.ehouse.io auth-optional",
-        "listen on 0.0.0.0 port 587 tls-require pki mail.ehouse.io auth",
+        'table creds "file:/etc/mailsetup/credentials"',
+        "listen on 0.0.0.0 port 25 tls pki mail.ehouse.io auth-optional <creds>",
+        "listen on 0.0.0.0 port 587 tls-require pki mail.ehouse.io auth <creds>",
         'action "local_mail" maildir alias <aliases>',
         'action "outbound" relay',
         'match from any for domain "ehouse.io" action "local_mail"',
@@ -76,7 +77,7 @@ def test_openbsd_listens_on_egress_and_lo0():
     setup = build_setup({"domain": "ehouse.io", "os": "openbsd"})
     text = render_smtpd_conf(setup, KEY)
     assert "listen on lo0\n" in text
-    assert "listen on egress port 25 tls pki mail.ehouse.io auth-optional" in text
+    assert "listen on egress port 25 tls pki mail.ehouse.io auth-optional <creds>" in text
     assert 'table aliases "db:/etc/mail/aliases.db"' in text
 
 

@@ -1,0 +1,99 @@
+"""The credentials table for AUTH: table(5) `user hash` lines, bcrypt hashes smtpd's crypt(3) checks.
+
+Passwords never pass through argv, logs or the answers file; the file is 0600.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailsetup.errors import MailsetupError
+
+CREDS_MODE = 0o600
+_USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_HASH = re.compile(r"^\$(2[abxy]|6|5)\$\S+$")
+
+
+def validate_username(name: str, flag: str = "NAME") -> str:
+    if not _USER.match(name or ""):
+        raise MailsetupError(
+            f"{flag}: {name!r} is not a valid user name (lower-case letters, digits, '_', '.', '-'; "
+            "at most 32 characters, starting with a letter or '_')"
+        )
+    if name == "root":
+        raise MailsetupError(f"{flag}: smtpd never delivers to root; pick a person's user name")
+    return name
+
+
+@dataclass(frozen=True)
+class Credential:
+    user: str
+    hash: str
+
+
+def parse_credentials(text: str, source: str) -> list[Credential]:
+    creds: list[Credential] = []
+    seen: set[str] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        parts = stripped.split()
+        if len(parts) != 2 or not _HASH.match(parts[1]):
+            raise MailsetupError(f"{source}:{number}: expected 'user hash' (a $2b$ or $6$ hash)")
+        if parts[0] in seen:
+            raise MailsetupError(f"{source}:{number}: duplicate user {parts[0]}")
+        seen.add(parts[0])
+        creds.append(Credential(parts[0], parts[1]))
+    return creds
+
+
+def read_credentials(path: Path) -> list[Credential]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MailsetupError(f"{path}: cannot read the credentials table: {exc}") from None
+    return parse_credentials(text, str(path))
+
+
+def render_credentials(creds: list[Credential]) -> bytes:
+    head = "# user  bcrypt-hash   (table(5) format for `auth <creds>`; managed by `mailsetup user`)\n"
+    return (head + "".join(f"{c.user} {c.hash}\n" for c in creds)).encode()
+
+
+def hash_password(password: str) -> str:
+    import bcrypt
+
+    if len(password.encode()) > 72:
+        # bcrypt ignores everything after 72 bytes; refusing beats silently weakening the password.
+        raise MailsetupError("password: longer than 72 bytes, which bcrypt would silently cut")
+    if len(password) < 8:
+        raise MailsetupError("password: at least 8 characters, please")
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10)).decode()
+
+
+def check_password(creds: list[Credential] | dict[str, str], user: str, password: bytes) -> bool:
+    import bcrypt
+
+    table = creds if isinstance(creds, dict) else {c.user: c.hash for c in creds}
+    stored = table.get(user)
+    if stored is None or not stored.startswith("$2"):
+        return False
+    try:
+        return bcrypt.checkpw(password[:72], stored.encode())
+    except ValueError:
+        return False
+
+
+def with_user(creds: list[Credential], user: str, hashed: str) -> list[Credential]:
+    return [c for c in creds if c.user != user] + [Credential(user, hashed)]
+
+
+def without_user(creds: list[Credential], user: str) -> list[Credential]:
+    if not any(c.user == user for c in creds):
+        raise MailsetupError(f"NAME: no user {user!r} in the credentials table")
+    return [c for c in creds if c.user != user]
