@@ -244,6 +244,12 @@ def target_kind(target: str | bytes) -> str | None:
     return None
 
 
+def split_value(value: str) -> tuple[tuple[str, ...], str | None]:
+    """An alias value cut into destinations as smtpd does at delivery, and why it cannot be, if so."""
+    pieces, problem = _expand_like_smtpd(value.encode())
+    return tuple(p.decode() for p in pieces), problem
+
+
 def _makemap_accepts_value(value: bytes) -> bool:
     """makemap's make_aliases: a plain split on ',' where every stripped piece is a valid node."""
     for piece in value.split(b","):

@@ -108,15 +108,14 @@ def init(
         from mailsetup.model import refuse_injection
 
         refuse_injection(admin, "--admin")
-    setup = build_setup(
-        _raw_answers(
-            domain=domain, hostname=hostname, os=os_name, root=root, aliases=aliases, key_type=key_type,
-            days=days, cert=cert, key=key, listen=listen, smtp_port=smtp_port,
-            submission_port=submission_port, smtpd_version=_detect_smtpd_version(smtpd_version),
-            queue_compression=queue_compression, queue_encryption=queue_encryption,
-        )
+    raw = _raw_answers(
+        domain=domain, hostname=hostname, os=os_name, root=root, aliases=aliases, key_type=key_type,
+        days=days, cert=cert, key=key, listen=listen, smtp_port=smtp_port,
+        submission_port=submission_port, smtpd_version=_detect_smtpd_version(smtpd_version),
+        queue_compression=queue_compression, queue_encryption=queue_encryption,
     )
-    prov = provision.build_plan(setup, admin=admin)
+    setup = build_setup(raw)
+    prov = provision.build_plan(setup, admin=admin, raw=raw)
     report.print_plan(prov, show_diff=diff or dry_run)
     if dry_run:
         _echo("dry run: nothing was written.")
@@ -314,6 +313,154 @@ def aliases_cmd(
         )
     apply_plan([FileChange(out, db, aliases_mod.ALIASES_MODE, "aliases.db")])
     _echo(f"wrote {out}: {len(entries)} aliases")
+
+
+def _parse_hostport(value: str | None, flag: str) -> tuple[str, int] | None:
+    if not value:
+        return None
+    from mailsetup.model import validate_port
+
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise MailsetupError(f"{flag}: {value!r} is not HOST:PORT")
+    return host.strip("[]"), validate_port(port, flag)
+
+
+@app.command()
+def serve(
+    root: Root = None,
+    os_name: OsName = None,
+    listen: Annotated[str, typer.Option("--listen", help="Address to listen on.")] = "127.0.0.1",
+    smtp_port: Annotated[int, typer.Option("--smtp-port", help="MX listener port (0: any free port).")] = 25,
+    submission_port: Annotated[int, typer.Option("--submission-port", help="Submission port (0: any).")] = 587,
+    relay_host: Annotated[
+        str | None, typer.Option("--relay-host", help="HOST:PORT to relay outbound mail to.")
+    ] = None,
+    loopback_is_remote: Annotated[
+        bool, typer.Option("--loopback-is-remote", help="Treat loopback clients as strangers (testing relay rules).")
+    ] = False,
+    max_connections: Annotated[int, typer.Option("--max-connections")] = 500,
+    timeout: Annotated[float, typer.Option("--timeout", help="Idle/command/data timeout, seconds.")] = 300.0,
+    debug: Debug = False,
+) -> None:
+    """Run the embedded MTA in the foreground on the set-up's files (Ctrl-C or SIGTERM stops it)."""
+    import asyncio
+    import logging
+    import signal
+
+    from mailsetup.answers import load_setup
+    from mailsetup.model import validate_listen, validate_port
+    from mailsetup.mta.server import EmbeddedMta, MtaOptions, load_runtime
+
+    setup = load_setup(root, os_name)
+    options = MtaOptions(
+        listen=validate_listen(listen, "--listen", "linux"),
+        smtp_port=validate_port(smtp_port, "--smtp-port") if smtp_port else 0,
+        submission_port=validate_port(submission_port, "--submission-port") if submission_port else 0,
+        relay_host=_parse_hostport(relay_host, "--relay-host"),
+        local_peers=frozenset() if loopback_is_remote else frozenset({"127.0.0.1", "::1"}),
+        max_connections=max_connections,
+        timeout=timeout,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's own chatter
+    runtime = load_runtime(setup, options)
+
+    async def run() -> None:
+        mta = EmbeddedMta(runtime)
+        await mta.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        _echo(
+            f"serving {setup.domain}: smtp {options.listen}:{mta.ports['smtp']}, "
+            f"submission {options.listen}:{mta.ports['submission']}"
+            + (f", relay to {relay_host}" if relay_host else ", no relay host (outbound mail stays queued)"),
+            err=True,
+        )
+        await stop.wait()
+        await mta.stop()
+        _echo("stopped", err=True)
+
+    asyncio.run(run())
+
+
+user_app = typer.Typer(help="Mail users: the logins for authenticated submission.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        line = sys.stdin.readline()
+        if not line.strip("\r\n"):
+            raise MailsetupError("--password-stdin: no password on standard input")
+        return line.rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise MailsetupError("no terminal to ask for the password on: pass --password-stdin")
+    import getpass
+
+    first = getpass.getpass("Password: ")
+    if first != getpass.getpass("Again: "):
+        raise MailsetupError("the two passwords differ; nothing changed")
+    return first
+
+
+def _credentials_path(root: Path | None, os_name: str | None) -> Path:
+    from mailsetup.answers import load_setup
+
+    return Path(load_setup(root, os_name).layout.credentials)
+
+
+@user_app.command("add")
+def user_add(
+    name: Annotated[str, typer.Argument(help="The login (and local user) name.")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input (one line).")
+    ] = False,
+    root: Root = None,
+    os_name: OsName = None,
+    debug: Debug = False,
+) -> None:
+    """Add a user (or change their password). The password is asked twice, hidden, or read from stdin."""
+    from mailsetup import credentials as c
+    from mailsetup.files import FileChange, apply_plan
+
+    c.validate_username(name)
+    path = _credentials_path(root, os_name)
+    creds = c.read_credentials(path)
+    hashed = c.hash_password(_read_password(password_stdin))
+    existed = any(x.user == name for x in creds)
+    apply_plan([FileChange(path, c.render_credentials(c.with_user(creds, name, hashed)), c.CREDS_MODE,
+                           "credentials", secret=True)])
+    _echo(f"{'changed the password of' if existed else 'added'} {name} in {path}")
+    _echo("then, for OpenSMTPD: smtpctl update table creds (or restart it)", err=True)
+
+
+@user_app.command("list")
+def user_list(root: Root = None, os_name: OsName = None, debug: Debug = False) -> None:
+    """List the users who can log in."""
+    from mailsetup import credentials as c
+
+    for cred in c.read_credentials(_credentials_path(root, os_name)):
+        typer.echo(cred.user)
+
+
+@user_app.command("remove")
+def user_remove(
+    name: Annotated[str, typer.Argument(help="The login to remove.")],
+    root: Root = None,
+    os_name: OsName = None,
+    debug: Debug = False,
+) -> None:
+    """Remove a user's login (their Maildir is left alone)."""
+    from mailsetup import credentials as c
+    from mailsetup.files import FileChange, apply_plan
+
+    path = _credentials_path(root, os_name)
+    remaining = c.without_user(c.read_credentials(path), name)
+    apply_plan([FileChange(path, c.render_credentials(remaining), c.CREDS_MODE, "credentials", secret=True)])
+    _echo(f"removed {name} from {path}")
 
 
 def main() -> None:

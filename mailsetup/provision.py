@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailsetup import aliases as aliases_mod
+from mailsetup import answers as answers_mod
 from mailsetup import credentials, queuekey
 from mailsetup.errors import MailsetupError
 from mailsetup.files import Applied, FileChange, Plan, apply_plan, undo_applied
@@ -166,7 +167,22 @@ def _plan_credentials(setup: MailSetup, prov: Provisioning) -> None:
                              "credentials table for AUTH (add users with `mailsetup user add`)", secret=True))
 
 
-def build_plan(setup: MailSetup, admin: str | None = None) -> Provisioning:
+def recorded_answers(setup: MailSetup, raw: dict, admin: str | None) -> dict:
+    """What the answers file keeps: the resolved choices, never a secret, never the sandbox root."""
+    out = {k: v for k, v in raw.items() if k in answers_mod.KEYS and v is not None}
+    out.update(domain=setup.domain, hostname=setup.hostname, os=setup.os_name,
+               smtpd_version=f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}")
+    if admin:
+        out["admin"] = admin
+    for k in ("cert", "key"):
+        if k in out:
+            out[k] = str(out[k])
+    if "listen" in out:
+        out["listen"] = list(out["listen"])
+    return out
+
+
+def build_plan(setup: MailSetup, admin: str | None = None, raw: dict | None = None) -> Provisioning:
     """Every file init would write, in memory. Nothing on disk changes."""
     prov = Provisioning(setup=setup, plan=Plan(), aliases_format="db")
     _plan_tls(setup, prov)
@@ -180,6 +196,9 @@ def build_plan(setup: MailSetup, admin: str | None = None) -> Provisioning:
         raise MailsetupError(f"internal error: rendered smtpd.conf line {f.line} {f.why}", exit_code=1)
     prov.plan.add(FileChange(Path(setup.layout.smtpd_conf), conf.encode(), CONF_MODE,
                              "smtpd.conf", redact=(QUEUE_KEY_REDACT,)))
+    answers = recorded_answers(setup, raw or {}, admin)
+    prov.plan.add(FileChange(Path(setup.layout.answers), answers_mod.render_answers(answers),
+                             answers_mod.ANSWERS_MODE, "answers (no secrets): re-runs start from these"))
     prov.warnings.extend(_environment_warnings(setup))
     return prov
 

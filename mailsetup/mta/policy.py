@@ -1,0 +1,182 @@
+"""Who may send what where: the embedded MTA's accept / deliver / relay / refuse decisions.
+
+Built from the same MailSetup as smtpd.conf (inbound for the domain through the aliases; relay only
+for authenticated or local senders) and testable without sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from mailsetup.aliases import split_value, target_kind
+
+MAX_ALIAS_DEPTH = 20
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
+
+
+@dataclass(frozen=True)
+class Decision:
+    code: int
+    message: str
+    local_users: tuple[str, ...] = ()  # Maildirs to deliver to
+    relay_to: tuple[str, ...] = ()  # addresses to queue for the relay
+    skipped: tuple[str, ...] = ()  # alias targets the embedded MTA does not run (pipes, files)
+
+    @property
+    def accepted(self) -> bool:
+        return 200 <= self.code < 300
+
+    def reply(self) -> str:
+        return f"{self.code} {self.message}"
+
+
+def _refuse(code: int, message: str) -> Decision:
+    return Decision(code, message)
+
+
+_LOCAL_ATOM = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]+$")
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def split_address(address: str) -> tuple[str, str] | Decision:
+    """(local part, lower-cased domain) of a plain address, or the refusal for a tricky one.
+
+    Everything spammers use to slip past relay checks is refused outright: source routes, quoted
+    local parts, percent hacks, bang paths, several '@', trailing dots, IP literals for a local part.
+    """
+    addr = address.strip()
+    if addr.startswith("<") and addr.endswith(">"):
+        addr = addr[1:-1]
+    if not addr:
+        return _refuse(553, "5.1.3 empty recipient address")
+    if addr.startswith("@"):
+        return _refuse(553, "5.1.3 source routes are not accepted")
+    if '"' in addr or "\\" in addr:
+        return _refuse(553, "5.1.3 quoted local parts are not accepted")
+    if addr.count("@") != 1:
+        if addr.count("@") == 0 and addr.lower() == "postmaster":
+            return "postmaster", ""  # RFC 5321 4.5.1: <postmaster> with no domain must be accepted
+        return _refuse(553, "5.1.3 an address has exactly one '@'")
+    local, domain = addr.split("@")
+    if not local:
+        return _refuse(553, "5.1.3 empty local part")
+    if not domain:
+        return _refuse(553, "5.1.3 empty domain")
+    if "%" in local:
+        return _refuse(553, "5.1.3 '%' routing (the percent hack) is not accepted")
+    if "!" in local:
+        return _refuse(553, "5.1.3 '!' routing (bang paths) is not accepted")
+    if ":" in local or "," in local:
+        return _refuse(553, "5.1.3 source routes are not accepted")
+    if not _LOCAL_ATOM.match(local) or local.startswith(".") or local.endswith(".") or ".." in local:
+        return _refuse(553, "5.1.3 malformed local part")
+    if domain.endswith("."):
+        return _refuse(553, "5.1.2 a domain with a trailing dot is not accepted")
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        if literal.lower().startswith("ipv6:"):
+            literal = literal[5:]
+        try:
+            ipaddress.ip_address(literal)
+        except ValueError:
+            return _refuse(553, "5.1.2 malformed address literal")
+        return local, domain.lower()
+    if not _DOMAIN.match(domain):
+        return _refuse(553, "5.1.2 malformed domain")
+    return local, domain.lower()
+
+
+@dataclass
+class Policy:
+    """Decisions for one MailSetup: its domains, its aliases, its users, its relay rule."""
+
+    domains: frozenset[str]
+    aliases: Mapping[str, str]
+    is_local_user: Callable[[str], bool]
+    local_peers: frozenset[str] = LOOPBACK  # smtpd's `from local`; empty = treat everyone as remote
+    relay_rule: str = "auth-or-local"
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def peer_is_local(self, peer_ip: str | None) -> bool:
+        return peer_ip is not None and peer_ip in self.local_peers
+
+    def may_relay(self, authenticated: bool, peer_ip: str | None) -> bool:
+        if self.relay_rule != "auth-or-local":  # the only rule any template renders
+            return False
+        return authenticated or self.peer_is_local(peer_ip)
+
+    def check_rcpt(self, address: str, authenticated: bool = False, peer_ip: str | None = None) -> Decision:
+        parts = split_address(address)
+        if isinstance(parts, Decision):
+            return parts
+        local, domain = parts
+        if domain == "" or domain in self.domains:
+            return self._local(local, address)
+        if self.may_relay(authenticated, peer_ip):
+            return Decision(250, "2.1.5 ok, will relay", relay_to=(f"{local}@{domain}",))
+        return _refuse(550, "5.7.1 relaying denied: authenticate first")
+
+    def _local(self, local: str, address: str) -> Decision:
+        users: list[str] = []
+        relay: list[str] = []
+        skipped: list[str] = []
+        error = self._expand(local.lower(), users, relay, skipped, seen=set(), depth=0)
+        if error:
+            return error
+        if not users and not relay:
+            if skipped:
+                return _refuse(
+                    550, f"5.1.1 <{local}> delivers only to a command or a file, which mailsetup's "
+                    "embedded MTA never runs"
+                )
+            return _refuse(550, "5.1.1 invalid recipient")
+        return Decision(250, "2.1.5 ok", tuple(dict.fromkeys(users)), tuple(dict.fromkeys(relay)),
+                        tuple(skipped))
+
+    def _expand(self, name: str, users: list, relay: list, skipped: list, seen: set, depth: int) -> Decision | None:
+        """Expand like smtpd: aliases recursively (loop-safe), the rest as users or addresses."""
+        if depth > MAX_ALIAS_DEPTH:
+            return _refuse(451, "4.3.0 alias expansion too deep")
+        if name in seen:
+            return None  # a loop: this branch adds nothing new
+        seen.add(name)
+        value = self.aliases.get(name)
+        if value is None:
+            if name == "root":
+                return _refuse(550, "5.1.1 smtpd does not deliver to root: alias root to a person")
+            if self.is_local_user(name):
+                users.append(name)
+                return None
+            return _refuse(550, "5.1.1 invalid recipient") if depth == 0 else None
+        targets, problem = split_value(value)
+        if problem:  # smtpd answers 424 4.2.4 here; so do we, naming why
+            return _refuse(451, f"4.2.4 mailing list expansion problem: {problem}")
+        for target in targets:
+            kind = target_kind(target)
+            if kind in ("filter", "filename", "include"):
+                skipped.append(target)
+                continue
+            if kind == "error":
+                m = re.match(r"^:?error:([245]\d\d)\s*(.*)$", target, re.I)
+                if m:
+                    return _refuse(int(m.group(1)), m.group(2) or "refused by alias")
+                continue
+            if "@" in target:
+                parts = split_address(target)
+                if isinstance(parts, Decision):
+                    skipped.append(target)
+                    continue
+                t_local, t_domain = parts
+                if t_domain in self.domains:
+                    err = self._expand(t_local.lower(), users, relay, skipped, seen, depth + 1)
+                else:
+                    relay.append(f"{t_local}@{t_domain}")  # forwarding the admin configured
+                    err = None
+            else:
+                err = self._expand(target.lower(), users, relay, skipped, seen, depth + 1)
+            if err and err.code != 550:
+                return err
+        return None

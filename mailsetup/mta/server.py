@@ -1,0 +1,288 @@
+"""The embedded MTA's servers: one aiosmtpd server per listener of the model, thin handlers over the
+Policy, durable delivery (Maildir or the encrypted queue) before 250, a connection cap, and a log line
+per transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import pwd
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+from mailsetup import aliases as aliases_mod
+from mailsetup import credentials as creds_mod
+from mailsetup import queuekey
+from mailsetup.errors import MailsetupError
+from mailsetup.model import MailSetup
+from mailsetup.mta import maildir
+from mailsetup.mta.policy import LOOPBACK, Policy
+from mailsetup.mta.queue import MailQueue, RelayWorker
+
+log = logging.getLogger("mailsetup.mta")
+
+
+@dataclass
+class MtaOptions:
+    listen: str = "127.0.0.1"
+    smtp_port: int = 25
+    submission_port: int = 587
+    relay_host: tuple[str, int] | None = None
+    local_peers: frozenset[str] = LOOPBACK
+    max_connections: int = 500
+    timeout: float = 300.0  # idle/command/data timeout per connection
+    queue_dir: Path | None = None  # default: the layout's
+    retry_first: float = 1.0
+
+
+@dataclass
+class Runtime:
+    """Everything the MTA reads from the set-up's files on disk, loaded once at start."""
+
+    setup: MailSetup
+    tls: ssl.SSLContext
+    aliases: dict[str, str]
+    creds: dict[str, str]
+    queue: MailQueue
+    policy: Policy
+    home: Callable[[str], Path]
+    options: MtaOptions
+    stats: dict = field(default_factory=lambda: {"delivered": 0, "queued": 0, "refused": 0})
+
+
+def load_tls(setup: MailSetup) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(setup.tls.cert), str(setup.tls.key))
+    except FileNotFoundError as exc:
+        raise MailsetupError(f"{exc.filename}: missing; run `mailsetup init` first", exit_code=1) from None
+    except ssl.SSLError as exc:
+        raise MailsetupError(
+            f"{setup.tls.key}: does not load with {setup.tls.cert} ({exc.reason or exc}); "
+            "are they a pair?", exit_code=1,
+        ) from None
+    return ctx
+
+
+def _local_user_check(setup: MailSetup, aliases: dict[str, str], creds: dict[str, str]) -> Callable[[str], bool]:
+    if setup.root is None:
+        def system_user(name: str) -> bool:
+            try:
+                return pwd.getpwnam(name).pw_uid != 0
+            except KeyError:
+                return False
+        return system_user
+    home = Path(setup.layout.home_dir)
+    # In a sandbox there are no system users: a user is anyone with a home there, a login, or a
+    # plain name an alias points at (the admin wrote it for a person).
+    named: set[str] = set(creds)
+    for value in aliases.values():
+        targets, _ = aliases_mod.split_value(value)
+        for t in targets:
+            if aliases_mod.target_kind(t) == "username" and "@" not in t:
+                named.add(t.lower())
+    named -= set(aliases)
+
+    def sandbox_user(name: str) -> bool:
+        return name != "root" and (name in named or (home / name).is_dir())
+    return sandbox_user
+
+
+def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
+    tls = load_tls(setup)
+    aliases = aliases_mod.read_aliases_db(Path(setup.layout.aliases_db))
+    creds = {c.user: c.hash for c in creds_mod.read_credentials(Path(setup.layout.credentials))}
+    key = queuekey.read_queue_key(Path(setup.queue.key_file)) if setup.queue.encryption else None
+    queue = MailQueue(options.queue_dir or Path(setup.layout.queue_dir), key, setup.queue.compression)
+    domains = frozenset({setup.domain, setup.hostname, "localhost"})
+    policy = Policy(domains, aliases, _local_user_check(setup, aliases, creds), options.local_peers)
+
+    def home(user: str) -> Path:
+        if setup.root is None:
+            return Path(pwd.getpwnam(user).pw_dir) / "Maildir"
+        return Path(setup.maildir_for(user))
+
+    return Runtime(setup, tls, aliases, creds, queue, policy, home, options)
+
+
+class Handler:
+    """aiosmtpd hooks: RCPT asks the Policy; DATA stores durably, then answers."""
+
+    def __init__(self, rt: Runtime, listener: str, worker: RelayWorker | None):
+        self.rt = rt
+        self.listener = listener
+        self.worker = worker
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        peer = session.peer[0] if isinstance(session.peer, tuple) else None
+        decision = self.rt.policy.check_rcpt(address, bool(session.authenticated), peer)
+        if not decision.accepted:
+            self.rt.stats["refused"] += 1
+            log.info("%s %s refused rcpt <%s>: %s", self.listener, peer, address, decision.reply())
+            return decision.reply()
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        if not hasattr(envelope, "decisions"):
+            envelope.decisions = []
+        envelope.decisions.append(decision)
+        return decision.reply()
+
+    def _received(self, server, session, envelope) -> bytes:
+        peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
+        proto = "ESMTP" + ("S" if session.ssl else "") + ("A" if session.authenticated else "")
+        stamp = email.utils.formatdate(localtime=True)
+        return (
+            f"Received: from {session.host_name or 'unknown'} ([{peer}])\r\n"
+            f"\tby {self.rt.setup.hostname} (mailsetup) with {proto}; {stamp}\r\n"
+        ).encode()
+
+    async def handle_DATA(self, server, session, envelope):
+        started = time.monotonic()
+        decisions = getattr(envelope, "decisions", [])
+        users = tuple(dict.fromkeys(u for d in decisions for u in d.local_users))
+        relay = tuple(dict.fromkeys(a for d in decisions for a in d.relay_to))
+        body = envelope.original_content or b""
+        message = self._received(server, session, envelope) + body
+        mail_from = envelope.mail_from or ""
+        peer = session.peer[0] if isinstance(session.peer, tuple) else "?"
+        try:
+            qid = await asyncio.to_thread(self._store, mail_from, users, relay, message)
+        except OSError as exc:
+            # Disk full, permissions: say "later", never lose what we cannot store.
+            log.error("%s %s from=<%s> store failed: %s", self.listener, peer, mail_from, exc)
+            return f"451 4.3.0 temporary local problem ({exc.strerror or exc}); try again later"
+        if relay and self.worker:
+            self.worker.wake()
+        log.info(
+            "%s %s tls=%s auth=%s from=<%s> to=%s size=%d local=%s relay=%s id=%s %.1fms",
+            self.listener, peer, "yes" if session.ssl else "no", session.auth_data or "-",
+            mail_from, ",".join(envelope.rcpt_tos), len(body), ",".join(users) or "-",
+            ",".join(relay) or "-", qid or "-", (time.monotonic() - started) * 1000,
+        )
+        return f"250 2.0.0 Ok: {'queued as ' + qid if qid else 'delivered'}"
+
+    def _store(self, mail_from: str, users: tuple[str, ...], relay: tuple[str, ...], message: bytes) -> str | None:
+        for user in users:
+            header = f"Return-Path: <{mail_from}>\r\nDelivered-To: {user}\r\n".encode()
+            maildir.deliver(self.rt.home(user), header + message)
+            self.rt.stats["delivered"] += 1
+        if relay:
+            qid = self.rt.queue.put(mail_from, relay, message)
+            self.rt.stats["queued"] += 1
+            return qid
+        return None
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.active = 0
+
+
+class CappedSMTP(SMTP):
+    """aiosmtpd's SMTP with a cap on concurrent connections (421 beyond it)."""
+
+    def __init__(self, handler, counter: _Counter, cap: int, **kwargs):
+        super().__init__(handler, **kwargs)
+        self._counter = counter
+        self._cap = cap
+        self._counted = False
+        self._refused = False
+
+    def connection_made(self, transport):
+        if not self._counted and not self._refused:
+            if self._counter.active >= self._cap:
+                self._refused = True
+                transport.write(b"421 4.7.0 too many connections, try again later\r\n")
+                transport.close()
+                return
+            self._counter.active += 1
+            self._counted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, exc):
+        if self._refused:
+            return
+        if self._counted:
+            self._counter.active -= 1
+            self._counted = False
+        super().connection_lost(exc)
+
+
+def make_authenticator(rt: Runtime):
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        user = auth_data.login.decode("utf-8", "replace")
+        ok = creds_mod.check_password(rt.creds, user, auth_data.password)
+        log.info("auth %s for %r: %s", mechanism, user, "ok" if ok else "failed")
+        return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
+    return authenticator
+
+
+class EmbeddedMta:
+    """Both listeners and the relay worker on one event loop."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.servers: list[asyncio.base_events.Server] = []
+        self.worker = RelayWorker(rt.queue, rt.options.relay_host, rt.setup.hostname,
+                                  first_retry=rt.options.retry_first)
+        self._worker_task: asyncio.Task | None = None
+        self.ports: dict[str, int] = {}
+        self._counter = _Counter()
+
+    def _factory(self, listener: str):
+        rt = self.rt
+        handler = Handler(rt, listener, self.worker)
+        submission = listener == "submission"
+        authenticator = make_authenticator(rt)
+
+        def build():
+            return CappedSMTP(
+                handler, self._counter, rt.options.max_connections,
+                hostname=rt.setup.hostname,
+                tls_context=rt.tls,
+                require_starttls=submission,  # submission: TLS before anything else
+                auth_required=submission,  # submission: AUTH before MAIL
+                auth_require_tls=True,  # AUTH is never offered in clear text
+                authenticator=authenticator,
+                data_size_limit=rt.setup.max_message_size,
+                timeout=rt.options.timeout,
+                ident="mailsetup ESMTP",
+            )
+        return build
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        opts = self.rt.options
+        try:
+            for name, port in (("smtp", opts.smtp_port), ("submission", opts.submission_port)):
+                server = await loop.create_server(self._factory(name), host=opts.listen, port=port,
+                                                  reuse_address=True)
+                self.servers.append(server)
+                self.ports[name] = server.sockets[0].getsockname()[1]
+        except OSError as exc:
+            await self.stop()
+            raise MailsetupError(f"cannot listen on {opts.listen} port {port}: {exc.strerror}", exit_code=1) from None
+        self._worker_task = asyncio.create_task(self.worker.run())
+
+    async def stop(self) -> None:
+        if self._worker_task:
+            self._worker_task.cancel()
+            try:
+                await self._worker_task
+            except (asyncio.CancelledError, Exception):  # noqa: S110 - stopping; the worker logs its own errors
+                pass
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers = []
