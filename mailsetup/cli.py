@@ -131,9 +131,14 @@ def init(
     results, verdict = provision.apply_and_verify(prov)
     report.print_applied(results)
     report.print_verdict(verdict, provision.installed_smtpd_warning())
+    smoke_ok = True
     if no_smoke:
         _echo("Smoke test skipped (--no-smoke).")
+    else:
+        smoke_ok = _run_smoke_and_report(setup, as_json=False)
     report.print_next_steps(setup)
+    if not smoke_ok:
+        raise MailsetupError("the smoke test failed (see the ✗ above); the files stay written", exit_code=1)
 
 
 @app.command()
@@ -384,6 +389,43 @@ def serve(
         _echo("stopped", err=True)
 
     asyncio.run(run())
+
+
+def _run_smoke_and_report(setup, as_json: bool, smtp_port: int = 0, submission_port: int = 0) -> bool:
+    import json
+
+    from mailsetup.smoke import run_smoke
+
+    report = run_smoke(setup, smtp_port=smtp_port, submission_port=submission_port)
+    if as_json:
+        typer.echo(json.dumps([c.as_dict() for c in report.checks], indent=2))
+    else:
+        typer.echo("Smoke test (embedded MTA on loopback, on the files just written):")
+        for c in report.checks:
+            mark = "✓" if c.ok else "✗"
+            line = f"  {mark} {c.name}: {c.detail} ({c.seconds:.2f}s)"
+            _echo(line, fg=None if c.ok else "red")
+        total = sum(c.seconds for c in report.checks)
+        passed = sum(c.ok for c in report.checks)
+        _echo(f"  {passed}/{len(report.checks)} passed in {total:.1f}s", fg="green" if report.ok else "red")
+    return report.ok
+
+
+@app.command()
+def smoke(
+    root: Root = None,
+    os_name: OsName = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
+    smtp_port: Annotated[int, typer.Option("--smtp-port", help="Port for the MX listener (0: a free one).")] = 0,
+    submission_port: Annotated[int, typer.Option("--submission-port", help="Submission port (0: free).")] = 0,
+    debug: Debug = False,
+) -> None:
+    """Start the embedded MTA on the set-up's files and prove mail flows; exit 0 only if all pass."""
+    from mailsetup.answers import load_setup
+
+    setup = load_setup(root, os_name)
+    if not _run_smoke_and_report(setup, as_json, smtp_port, submission_port):
+        raise typer.Exit(1)
 
 
 user_app = typer.Typer(help="Mail users: the logins for authenticated submission.", no_args_is_help=True)

@@ -27,6 +27,9 @@ from mailsetup.mta.policy import LOOPBACK, Policy
 from mailsetup.mta.queue import MailQueue, RelayWorker
 
 log = logging.getLogger("mailsetup.mta")
+# aiosmtpd logs every command at INFO and a deprecation of its own at WARNING; our handler logs
+# one line per transaction instead.
+logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
 @dataclass

@@ -1,0 +1,311 @@
+"""The smoke test: start the embedded MTA on the set-up's files (free loopback ports), play a
+stranger, a mail client and a spammer against it with a real SMTP client, and report ✓/✗.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import secrets
+import shutil
+import smtplib
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+
+from mailsetup import credentials as creds_mod
+from mailsetup.errors import MailsetupError
+from mailsetup.files import write_atomic
+from mailsetup.model import MailSetup
+
+RELAY_TRICKS = (
+    "smoke%example.net@{domain}",
+    '"smoke@example.net"@{domain}',
+    "@{domain}:smoke@example.net",
+    "smoke@example.net@{domain}",
+    "example.net!smoke@{domain}",
+    "smoke@[192.0.2.1]",
+    "smoke@example.net.",
+    "SMOKE@EXAMPLE.NET",
+    "smoke@{domain}.example.net",
+)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SmokeReport:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    def add(self, name: str, fn: Callable[[], str]) -> bool:
+        started = time.monotonic()
+        try:
+            detail = fn()
+            ok = True
+        except AssertionError as exc:
+            ok, detail = False, str(exc) or "failed"
+        except MailsetupError as exc:
+            ok, detail = False, exc.message
+        except (OSError, smtplib.SMTPException, ssl.SSLError, TimeoutError) as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        self.checks.append(Check(name, ok, detail, round(time.monotonic() - started, 3)))
+        return ok
+
+
+class _LoopThread:
+    """An asyncio loop in a background thread: the servers run there, the clients here."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="smoke-mta", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class _Sink:
+    """A throw-away relay target: answers 451 to the first message (so the queue is seen holding
+    it), then keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.tempfail_left = 1
+        self.server = None
+        self.port = 0
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.tempfail_left > 0:
+            self.tempfail_left -= 1
+            return "451 4.3.0 sink says: try again later"
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 2.0.0 sink kept it"
+
+    async def start(self) -> None:
+        from aiosmtpd.smtp import SMTP
+
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: SMTP(self, hostname="sink.invalid"), "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def _client_tls(setup: MailSetup) -> ssl.SSLContext:
+    """Trust exactly the set-up's certificate, and check it names the host."""
+    ctx = ssl.create_default_context(cafile=str(setup.tls.cert))
+    ctx.check_hostname = True
+    return ctx
+
+
+def _message(token: str, to: str, sender: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = f"mailsetup smoke test {token}"
+    msg.set_content(f"This message was sent by `mailsetup smoke` and is removed again.\nToken: {token}\n")
+    return msg
+
+
+def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0) -> SmokeReport:
+    from mailsetup.mta.server import EmbeddedMta, MtaOptions, load_runtime
+
+    report = SmokeReport()
+    creds_path = Path(setup.layout.credentials)
+    original_creds = creds_path.read_bytes() if creds_path.exists() else None
+    user = f"mailsetup-smoke-{secrets.token_hex(3)}"
+    password = secrets.token_urlsafe(18)
+    queue_dir = Path(setup.layout.state_dir) / f"smoke-queue-{secrets.token_hex(4)}"
+    token = secrets.token_hex(8)
+    state: dict = {"delivered": []}
+    loop = _LoopThread()
+    sink = _Sink()
+    mta = None
+    try:
+        def add_smoke_user() -> str:
+            creds = creds_mod.read_credentials(creds_path)
+            hashed = creds_mod.hash_password(password)
+            # A smoke-only login, taken out again at the end; the original bytes are restored.
+            write_atomic(creds_path, creds_mod.render_credentials(creds_mod.with_user(creds, user, hashed)),
+                         creds_mod.CREDS_MODE)
+            return f"smoke-only login {user} added to {creds_path}"
+
+        if not report.add("smoke-only credential", add_smoke_user):
+            return report
+
+        def start() -> str:
+            nonlocal mta
+            loop.run(sink.start())
+            options = MtaOptions(
+                listen="127.0.0.1", smtp_port=smtp_port, submission_port=submission_port,
+                relay_host=("127.0.0.1", sink.port), local_peers=frozenset(), queue_dir=queue_dir,
+                retry_first=0.3, timeout=30,
+            )
+            runtime = load_runtime(setup, options)  # reads cert, key, aliases.db, creds, queue key
+            candidate = EmbeddedMta(runtime)
+            loop.run(candidate.start())
+            mta = candidate
+            return (f"embedded MTA on 127.0.0.1:{mta.ports['smtp']} (smtp) and :{mta.ports['submission']} "
+                    f"(submission); relay sink on :{sink.port}")
+
+        if not report.add("start the MTA on the set-up's files", start):
+            return report
+        smtp, sub = mta.ports["smtp"], mta.ports["submission"]
+        tls = _client_tls(setup)
+
+        def certificate() -> str:
+            cert_der = ssl.PEM_cert_to_DER_cert(Path(setup.tls.cert).read_text())
+            with _Client(smtp, setup.hostname, "smoke.invalid") as c:
+                c.ehlo()
+                assert c.has_extn("starttls"), "port 25 does not offer STARTTLS"
+                assert not c.has_extn("auth"), "AUTH is offered before TLS"
+                c.starttls(context=tls)
+                served = c.sock.getpeercert(binary_form=True)
+                version = c.sock.version()
+            assert served == cert_der, "the certificate served is not the one in " + str(setup.tls.cert)
+            return f"STARTTLS ({version}) serves {Path(setup.tls.cert).name}, valid for {setup.hostname}"
+
+        report.add("STARTTLS with the generated certificate", certificate)
+
+        def inbound() -> str:
+            rcpt = f"postmaster@{setup.domain}"
+            decision = mta.rt.policy.check_rcpt(rcpt, False, "192.0.2.1")
+            assert decision.accepted, f"{rcpt} is refused: {decision.reply()}"
+            assert decision.local_users, f"{rcpt} reaches no local Maildir"
+            with _Client(smtp, setup.hostname, "stranger.invalid") as c:
+                c.starttls(context=tls)
+                c.send_message(_message(token, rcpt, "stranger@example.net"))
+            found = []
+            for u in decision.local_users:
+                new = mta.rt.home(u) / "new"
+                hits = [p for p in new.iterdir() if token.encode() in p.read_bytes()] if new.is_dir() else []
+                assert hits, f"nothing arrived in {new} for {u}"
+                state["delivered"].extend(hits)
+                found.append(f"{u} ({new})")
+            return f"{rcpt} -> " + ", ".join(found)
+
+        report.add("inbound over STARTTLS through the aliases into Maildir", inbound)
+
+        def no_open_relay() -> str:
+            tricks = ["smoke@example.net"] + [t.format(domain=setup.domain) for t in RELAY_TRICKS]
+            accepted = []
+            with _Client(smtp, setup.hostname, "spammer.invalid") as c:
+                c.ehlo()
+                for rcpt in tricks:
+                    c.rset()
+                    c.mail("spammer@example.net")
+                    code, msg = c.rcpt(f"<{rcpt}>" if not rcpt.startswith("<") else rcpt)
+                    if 200 <= code < 300:
+                        accepted.append(f"{rcpt} ({code})")
+            assert not accepted, "relayed for a stranger: " + ", ".join(accepted)
+            return f"{len(tricks)} relay attempts refused (plain, percent hack, quoted, source route, bang path…)"
+
+        report.add("unauthenticated relay refused", no_open_relay)
+
+        def auth_needs_tls() -> str:
+            with _Client(sub, setup.hostname, "client.invalid") as c:
+                c.ehlo()
+                assert not c.has_extn("auth"), "submission offers AUTH before STARTTLS"
+                blob = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+                code, _ = c.docmd("AUTH", f"PLAIN {blob}")
+                assert code >= 500, f"AUTH before STARTTLS answered {code}"
+                code, _ = c.docmd("MAIL", "FROM:<x@example.net>")
+                assert code >= 500, f"MAIL before STARTTLS answered {code}"
+            return f"submission refuses AUTH and MAIL before STARTTLS ({code})"
+
+        report.add("AUTH without TLS refused", auth_needs_tls)
+
+        def wrong_password() -> str:
+            with _Client(sub, setup.hostname, "client.invalid") as c:
+                c.starttls(context=tls)
+                try:
+                    c.login(user, password + "-wrong")
+                except smtplib.SMTPAuthenticationError as exc:
+                    return f"refused with {exc.smtp_code}"
+            raise AssertionError("a wrong password was accepted")
+
+        report.add("wrong password refused", wrong_password)
+
+        def submission_relays() -> str:
+            with _Client(sub, setup.hostname, "client.invalid") as c:
+                c.starttls(context=tls)
+                c.login(user, password)
+                c.send_message(_message(token, "smoke-sink@example.net", f"{user}@{setup.domain}"))
+            return "accepted for relay after AUTH (PLAIN/LOGIN over STARTTLS)"
+
+        relayed = report.add("authenticated submission accepted for relay", submission_relays)
+
+        def at_rest() -> str:
+            files = [p for p in queue_dir.iterdir() if p.is_file()]
+            assert files, "the queue is empty: the message was not queued"
+            for p in files:
+                data = p.read_bytes()
+                assert token.encode() not in data and b"smoke-sink@example.net" not in data, f"{p} holds plaintext"
+                mail = mta.rt.queue.load(p.name)
+                assert token.encode() in mail.message, f"{p} does not decrypt to the message sent"
+            how = "AES-256-GCM" if setup.queue.encryption else "compressed only (queue encryption is off)"
+            assert setup.queue.encryption, "queue encryption is off in this set-up"
+            return f"{len(files)} queued file(s): no plaintext, {how}, decrypts with the queue key"
+
+        if relayed:
+            report.add("queued mail encrypted at rest", at_rest)
+
+            def reached_sink() -> str:
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline:
+                    if any(token.encode() in m[2] for m in sink.messages):
+                        return f"relayed to the sink on :{sink.port} after one temporary failure"
+                    time.sleep(0.05)
+                raise AssertionError("the relay sink did not receive the message within 15 s")
+
+            report.add("relay worker delivers (with retry) to the sink", reached_sink)
+    finally:
+        if mta is not None:
+            with contextlib.suppress(Exception):
+                loop.run(mta.stop())
+        with contextlib.suppress(Exception):
+            loop.run(sink.stop())
+        loop.close()
+        for p in state["delivered"]:
+            p.unlink(missing_ok=True)
+        shutil.rmtree(queue_dir, ignore_errors=True)
+        if original_creds is not None:
+            write_atomic(creds_path, original_creds, creds_mod.CREDS_MODE)
+        elif creds_path.exists():
+            creds_path.unlink()
+    return report
+
+
+class _Client(smtplib.SMTP):
+    """An SMTP client on loopback that checks the certificate against the mail host's name
+    (smtplib would check it against the address it dialled)."""
+
+    def __init__(self, port: int, server_name: str, helo: str):
+        super().__init__("127.0.0.1", port, local_hostname=helo, timeout=10)
+        self._host = server_name
