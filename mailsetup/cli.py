@@ -92,6 +92,9 @@ def init(
     smtpd_version: SmtpdVersion = None,
     queue_compression: Compression = True,
     queue_encryption: Encryption = True,
+    max_message_size: Annotated[
+        int, typer.Option("--max-message-size", help="Largest message accepted, in bytes (smtpd's default).")
+    ] = 35 * 1024 * 1024,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Write without asking.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and diff; write nothing.")] = False,
     diff: Annotated[bool, typer.Option("--diff/--no-diff", help="Show the diff of each file.")] = False,
@@ -113,6 +116,7 @@ def init(
         days=days, cert=cert, key=key, listen=listen, smtp_port=smtp_port,
         submission_port=submission_port, smtpd_version=_detect_smtpd_version(smtpd_version),
         queue_compression=queue_compression, queue_encryption=queue_encryption,
+        max_message_size=max_message_size,
     )
     setup = build_setup(raw)
     prov = provision.build_plan(setup, admin=admin, raw=raw)

@@ -131,9 +131,9 @@ def _plan_aliases(setup: MailSetup, prov: Provisioning, admin: str | None) -> No
         text += "".join(f"{name}: root\n" for name in missing)
         entries = aliases_mod.parse_aliases(text, source)
     if not any(e.name == "root" for e in entries):
-        prov.warnings.append(
-            "no alias for root: smtpd refuses to deliver to root, so mail to root, postmaster and abuse "
-            "would bounce; pass --admin USER (or add 'root: USER' to the aliases)"
+        raise MailsetupError(
+            "missing --admin: nobody would read root's mail (smtpd never delivers to root, so mail to "
+            "root, postmaster and abuse would bounce); pass --admin USER or add 'root: USER' to the aliases"
         )
     aliases_path = Path(setup.layout.aliases)
     prov.plan.add(FileChange(aliases_path, text.encode(), aliases_mod.ALIASES_MODE,

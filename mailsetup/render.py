@@ -129,6 +129,7 @@ def render_smtpd_conf(setup: MailSetup, queue_key: str | None, aliases_format: s
         "aliases_table": (
             f"db:{setup.layout.aliases_db}" if aliases_format == "db" else f"file:{setup.layout.aliases}"
         ),
+        "max_message_size": setup.max_message_size,
         "creds_table": f"file:{setup.layout.credentials}",
         "localhost_listener": _localhost_listener(setup),
         "listeners": listeners,

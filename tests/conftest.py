@@ -69,4 +69,5 @@ def sandbox(tmp_path: Path) -> Path:
 
 
 def init_args(sandbox: Path, *extra: object, domain: str = "example.test") -> list[object]:
-    return ["init", "--yes", "--domain", domain, "--os", "debian", "--root", sandbox, *extra]
+    admin = [] if "--admin" in extra or "--aliases" in extra else ["--admin", "alice"]
+    return ["init", "--yes", "--domain", domain, "--os", "debian", "--root", sandbox, *admin, *extra]

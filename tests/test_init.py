@@ -116,7 +116,7 @@ def test_missing_domain_is_one_line_naming_the_flag(sandbox: Path):
 
 
 def test_without_yes_and_no_terminal_nothing_is_written(sandbox: Path):
-    r = run_cli("init", "--domain", "example.test", "--os", "debian", "--root", sandbox)
+    r = run_cli("init", "--domain", "example.test", "--os", "debian", "--root", sandbox, "--admin", "alice")
     assert r.code == 2
     assert "pass --yes" in r.err
     assert not sandbox.exists()
@@ -174,3 +174,11 @@ def test_python_m_mailsetup_works():
     proc = subprocess.run([sys.executable, "-m", "mailsetup", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     assert "init" in proc.stdout and "keygen" in proc.stdout
+
+
+def test_without_admin_nobody_would_read_roots_mail_so_init_asks_for_it(sandbox: Path):
+    r = run_cli("init", "--yes", "--domain", "example.test", "--os", "debian", "--root", sandbox)
+    assert r.code == 2
+    assert len(r.err_lines) == 1
+    assert r.err_lines[0].startswith("mailsetup: error: missing --admin: nobody would read root's mail")
+    assert not sandbox.exists()

@@ -58,7 +58,8 @@ def test_each_os_layout(name: str, conf: str, aliases: str, restart: str):
 
 
 def test_init_tells_the_os_restart_command(tmp_path: Path):
-    r = run_cli("init", "--yes", "--domain", "example.test", "--os", "freebsd", "--root", tmp_path, "--no-smoke")
+    r = run_cli("init", "--yes", "--domain", "example.test", "--os", "freebsd", "--root", tmp_path, "--no-smoke",
+                "--admin", "alice")
     assert r.code == 0, r.err
     assert "service smtpd restart" in r.out
     assert (tmp_path / "usr/local/etc/mail/smtpd.conf").is_file()

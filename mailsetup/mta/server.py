@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import os
 import pwd
 import ssl
 import time
@@ -173,9 +174,11 @@ class Handler:
         return f"250 2.0.0 Ok: {'queued as ' + qid if qid else 'delivered'}"
 
     def _store(self, mail_from: str, users: tuple[str, ...], relay: tuple[str, ...], message: bytes) -> str | None:
+        # Maildir readers (mutt, Dovecot) expect Unix line ends, as smtpd's own maildir delivery writes.
+        local_copy = message.replace(b"\r\n", b"\n") if users else b""
         for user in users:
-            header = f"Return-Path: <{mail_from}>\r\nDelivered-To: {user}\r\n".encode()
-            maildir.deliver(self.rt.home(user), header + message)
+            header = f"Return-Path: <{mail_from}>\nDelivered-To: {user}\n".encode()
+            maildir.deliver(self.rt.home(user), header + local_copy)
             self.rt.stats["delivered"] += 1
         if relay:
             qid = self.rt.queue.put(mail_from, relay, message)
@@ -274,7 +277,8 @@ class EmbeddedMta:
                 self.ports[name] = server.sockets[0].getsockname()[1]
         except OSError as exc:
             await self.stop()
-            raise MailsetupError(f"cannot listen on {opts.listen} port {port}: {exc.strerror}", exit_code=1) from None
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise MailsetupError(f"cannot listen on {opts.listen} port {port}: {why}", exit_code=1) from None
         self._worker_task = asyncio.create_task(self.worker.run())
 
     async def stop(self) -> None:

@@ -1,0 +1,128 @@
+"""The embedded MTA's Policy, without sockets: what is delivered, relayed or refused, and why."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailsetup.mta.policy import Policy
+
+ALIASES = {
+    "root": "alice",
+    "postmaster": "root",
+    "abuse": "root",
+    "team": "alice, bob, friend@elsewhere.org",
+    "pipe": "|/usr/bin/procmail",
+    "file": "/var/log/mail.copy",
+    "loop1": "loop2",
+    "loop2": "loop1, bob",
+    "deep": "team@example.test",
+    "gone": "error:550 5.1.1 this address is gone",
+    "bad": '"|/bin/echo unbalanced',
+}
+USERS = {"alice", "bob"}
+
+
+def policy(local_peers=frozenset()) -> Policy:
+    return Policy(frozenset({"example.test", "mail.example.test", "localhost"}), ALIASES,
+                  lambda u: u in USERS, local_peers)
+
+
+STRANGER = "198.51.100.7"
+
+
+@pytest.mark.parametrize(
+    "rcpt,users,relay",
+    [
+        ("alice@example.test", ("alice",), ()),
+        ("Alice@EXAMPLE.test", ("alice",), ()),
+        ("postmaster@example.test", ("alice",), ()),
+        ("postmaster", ("alice",), ()),  # RFC 5321: <postmaster> without a domain
+        ("abuse@mail.example.test", ("alice",), ()),
+        ("team@example.test", ("alice", "bob"), ("friend@elsewhere.org",)),
+        ("loop1@example.test", ("bob",), ()),
+        ("deep@example.test", ("alice", "bob"), ("friend@elsewhere.org",)),
+    ],
+)
+def test_local_mail_is_expanded_through_the_aliases(rcpt, users, relay):
+    d = policy().check_rcpt(rcpt, authenticated=False, peer_ip=STRANGER)
+    assert d.code == 250, d
+    assert d.local_users == users
+    assert d.relay_to == relay
+
+
+@pytest.mark.parametrize(
+    "rcpt,code,words",
+    [
+        ("nobody@example.test", 550, "invalid recipient"),
+        ("pipe@example.test", 550, "never runs"),
+        ("file@example.test", 550, "never runs"),
+        ("gone@example.test", 550, "this address is gone"),
+        ("bad@example.test", 451, "expansion problem"),
+    ],
+)
+def test_local_mail_that_cannot_be_delivered_is_refused_with_a_reason(rcpt, code, words):
+    d = policy().check_rcpt(rcpt, peer_ip=STRANGER)
+    assert d.code == code and words in d.message
+
+
+def test_root_without_alias_is_refused_like_smtpd():
+    p = Policy(frozenset({"example.test"}), {}, lambda u: True, frozenset())
+    d = p.check_rcpt("root@example.test", peer_ip=STRANGER)
+    assert d.code == 550 and "does not deliver to root" in d.message
+
+
+TRICKS = [
+    "victim@example.net",
+    "victim%example.net@example.test",
+    '"victim@example.net"@example.test',
+    '"victim%example.net"@example.test',
+    "@example.test:victim@example.net",
+    "@example.test,@x:victim@example.net",
+    "victim@example.net@example.test",
+    "example.net!victim@example.test",
+    "victim@[192.0.2.1]",
+    "victim@[IPv6:2001:db8::1]",
+    "victim@example.net.",
+    "victim@example.test.",
+    "VICTIM@EXAMPLE.NET",
+    "victim@example.test.example.net",
+    "victim@",
+    "@example.net",
+    "victim@example.net>",
+    "<>",
+    "",
+]
+
+
+@pytest.mark.parametrize("rcpt", TRICKS)
+def test_every_relay_trick_is_refused_for_a_stranger(rcpt):
+    d = policy().check_rcpt(rcpt, authenticated=False, peer_ip=STRANGER)
+    assert d.code >= 500, d
+    assert not d.relay_to
+
+
+def test_authenticated_or_local_senders_may_relay():
+    p = policy(local_peers=frozenset({"127.0.0.1"}))
+    assert p.check_rcpt("friend@example.net", authenticated=True, peer_ip=STRANGER).relay_to == ("friend@example.net",)
+    assert p.check_rcpt("friend@example.net", authenticated=False, peer_ip="127.0.0.1").relay_to == (
+        "friend@example.net",
+    )
+    assert p.check_rcpt("friend@example.net", authenticated=False, peer_ip=STRANGER).code == 550
+
+
+def test_tricks_are_refused_even_when_authenticated():
+    p = policy()
+    for rcpt in ("victim%example.net@example.test", "example.net!victim@example.test", '"a@b"@example.test'):
+        assert p.check_rcpt(rcpt, authenticated=True, peer_ip=STRANGER).code >= 500
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=80))
+def test_no_address_a_stranger_sends_is_ever_relayed(rcpt: str):
+    d = policy().check_rcpt(rcpt, authenticated=False, peer_ip=STRANGER)
+    if d.accepted:
+        assert d.local_users, d
+        # Only admin-configured forwarding (the 'team' alias) ever leaves the host.
+        assert set(d.relay_to) <= {"friend@elsewhere.org"}
