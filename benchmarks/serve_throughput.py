@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MAILSETUP = BIN / "mailsetup"
 SMTPD = "/usr/sbin/smtpd"

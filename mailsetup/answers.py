@@ -14,7 +14,7 @@ from mailsetup.platforms import LAYOUTS, detect_os, get_layout, sandboxed
 
 ANSWERS_MODE = 0o644
 KEYS = (
-    "domain", "hostname", "os", "admin", "key_type", "days", "cert", "key", "listen", "smtp_port",
+    "domain", "hostname", "os", "admin", "tls", "key_type", "days", "cert", "key", "listen", "smtp_port",
     "submission_port", "smtpd_version", "queue_compression", "queue_encryption", "max_message_size",
 )
 SECRET_WORDS = ("password", "secret", "queue_key")

@@ -82,67 +82,71 @@ def init(
     root: Root = None,
     aliases: AliasesFile = None,
     admin: Admin = None,
-    key_type: KeyType = "rsa-2048",
-    days: Days = 3650,
+    tls: Annotated[
+        str | None, typer.Option("--tls", help="self-signed (default), existing (with --cert/--key) or csr.")
+    ] = None,
+    key_type: Annotated[str | None, typer.Option("--key-type", help="rsa-2048 (default), rsa-4096, ecdsa-p256")] = None,
+    days: Annotated[int | None, typer.Option("--days", help="Certificate lifetime in days (3650).")] = None,
     cert: ExistingCert = None,
     key: ExistingKey = None,
     listen: Listen = None,
-    smtp_port: SmtpPort = 25,
-    submission_port: SubmissionPort = 587,
+    smtp_port: Annotated[int | None, typer.Option("--smtp-port", help="Port of the MX listener (25).")] = None,
+    submission_port: Annotated[int | None, typer.Option("--submission-port", help="Submission port (587).")] = None,
     smtpd_version: SmtpdVersion = None,
-    queue_compression: Compression = True,
-    queue_encryption: Encryption = True,
+    queue_compression: Annotated[bool | None, typer.Option("--queue-compression/--no-queue-compression")] = None,
+    queue_encryption: Annotated[bool | None, typer.Option("--queue-encryption/--no-queue-encryption")] = None,
     max_message_size: Annotated[
-        int, typer.Option("--max-message-size", help="Largest message accepted, in bytes (smtpd's default).")
-    ] = 35 * 1024 * 1024,
+        int | None, typer.Option("--max-message-size", help="Largest message accepted, in bytes (35 MB).")
+    ] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Add this mail user (password: asked, or stdin).")] = None,
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="--user's password on stdin")] = False,
+    answers: Annotated[Path | None, typer.Option("--answers", help="A TOML answers file (keys = flag names).")] = None,
+    rotate: Annotated[bool, typer.Option("--rotate", help="Rotate the certificate and the queue key.")] = False,
+    rotate_cert: Annotated[bool, typer.Option("--rotate-cert", help="New key and certificate.")] = False,
+    rotate_queue_key: Annotated[bool, typer.Option("--rotate-queue-key", help="New queue encryption key.")] = False,
+    drain: Annotated[bool, typer.Option("--drain", help="Before a queue key rotation, pause smtpd and wait.")] = False,
+    force_rotate: Annotated[
+        bool, typer.Option("--force-rotate", help="Rotate the queue key even though mail is queued.")
+    ] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Write without asking.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and diff; write nothing.")] = False,
     diff: Annotated[bool, typer.Option("--diff/--no-diff", help="Show the diff of each file.")] = False,
-    no_smoke: Annotated[bool, typer.Option("--no-smoke", help="Skip the smoke test.")] = False,
+    smoke_flag: Annotated[bool | None, typer.Option("--smoke/--no-smoke", help="Run the smoke test (yes).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON.")] = False,
     debug: Debug = False,
 ) -> None:
-    """Provision everything: certificate, queue key, aliases and aliases.db, smtpd.conf; then check it."""
-    from mailsetup import provision, report
-    from mailsetup.model import build_setup
+    """Provision everything (certificate, queue key, aliases, smtpd.conf), check it, smoke-test it.
 
-    if not domain:
-        raise MailsetupError("missing --domain (the mail domain, e.g. --domain example.org)")
+    On a terminal it asks what no flag gave; a re-run shows the state and offers rotation."""
+    from mailsetup.initflow import InitOptions, run_init
+
     if admin is not None:
         from mailsetup.model import refuse_injection
 
         refuse_injection(admin, "--admin")
-    raw = _raw_answers(
-        domain=domain, hostname=hostname, os=os_name, root=root, aliases=aliases, key_type=key_type,
-        days=days, cert=cert, key=key, listen=listen, smtp_port=smtp_port,
-        submission_port=submission_port, smtpd_version=_detect_smtpd_version(smtpd_version),
+    flags = _raw_answers(
+        domain=domain, hostname=hostname, os=os_name, root=str(root) if root else None,
+        aliases=str(aliases) if aliases else None, admin=admin, tls=tls, key_type=key_type, days=days,
+        cert=str(cert) if cert else None, key=str(key) if key else None, listen=listen or None,
+        smtp_port=smtp_port, submission_port=submission_port, smtpd_version=smtpd_version,
         queue_compression=queue_compression, queue_encryption=queue_encryption,
-        max_message_size=max_message_size,
+        max_message_size=max_message_size, user=user,
     )
-    setup = build_setup(raw)
-    prov = provision.build_plan(setup, admin=admin, raw=raw)
-    report.print_plan(prov, show_diff=diff or dry_run)
-    if dry_run:
-        _echo("dry run: nothing was written.")
-        return
-    if not prov.plan.pending():
-        _echo("Everything is already in place; nothing to write.")
-    elif not yes:
-        if not sys.stdin.isatty():
-            raise MailsetupError("nothing written: pass --yes to write without asking (no terminal to ask on)")
-        if not typer.confirm("Write these files?", default=False):
-            _echo("Nothing written.")
-            raise typer.Exit(1)
-    results, verdict = provision.apply_and_verify(prov)
-    report.print_applied(results)
-    report.print_verdict(verdict, provision.installed_smtpd_warning())
-    smoke_ok = True
-    if no_smoke:
-        _echo("Smoke test skipped (--no-smoke).")
-    else:
-        smoke_ok = _run_smoke_and_report(setup, as_json=False)
-    report.print_next_steps(setup)
-    if not smoke_ok:
-        raise MailsetupError("the smoke test failed (see the ✗ above); the files stay written", exit_code=1)
+    if smoke_flag is not None:
+        flags["smoke"] = smoke_flag
+    if "smtpd_version" not in flags:
+        detected = _detect_smtpd_version(None)
+        if detected:
+            flags["smtpd_version"] = detected
+    opts = InitOptions(
+        yes=yes, dry_run=dry_run, diff=diff, smoke=smoke_flag, rotate_cert=rotate or rotate_cert,
+        rotate_queue_key=rotate or rotate_queue_key, drain=drain, force_rotate=force_rotate, quiet=quiet,
+        as_json=as_json, answers_file=answers, password_stdin=password_stdin,
+    )
+    code = run_init(flags, opts)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -398,20 +402,14 @@ def serve(
 def _run_smoke_and_report(setup, as_json: bool, smtp_port: int = 0, submission_port: int = 0) -> bool:
     import json
 
+    from mailsetup.report import print_smoke
     from mailsetup.smoke import run_smoke
 
     report = run_smoke(setup, smtp_port=smtp_port, submission_port=submission_port)
     if as_json:
         typer.echo(json.dumps([c.as_dict() for c in report.checks], indent=2))
     else:
-        typer.echo("Smoke test (embedded MTA on loopback, on the files just written):")
-        for c in report.checks:
-            mark = "✓" if c.ok else "✗"
-            line = f"  {mark} {c.name}: {c.detail} ({c.seconds:.2f}s)"
-            _echo(line, fg=None if c.ok else "red")
-        total = sum(c.seconds for c in report.checks)
-        passed = sum(c.ok for c in report.checks)
-        _echo(f"  {passed}/{len(report.checks)} passed in {total:.1f}s", fg="green" if report.ok else "red")
+        print_smoke(report)
     return report.ok
 
 

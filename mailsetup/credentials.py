@@ -65,14 +65,21 @@ def render_credentials(creds: list[Credential]) -> bytes:
     return (head + "".join(f"{c.user} {c.hash}\n" for c in creds)).encode()
 
 
-def hash_password(password: str) -> str:
-    import bcrypt
-
+def check_password_rules(password: str) -> str:
     if len(password.encode()) > 72:
         # bcrypt ignores everything after 72 bytes; refusing beats silently weakening the password.
         raise MailsetupError("password: longer than 72 bytes, which bcrypt would silently cut")
     if len(password) < 8:
         raise MailsetupError("password: at least 8 characters, please")
+    if any(ord(c) < 32 for c in password):
+        raise MailsetupError("password: control characters are not allowed")
+    return password
+
+
+def hash_password(password: str) -> str:
+    import bcrypt
+
+    check_password_rules(password)
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10)).decode()
 
 

@@ -163,7 +163,11 @@ class Tls:
     key: PurePosixPath
     key_type: str = "rsa-2048"
     days: int = 3650
-    source: str = "self-signed"  # or "existing": the user's own files, never overwritten
+    source: str = "self-signed"  # "existing": the user's own files, never overwritten; "csr": + a CSR
+
+    @property
+    def csr(self) -> PurePosixPath:
+        return self.cert.with_suffix(".csr")
 
 
 @dataclass(frozen=True)
@@ -271,7 +275,10 @@ def build_setup(raw: Mapping[str, Any]) -> MailSetup:
     if not 1 <= days <= 36500:
         raise MailsetupError(f"--days: {days} is outside 1..36500")
 
-    if raw.get("cert") or raw.get("key"):
+    tls_mode = str(raw.get("tls") or ("existing" if raw.get("cert") or raw.get("key") else "self-signed"))
+    if tls_mode not in ("self-signed", "existing", "csr"):
+        raise MailsetupError(f"--tls: {tls_mode!r} is not self-signed, existing or csr")
+    if tls_mode == "existing":
         if not (raw.get("cert") and raw.get("key")):
             raise MailsetupError("--cert and --key: give both files of an existing certificate, or neither")
         tls = Tls(
@@ -280,10 +287,12 @@ def build_setup(raw: Mapping[str, Any]) -> MailSetup:
             key_type=key_type, days=days, source="existing",
         )
     else:
+        if raw.get("cert") or raw.get("key"):
+            raise MailsetupError(f"--cert/--key: not used with --tls {tls_mode}")
         tls = Tls(
             cert=layout.cert_dir / f"{hostname}.crt",
             key=layout.key_dir / f"{hostname}.key",
-            key_type=key_type, days=days,
+            key_type=key_type, days=days, source=tls_mode,
         )
 
     queue = Queue(

@@ -70,15 +70,17 @@ def _aliases_source(setup: MailSetup, admin: str | None) -> tuple[str, str]:
     return default_aliases_text(setup, admin), "(default aliases)"
 
 
-def _plan_tls(setup: MailSetup, prov: Provisioning) -> None:
+def _plan_tls(setup: MailSetup, prov: Provisioning, rotate: bool) -> None:
     from mailsetup import pki
 
     cert_path, key_path = Path(setup.tls.cert), Path(setup.tls.key)
     if setup.tls.source == "existing":
         info = pki.check_existing_pair(cert_path, key_path, setup.hostname)
         prov.notes.append(f"using your certificate {cert_path} (expires {info.not_after:%Y-%m-%d})")
+        if rotate:
+            prov.warnings.append("--rotate-cert: the certificate is your own (--cert); renew it where it came from")
         return
-    if cert_path.exists() and key_path.exists():
+    if cert_path.exists() and key_path.exists() and not rotate:
         try:
             info = pki.check_existing_pair(cert_path, key_path, setup.hostname)
         except MailsetupError as exc:
@@ -96,22 +98,27 @@ def _plan_tls(setup: MailSetup, prov: Provisioning) -> None:
     )
     prov.plan.add(
         FileChange(cert_path, pki.self_signed_cert(key, setup.hostname, setup.tls.days), pki.CERT_MODE,
-                   f"self-signed certificate for {setup.hostname}, {setup.tls.days} days")
+                   f"self-signed certificate for {setup.hostname}, {setup.tls.days} days"
+                   + (" (until the CA signs the CSR)" if setup.tls.source == "csr" else ""))
     )
+    if setup.tls.source == "csr":
+        prov.plan.add(FileChange(Path(setup.tls.csr), pki.csr(key, setup.hostname), 0o644,
+                                 "certificate signing request: send it to your CA"))
 
 
-def _plan_queue_key(setup: MailSetup, prov: Provisioning) -> str | None:
+def _plan_queue_key(setup: MailSetup, prov: Provisioning, rotate: bool) -> str | None:
     if not setup.queue.encryption:
         return None
     path = Path(setup.queue.key_file)
-    if path.exists():
+    if path.exists() and not rotate:
         key = queuekey.read_queue_key(path)
         prov.notes.append(f"kept the existing queue key {path}")
         return key
     key = queuekey.generate_queue_key()
     prov.plan.add(
         FileChange(path, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE,
-                   "queue encryption key (AES-256-GCM)", secret=True)
+                   "queue encryption key (AES-256-GCM)" + (", rotated" if rotate and path.exists() else ""),
+                   secret=True)
     )
     return key
 
@@ -156,15 +163,18 @@ def _plan_aliases(setup: MailSetup, prov: Provisioning, admin: str | None) -> No
                              same_meaning=lambda path: aliases_mod.read_aliases_db(path) == wanted))
 
 
-def _plan_credentials(setup: MailSetup, prov: Provisioning) -> None:
-    """An empty credentials table on first run (smtpd -n needs the file); users come from `user add`."""
+def _plan_credentials(setup: MailSetup, prov: Provisioning, new_user: tuple[str, str] | None) -> None:
+    """The credentials table: created empty on first run (smtpd -n needs the file), plus a first user."""
     path = Path(setup.layout.credentials)
     users = credentials.read_credentials(path)
-    if path.exists():
-        prov.notes.append(f"{len(users)} mail user(s) in {path}")
-        return
-    prov.plan.add(FileChange(path, credentials.render_credentials([]), credentials.CREDS_MODE,
-                             "credentials table for AUTH (add users with `mailsetup user add`)", secret=True))
+    if new_user is None:
+        if path.exists():
+            prov.notes.append(f"{len(users)} mail user(s) in {path}")
+            return
+    else:
+        users = credentials.with_user(users, *new_user)
+    prov.plan.add(FileChange(path, credentials.render_credentials(users), credentials.CREDS_MODE,
+                             f"credentials table for AUTH, {len(users)} user(s)", secret=True))
 
 
 def recorded_answers(setup: MailSetup, raw: dict, admin: str | None) -> dict:
@@ -182,13 +192,17 @@ def recorded_answers(setup: MailSetup, raw: dict, admin: str | None) -> dict:
     return out
 
 
-def build_plan(setup: MailSetup, admin: str | None = None, raw: dict | None = None) -> Provisioning:
-    """Every file init would write, in memory. Nothing on disk changes."""
+def build_plan(setup: MailSetup, admin: str | None = None, raw: dict | None = None, rotate_cert: bool = False,
+               rotate_queue_key: bool = False, new_user: tuple[str, str] | None = None) -> Provisioning:
+    """Every file init would write, in memory. Nothing on disk changes.
+
+    `new_user` is (name, bcrypt hash) of a login to add.
+    """
     prov = Provisioning(setup=setup, plan=Plan(), aliases_format="db")
-    _plan_tls(setup, prov)
-    queue_key = _plan_queue_key(setup, prov)
+    _plan_tls(setup, prov, rotate_cert)
+    queue_key = _plan_queue_key(setup, prov, rotate_queue_key)
     _plan_aliases(setup, prov, admin)
-    _plan_credentials(setup, prov)
+    _plan_credentials(setup, prov, new_user)
     conf = render_smtpd_conf(setup, queue_key, prov.aliases_format)
     findings = open_relay_rules(conf)
     if findings:  # the template cannot produce one; this guards the template itself

@@ -71,3 +71,13 @@ def print_next_steps(setup: MailSetup) -> None:
     typer.echo("Next steps:")
     for step in next_steps(setup):
         typer.echo(f"  {step}")
+
+
+def print_smoke(sr) -> None:
+    typer.echo("Smoke test (embedded MTA on loopback, on the files just written):")
+    for c in sr.checks:
+        mark = _style("✓", "green") if c.ok else _style("✗", "red")
+        typer.echo(f"  {mark} {c.name}: {c.detail} ({c.seconds:.2f}s)")
+    total = sum(c.seconds for c in sr.checks)
+    passed = sum(c.ok for c in sr.checks)
+    typer.echo(_style(f"  {passed}/{len(sr.checks)} passed in {total:.1f}s", "green" if sr.ok else "red"))

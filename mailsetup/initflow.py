@@ -1,0 +1,229 @@
+"""`mailsetup init` from end to end: answers (flags > answers file > the last run > detected), the
+wizard for what is still missing, the plan and its review, the write, smtpd -n, the smoke test, the
+report. Rotation is decided here and made safe here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailsetup import answers as answers_mod
+from mailsetup.errors import MailsetupError
+
+
+@dataclass
+class InitOptions:
+    yes: bool = False
+    dry_run: bool = False
+    diff: bool = False
+    smoke: bool | None = None  # None: yes, unless the wizard is told otherwise
+    rotate_cert: bool = False
+    rotate_queue_key: bool = False
+    drain: bool = False
+    drain_timeout: float = 300.0
+    force_rotate: bool = False
+    quiet: bool = False
+    as_json: bool = False
+    answers_file: Path | None = None
+    password_stdin: bool = False
+    interactive: bool = field(default_factory=lambda: sys.stdin.isatty() and sys.stdout.isatty())
+
+
+class Out:
+    """Where init talks: plain lines, nothing with --quiet but errors, JSON at the end with --json."""
+
+    def __init__(self, opts: InitOptions):
+        self.opts = opts
+        self.report: dict[str, Any] = {}
+
+    def say(self, text: str = "", fg: str | None = None, err: bool = False) -> None:
+        if self.opts.quiet or (self.opts.as_json and not err):
+            return
+        import typer
+
+        if fg and not os.environ.get("NO_COLOR"):
+            text = typer.style(text, fg=fg)
+        typer.echo(text, err=err)
+
+    @contextlib.contextmanager
+    def working(self, what: str):
+        """A spinner on a terminal for the slow steps; silent elsewhere."""
+        if self.opts.quiet or self.opts.as_json or not sys.stderr.isatty() or os.environ.get("NO_COLOR"):
+            yield
+            return
+        from rich.console import Console
+
+        with Console(stderr=True).status(what):
+            yield
+
+
+REQUIRED = ("domain",)
+
+
+def gather(flags: dict[str, Any], opts: InitOptions, out: Out) -> tuple[dict[str, Any], dict | None]:
+    """Merge the answers; returns (answers, previous run's answers or None)."""
+    root = Path(flags["root"]) if flags.get("root") else None
+    previous = None
+    with contextlib.suppress(MailsetupError):
+        previous = answers_mod.load_answers(answers_mod.find_answers(root and root.absolute(), flags.get("os")))
+    from_file = answers_mod.load_answers(opts.answers_file) if opts.answers_file else {}
+    merged = {**(previous or {}), **from_file, **flags}
+    return merged, previous
+
+
+def run_init(flags: dict[str, Any], opts: InitOptions) -> int:
+    from mailsetup import credentials, provision, report, state
+    from mailsetup.model import build_setup
+
+    out = Out(opts)
+    given = set(flags)
+    answers, previous = gather(flags, opts, out)
+    interactive = opts.interactive and not opts.yes and not opts.as_json
+
+    rotate_cert, rotate_qk = opts.rotate_cert, opts.rotate_queue_key
+    if previous and interactive:
+        setup_now = build_setup(answers)
+        out.say(f"Found the set-up for {setup_now.domain} ({setup_now.layout.answers}):")
+        for line in state.read_state(setup_now).lines():
+            out.say(f"  {line}")
+        from mailsetup import wizard
+
+        if not (rotate_cert or rotate_qk):
+            action = wizard.ask_rerun_action()
+            rotate_cert = action in ("rotate-cert", "rotate-all")
+            rotate_qk = action in ("rotate-queue-key", "rotate-all")
+            if action == "change":
+                answers = wizard.ask_missing(answers, given, change_all=True)
+    elif interactive:
+        from mailsetup import wizard
+
+        answers = wizard.ask_missing(answers, given)
+    else:
+        missing = [f"--{k.replace('_', '-')}" for k in REQUIRED if not answers.get(k)]
+        if missing:
+            raise MailsetupError(
+                f"missing {', '.join(missing)} (the mail domain, e.g. --domain example.org)"
+                + ("" if opts.yes or not sys.stdin.isatty() else "")
+            )
+
+    password = answers.pop("_password", None)
+    answers.pop("_users_exist", None)
+    smoke_wanted = answers.pop("smoke", None)
+    user = answers.pop("user", None)
+    if user and password is None:
+        credentials.validate_username(user, "--user")
+        password = _password_from(opts)
+    setup = build_setup(answers)
+    new_user = None
+    if user:
+        with out.working("hashing the password…"):
+            new_user = (credentials.validate_username(user, "--user"), credentials.hash_password(password))
+
+    if rotate_qk and setup.queue.encryption and Path(setup.queue.key_file).exists():
+        _make_queue_key_rotation_safe(setup, opts, out, interactive)
+
+    with out.working("generating keys…"):
+        prov = provision.build_plan(setup, admin=answers.get("admin"), raw=answers, rotate_cert=rotate_cert,
+                                    rotate_queue_key=rotate_qk, new_user=new_user)
+    if not opts.as_json and not opts.quiet:
+        report.print_plan(prov, show_diff=opts.diff or opts.dry_run or interactive)
+    out.report["files"] = [
+        {"path": str(c.path), "mode": f"{c.mode:04o}", "state": c.state(), "reason": c.reason}
+        for c in prov.plan.changes
+    ]
+    out.report["warnings"] = list(prov.warnings)
+    if opts.dry_run:
+        out.say("dry run: nothing was written.")
+        _emit_json(out)
+        return 0
+    pending = prov.plan.pending()
+    if not pending:
+        out.say("Everything is already in place; nothing to write.")
+    elif not opts.yes:
+        if not interactive:
+            raise MailsetupError("nothing written: pass --yes to write without asking (no terminal to ask on)")
+        from mailsetup import wizard
+
+        if not wizard.confirm(f"Write these {len(pending)} file(s)?", default=True):
+            out.say("Nothing written.")
+            return 1
+    results, verdict = provision.apply_and_verify(prov)
+    if not opts.quiet and not opts.as_json:
+        report.print_applied(results)
+        report.print_verdict(verdict, provision.installed_smtpd_warning())
+    out.report["smtpd_check"] = {"ran": verdict.ran, "ok": verdict.ok, "detail": verdict.text}
+    if rotate_qk:
+        out.say("queue key rotated; the old one is kept in a dated 0600 backup beside it.")
+
+    smoke_ok = True
+    run_smoke = opts.smoke if opts.smoke is not None else (smoke_wanted if smoke_wanted is not None else True)
+    if run_smoke:
+        from mailsetup.smoke import run_smoke as smoke
+
+        with out.working("smoke test…"):
+            sr = smoke(setup)
+        out.report["smoke"] = [c.as_dict() for c in sr.checks]
+        smoke_ok = sr.ok
+        if not opts.as_json and not opts.quiet:
+            report.print_smoke(sr)
+    else:
+        out.say("Smoke test skipped.")
+    out.report["next_steps"] = provision.next_steps(setup)
+    if not opts.as_json and not opts.quiet:
+        report.print_next_steps(setup)
+    _emit_json(out)
+    if not smoke_ok:
+        raise MailsetupError("the smoke test failed (see the ✗ above); the files stay written", exit_code=1)
+    return 0
+
+
+def _emit_json(out: Out) -> None:
+    if out.opts.as_json:
+        import typer
+
+        typer.echo(json.dumps(out.report, indent=2))
+
+
+def _password_from(opts: InitOptions) -> str:
+    if opts.password_stdin:
+        line = sys.stdin.readline().rstrip("\r\n")
+        if not line:
+            raise MailsetupError("--password-stdin: no password on standard input")
+        return line
+    raise MailsetupError("--user: give the password on standard input with --password-stdin")
+
+
+def _make_queue_key_rotation_safe(setup, opts: InitOptions, out: Out, interactive: bool) -> None:
+    """OpenSMTPD holds one queue key: mail queued under the old one would be stranded."""
+    from mailsetup import state
+
+    waiting = state.queued_mail(setup)
+    if not waiting:
+        out.say("queue is empty: safe to rotate the queue key.")
+        return
+    what = "; ".join(waiting)
+    if opts.force_rotate:
+        out.say(f"warning: rotating anyway (--force-rotate); stranded: {what}", fg="yellow", err=True)
+        return
+    if interactive and not opts.drain:
+        from mailsetup import wizard
+
+        opts.drain = wizard.confirm(f"Mail is queued ({what}). Pause intake and wait for it to drain first?",
+                                    default=True)
+    if opts.drain and any("OpenSMTPD" in w for w in waiting):
+        state.drain_opensmtpd(opts.drain_timeout, out.say)
+        waiting = state.queued_mail(setup)
+        if not waiting:
+            return
+        what = "; ".join(waiting)
+    raise MailsetupError(
+        f"not rotating the queue key: {what}. OpenSMTPD holds one key and cannot read mail queued under "
+        "another; let the queue drain (--drain pauses smtpd and waits), or pass --force-rotate to strand it",
+        exit_code=1,
+    )
