@@ -15,9 +15,13 @@ _counter = itertools.count()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
 
+_known: set[Path] = set()
+
+
 def ensure_maildir(maildir: Path) -> None:
     for sub in ("tmp", "new", "cur"):
         (maildir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+    _known.add(maildir)
 
 
 def unique_name() -> str:
@@ -25,16 +29,26 @@ def unique_name() -> str:
     return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{next(_counter)}.{_HOST}"
 
 
-def deliver(maildir: Path, message: bytes) -> Path:
-    """Put `message` into maildir/new durably; returns its path. Raises OSError on failure."""
-    ensure_maildir(maildir)
+def deliver(maildir: Path, *chunks: bytes) -> Path:
+    """Put the message (the chunks, in order) into maildir/new durably; returns its path.
+
+    Raises OSError (disk full, permissions) with nothing left in new/."""
+    if maildir not in _known:  # three mkdirs per message cost more than they are worth
+        ensure_maildir(maildir)
     name = unique_name()
     tmp = maildir / "tmp" / name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(message)
-        while view:
-            view = view[os.write(fd, view):]
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileNotFoundError:  # removed under us since we last looked: make it again
+        ensure_maildir(maildir)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        total = sum(len(c) for c in chunks)
+        written = os.writev(fd, chunks)
+        if written < total:  # a short write: finish it the slow way
+            rest = memoryview(b"".join(chunks))[written:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
         os.fsync(fd)
     except BaseException:
         os.close(fd)

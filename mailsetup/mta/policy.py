@@ -121,6 +121,16 @@ class Policy:
         return _refuse(550, "5.7.1 relaying denied: authenticate first")
 
     def _local(self, local: str, address: str) -> Decision:
+        # The aliases do not change while the server runs: expand each local part once.
+        key = local.lower()
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._expand_local(local)
+            if len(self._cache) < 10_000:
+                self._cache[key] = cached
+        return cached
+
+    def _expand_local(self, local: str) -> Decision:
         users: list[str] = []
         relay: list[str] = []
         skipped: list[str] = []

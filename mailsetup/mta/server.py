@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
 import os
 import pwd
@@ -109,6 +110,7 @@ def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
     domains = frozenset({setup.domain, setup.hostname, "localhost"})
     policy = Policy(domains, aliases, _local_user_check(setup, aliases, creds), options.local_peers)
 
+    @functools.lru_cache(maxsize=4096)
     def home(user: str) -> Path:
         if setup.root is None:
             return Path(pwd.getpwnam(user).pw_dir) / "Maildir"
@@ -139,10 +141,18 @@ class Handler:
         envelope.decisions.append(decision)
         return decision.reply()
 
+    _stamp: tuple[int, str] = (0, "")
+
+    def _date(self) -> str:
+        now = int(time.time())
+        if self._stamp[0] != now:
+            self._stamp = (now, email.utils.formatdate(now, localtime=True))
+        return self._stamp[1]
+
     def _received(self, server, session, envelope) -> bytes:
         peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
         proto = "ESMTP" + ("S" if session.ssl else "") + ("A" if session.authenticated else "")
-        stamp = email.utils.formatdate(localtime=True)
+        stamp = self._date()
         return (
             f"Received: from {session.host_name or 'unknown'} ([{peer}])\r\n"
             f"\tby {self.rt.setup.hostname} (mailsetup) with {proto}; {stamp}\r\n"
@@ -178,7 +188,7 @@ class Handler:
         local_copy = message.replace(b"\r\n", b"\n") if users else b""
         for user in users:
             header = f"Return-Path: <{mail_from}>\nDelivered-To: {user}\n".encode()
-            maildir.deliver(self.rt.home(user), header + local_copy)
+            maildir.deliver(self.rt.home(user), header, local_copy)
             self.rt.stats["delivered"] += 1
         if relay:
             qid = self.rt.queue.put(mail_from, relay, message)
