@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from mailsetup.errors import MailsetupError
+from mailsetup.errors import Interrupted, MailsetupError
 
 app = typer.Typer(
     name="mailsetup",
@@ -460,8 +460,12 @@ def _read_password(password_stdin: bool) -> str:
         raise MailsetupError("no terminal to ask for the password on: pass --password-stdin")
     import getpass
 
-    first = getpass.getpass("Password: ")
-    if first != getpass.getpass("Again: "):
+    try:
+        first = getpass.getpass("Password: ")
+        again = getpass.getpass("Again: ")
+    except KeyboardInterrupt:
+        raise Interrupted() from None
+    if first != again:
         raise MailsetupError("the two passwords differ; nothing changed")
     return first
 
@@ -530,7 +534,10 @@ def main() -> None:
     except MailsetupError as exc:
         if debug:
             raise
-        _echo(f"mailsetup: error: {exc.message}", err=True, fg="red")
+        if isinstance(exc, Interrupted):
+            _echo(f"mailsetup: {exc.message}", err=True)
+        else:
+            _echo(f"mailsetup: error: {exc.message}", err=True, fg="red")
         if exc.hint:
             _echo(f"hint: {exc.hint}", err=True)
         sys.exit(exc.exit_code)

@@ -15,3 +15,10 @@ class MailsetupError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class Interrupted(MailsetupError):
+    """Ctrl-C: the command stops, every file as it was (the CLI framework would otherwise swallow it)."""
+
+    def __init__(self) -> None:
+        super().__init__("interrupted; nothing was left half-written.", exit_code=130)

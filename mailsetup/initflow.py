@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mailsetup import answers as answers_mod
-from mailsetup.errors import MailsetupError
+from mailsetup.errors import Interrupted, MailsetupError
 
 
 @dataclass
@@ -78,6 +78,14 @@ def gather(flags: dict[str, Any], opts: InitOptions, out: Out) -> tuple[dict[str
 
 
 def run_init(flags: dict[str, Any], opts: InitOptions) -> int:
+    try:
+        return _run_init(flags, opts)
+    except KeyboardInterrupt:
+        # apply_plan has already put back anything it had written when the interrupt came.
+        raise Interrupted() from None
+
+
+def _run_init(flags: dict[str, Any], opts: InitOptions) -> int:
     from mailsetup import credentials, provision, report, state
     from mailsetup.model import build_setup
 
@@ -118,7 +126,7 @@ def run_init(flags: dict[str, Any], opts: InitOptions) -> int:
     user = answers.pop("user", None)
     if user and password is None:
         credentials.validate_username(user, "--user")
-        password = _password_from(opts)
+        password = _password_from(opts, interactive, user)
     setup = build_setup(answers)
     new_user = None
     if user:
@@ -190,12 +198,16 @@ def _emit_json(out: Out) -> None:
         typer.echo(json.dumps(out.report, indent=2))
 
 
-def _password_from(opts: InitOptions) -> str:
+def _password_from(opts: InitOptions, interactive: bool, user: str = "") -> str:
     if opts.password_stdin:
         line = sys.stdin.readline().rstrip("\r\n")
         if not line:
             raise MailsetupError("--password-stdin: no password on standard input")
         return line
+    if interactive:
+        from mailsetup import wizard
+
+        return wizard.ask_password(user)
     raise MailsetupError("--user: give the password on standard input with --password-stdin")
 
 
