@@ -32,6 +32,7 @@ class FileChange:
     # For files whose bytes differ on every build with the same meaning (Berkeley DB stamps a
     # random file id): says whether the file on disk already holds what we would write.
     same_meaning: Callable[[Path], bool] | None = None
+    summary: str | None = None  # shown instead of a diff (a PEM certificate says nothing line by line)
 
     def state(self) -> str:
         """'new', 'replaced' or 'unchanged' against what is on disk now."""
@@ -60,6 +61,8 @@ class FileChange:
         """A unified diff against the file on disk; secrets and binaries are summarised, not shown."""
         if self.secret:
             return f"(secret {self.path} not shown)\n"
+        if self.summary:
+            return f"({self.path}: {self.summary})\n"
         try:
             old = self.path.read_bytes()
         except FileNotFoundError:

@@ -99,7 +99,8 @@ def _plan_tls(setup: MailSetup, prov: Provisioning, rotate: bool) -> None:
     prov.plan.add(
         FileChange(cert_path, pki.self_signed_cert(key, setup.hostname, setup.tls.days), pki.CERT_MODE,
                    f"self-signed certificate for {setup.hostname}, {setup.tls.days} days"
-                   + (" (until the CA signs the CSR)" if setup.tls.source == "csr" else ""))
+                   + (" (until the CA signs the CSR)" if setup.tls.source == "csr" else ""),
+                   summary=f"a new self-signed certificate, CN and SAN {setup.hostname}")
     )
     if setup.tls.source == "csr":
         prov.plan.add(FileChange(Path(setup.tls.csr), pki.csr(key, setup.hostname), 0o644,
