@@ -415,13 +415,14 @@ def serve(
     _echo("stopped", err=True)
 
 
-def _run_smoke_and_report(setup, as_json: bool, smtp_port: int = 0, submission_port: int = 0) -> bool:
+def _run_smoke_and_report(setup, as_json: bool, smtp_port: int = 0, submission_port: int = 0,
+                          engine: str = "embedded", smtpd: str | None = None) -> bool:
     import json
 
     from mailsetup.report import print_smoke
     from mailsetup.smoke import run_smoke
 
-    report = run_smoke(setup, smtp_port=smtp_port, submission_port=submission_port)
+    report = run_smoke(setup, smtp_port=smtp_port, submission_port=submission_port, engine=engine, smtpd=smtpd)
     if as_json:
         typer.echo(json.dumps([c.as_dict() for c in report.checks], indent=2))
     else:
@@ -436,13 +437,124 @@ def smoke(
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
     smtp_port: Annotated[int, typer.Option("--smtp-port", help="Port for the MX listener (0: a free one).")] = 0,
     submission_port: Annotated[int, typer.Option("--submission-port", help="Submission port (0: free).")] = 0,
+    engine: Annotated[
+        str, typer.Option("--engine", help="embedded (mailsetup's MTA) or opensmtpd (the real smtpd, as root).")
+    ] = "embedded",
+    smtpd: Annotated[str | None, typer.Option("--smtpd", help="The smtpd binary for --engine opensmtpd.")] = None,
     debug: Debug = False,
 ) -> None:
-    """Start the embedded MTA on the set-up's files and prove mail flows; exit 0 only if all pass."""
+    """Start an MTA on the set-up's files and prove mail flows; exit 0 only if all pass."""
+    from mailsetup.answers import load_setup
+
+    if engine not in ("embedded", "opensmtpd"):
+        raise MailsetupError(f"--engine: {engine!r} is not embedded or opensmtpd")
+    setup = load_setup(root, os_name)
+    if not _run_smoke_and_report(setup, as_json, smtp_port, submission_port, engine, smtpd):
+        raise typer.Exit(1)
+
+
+@app.command()
+def doctor(
+    root: Root = None,
+    os_name: OsName = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Check the set-up's health: each check ✓ / ! / ✗ with why and what to do. Exit 1 on any ✗."""
+    import json
+
+    from mailsetup.answers import load_setup
+    from mailsetup.doctor import MARK, Doctor
+
+    doc = Doctor(load_setup(root, os_name))
+    findings = doc.run()
+    if as_json:
+        typer.echo(json.dumps([f.as_dict() for f in findings], indent=2))
+    else:
+        colors = {"ok": "green", "warn": "yellow", "fail": "red"}
+        for f in findings:
+            _echo(f"{MARK[f.status]} {f.name}: {f.detail}", fg=colors[f.status] if f.status != "ok" else None)
+        fails = sum(f.status == "fail" for f in findings)
+        warns = sum(f.status == "warn" for f in findings)
+        _echo(f"{len(findings) - fails - warns} ok, {warns} warning(s), {fails} problem(s)",
+              fg="red" if fails else "green")
+    if not doc.ok:
+        raise typer.Exit(1)
+
+
+def _parse_nameserver(value: str) -> tuple[str, int]:
+    """ADDR, ADDR:PORT or [V6]:PORT."""
+    import ipaddress
+
+    from mailsetup.model import validate_port
+
+    host, port = value, 53
+    if value.startswith("[") and "]:" in value:
+        host, _, port_text = value[1:].partition("]:")
+        port = validate_port(port_text, "--nameserver")
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+        port = validate_port(port_text, "--nameserver")
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        raise MailsetupError(f"--nameserver: {value!r} is not ADDR, ADDR:PORT or [ADDR]:PORT") from None
+
+
+@app.command()
+def dns(
+    root: Root = None,
+    os_name: OsName = None,
+    ip: Annotated[
+        list[str] | None, typer.Option("--ip", help="The mail host's public address (repeatable: v4 and v6).")
+    ] = None,
+    check: Annotated[bool, typer.Option("--check", help="Compare with what DNS answers now.")] = False,
+    nameserver: Annotated[
+        str | None, typer.Option("--nameserver", help="Ask this server (ADDR or ADDR:PORT) instead of the system's.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records (and the check) as JSON.")] = False,
+    debug: Debug = False,
+) -> None:
+    """The DNS records to publish (MX, A/AAAA, SPF, DMARC) and PTR advice; --check compares with live DNS."""
+    import json
+
+    from mailsetup import dns as dns_mod
     from mailsetup.answers import load_setup
 
     setup = load_setup(root, os_name)
-    if not _run_smoke_and_report(setup, as_json, smtp_port, submission_port):
+    ips = dns_mod.validate_ips(ip or [])
+    records = dns_mod.wanted_records(setup, ips)
+    comparisons = None
+    if check:
+        server, port = None, 53
+        if nameserver:
+            server, port = _parse_nameserver(nameserver)
+        comparisons = dns_mod.check_records(records, server, port)
+    if as_json:
+        payload = {"records": dns_mod.records_as_dicts(records), "ptr": dns_mod.ptr_advice(setup, ips)}
+        if comparisons is not None:
+            payload["check"] = [c.as_dict() for c in comparisons]
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        typer.echo(f"; zone-file snippet for {setup.domain}")
+        for r in records:
+            typer.echo(r.zone_line())
+        if not ips:
+            typer.echo(f"{setup.hostname + '.':<32} 3600 IN A     <this host's public IPv4: pass --ip>")
+        typer.echo("")
+        typer.echo(f"{'name':<32} {'type':<5} {'value':<60} why")
+        for r in records:
+            typer.echo(f"{r.name:<32} {r.type:<5} {r.value:<60} {r.why}")
+        for line in dns_mod.ptr_advice(setup, ips):
+            typer.echo(f"PTR: {line}")
+        if comparisons is not None:
+            typer.echo("")
+            marks = {"ok": "✓", "warn": "!", "fail": "✗"}
+            for c in comparisons:
+                found = f" (found: {', '.join(c.found)})" if c.found and c.status != "ok" else ""
+                _echo(f"{marks[c.status]} {c.record.type} {c.record.name}: {c.detail}{found}",
+                      fg={"ok": None, "warn": "yellow", "fail": "red"}[c.status])
+    if comparisons is not None and any(c.status == "fail" for c in comparisons):
         raise typer.Exit(1)
 
 

@@ -74,7 +74,7 @@ def print_next_steps(setup: MailSetup) -> None:
 
 
 def print_smoke(sr) -> None:
-    typer.echo("Smoke test (embedded MTA on loopback, on the files just written):")
+    typer.echo("Smoke test (on loopback, with the set-up's own files):")
     for c in sr.checks:
         mark = _style("✓", "green") if c.ok else _style("✗", "red")
         typer.echo(f"  {mark} {c.name}: {c.detail} ({c.seconds:.2f}s)")

@@ -7,11 +7,15 @@ for authenticated or local senders) and testable without sockets.
 from __future__ import annotations
 
 import ipaddress
+import pwd
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from mailsetup import aliases as aliases_mod
 from mailsetup.aliases import split_value, target_kind
+from mailsetup.model import MailSetup
 
 MAX_ALIAS_DEPTH = 20
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
@@ -191,3 +195,29 @@ class Policy:
             if err and err.code != 550:
                 return err
         return None
+
+
+def local_user_check(setup: MailSetup, aliases: dict[str, str], creds: dict[str, str]) -> Callable[[str], bool]:
+    """Who counts as a local user: system users (not root) on a real host; in a sandbox, anyone with
+    a home there, a login, or a plain name an alias points at."""
+    if setup.root is None:
+        def system_user(name: str) -> bool:
+            try:
+                return pwd.getpwnam(name).pw_uid != 0
+            except KeyError:
+                return False
+        return system_user
+    home = Path(setup.layout.home_dir)
+    # In a sandbox there are no system users: a user is anyone with a home there, a login, or a
+    # plain name an alias points at (the admin wrote it for a person).
+    named: set[str] = set(creds)
+    for value in aliases.values():
+        targets, _ = aliases_mod.split_value(value)
+        for t in targets:
+            if aliases_mod.target_kind(t) == "username" and "@" not in t:
+                named.add(t.lower())
+    named -= set(aliases)
+
+    def sandbox_user(name: str) -> bool:
+        return name != "root" and (name in named or (home / name).is_dir())
+    return sandbox_user

@@ -25,7 +25,7 @@ from mailsetup import queuekey
 from mailsetup.errors import MailsetupError
 from mailsetup.model import MailSetup
 from mailsetup.mta import maildir
-from mailsetup.mta.policy import LOOPBACK, Policy
+from mailsetup.mta.policy import LOOPBACK, Policy, local_user_check
 from mailsetup.mta.queue import MailQueue, RelayWorker
 
 log = logging.getLogger("mailsetup.mta")
@@ -77,30 +77,6 @@ def load_tls(setup: MailSetup) -> ssl.SSLContext:
     return ctx
 
 
-def _local_user_check(setup: MailSetup, aliases: dict[str, str], creds: dict[str, str]) -> Callable[[str], bool]:
-    if setup.root is None:
-        def system_user(name: str) -> bool:
-            try:
-                return pwd.getpwnam(name).pw_uid != 0
-            except KeyError:
-                return False
-        return system_user
-    home = Path(setup.layout.home_dir)
-    # In a sandbox there are no system users: a user is anyone with a home there, a login, or a
-    # plain name an alias points at (the admin wrote it for a person).
-    named: set[str] = set(creds)
-    for value in aliases.values():
-        targets, _ = aliases_mod.split_value(value)
-        for t in targets:
-            if aliases_mod.target_kind(t) == "username" and "@" not in t:
-                named.add(t.lower())
-    named -= set(aliases)
-
-    def sandbox_user(name: str) -> bool:
-        return name != "root" and (name in named or (home / name).is_dir())
-    return sandbox_user
-
-
 def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
     tls = load_tls(setup)
     aliases = aliases_mod.read_aliases_db(Path(setup.layout.aliases_db))
@@ -108,7 +84,7 @@ def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
     key = queuekey.read_queue_key(Path(setup.queue.key_file)) if setup.queue.encryption else None
     queue = MailQueue(options.queue_dir or Path(setup.layout.queue_dir), key, setup.queue.compression)
     domains = frozenset({setup.domain, setup.hostname, "localhost"})
-    policy = Policy(domains, aliases, _local_user_check(setup, aliases, creds), options.local_peers)
+    policy = Policy(domains, aliases, local_user_check(setup, aliases, creds), options.local_peers)
 
     @functools.lru_cache(maxsize=4096)
     def home(user: str) -> Path:

@@ -1,0 +1,290 @@
+"""`mailsetup doctor`: the set-up's health as a doctor's report — each check ✓ / ! / ✗ with one
+sentence of why and what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mailsetup.errors import MailsetupError
+from mailsetup.model import MailSetup
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+MARK = {OK: "✓", WARN: "!", FAIL: "✗"}
+
+
+@dataclass
+class Finding:
+    name: str
+    status: str
+    detail: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+class Doctor:
+    def __init__(self, setup: MailSetup, now: dt.datetime | None = None):
+        self.setup = setup
+        self.now = now or dt.datetime.now(dt.UTC)
+        self.findings: list[Finding] = []
+        self.conf = Path(setup.layout.smtpd_conf)
+
+    def check(self, name: str, fn: Callable[[], tuple[str, str]]) -> None:
+        try:
+            status, detail = fn()
+        except MailsetupError as exc:
+            status, detail = FAIL, exc.message
+        except OSError as exc:
+            status, detail = FAIL, f"{exc.filename or ''}: {exc.strerror or exc}".strip(": ")
+        self.findings.append(Finding(name, status, detail))
+
+    @property
+    def ok(self) -> bool:
+        return all(f.status != FAIL for f in self.findings)
+
+    # --- the checks ---------------------------------------------------------------------------
+
+    def smtpd_config(self) -> tuple[str, str]:
+        from mailsetup.opensmtpd import check_config, find_binary
+
+        if not find_binary("smtpd"):
+            return WARN, "OpenSMTPD is not installed here, so smtpd -n cannot judge smtpd.conf"
+        if os.geteuid() != 0:
+            return WARN, "smtpd -n needs root (it checks the key's owner); run doctor as root"
+        result = check_config(self.conf)
+        if result.ok:
+            return OK, f"smtpd -n -f {self.conf}: configuration OK"
+        return FAIL, f"smtpd -n refuses {self.conf}: {result.output.splitlines()[-1] if result.output else '?'}"
+
+    def key_permissions(self) -> tuple[str, str]:
+        key = Path(self.setup.tls.key)
+        st = key.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o037:
+            return FAIL, (f"{key} is mode {mode:04o}; smtpd refuses a key with more than rwxr----- "
+                          f"(chmod 600 {key})")
+        if st.st_uid != 0:
+            return FAIL, f"{key} is owned by uid {st.st_uid}; smtpd loads keys owned by root only (chown root {key})"
+        if mode & 0o040:
+            return WARN, f"{key} is group-readable ({mode:04o}); 0600 is enough for smtpd"
+        return OK, f"{key}: {mode:04o}, owned by root"
+
+    def cert_permissions(self) -> tuple[str, str]:
+        cert = Path(self.setup.tls.cert)
+        st = cert.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o022:
+            return FAIL, f"{cert} is writable by others ({mode:04o}); smtpd wants at most 0755 (chmod 644 {cert})"
+        if st.st_uid != 0:
+            return FAIL, f"{cert} is owned by uid {st.st_uid}; smtpd wants it owned by root (chown root {cert})"
+        return OK, f"{cert}: {mode:04o}, owned by root"
+
+    def cert_key_pair(self) -> tuple[str, str]:
+        from mailsetup import pki
+
+        cert = pki.load_cert(Path(self.setup.tls.cert))
+        key = pki.load_key(Path(self.setup.tls.key))
+        if not pki.is_pair(cert, key):
+            return FAIL, (f"{self.setup.tls.key} is not the key of {self.setup.tls.cert}; "
+                          "rotate with `mailsetup init --rotate-cert`")
+        return OK, "the certificate and the key are a pair"
+
+    def cert_expiry(self) -> tuple[str, str]:
+        from mailsetup import pki
+
+        info = pki.inspect_cert(pki.load_cert(Path(self.setup.tls.cert)))
+        days = info.days_left(self.now)
+        when = f"{info.not_after:%Y-%m-%d}"
+        if days < 0:
+            return FAIL, f"the certificate expired on {when}; renew: mailsetup init --rotate-cert"
+        if days < 30:
+            return WARN, f"the certificate expires on {when}, in {days} days; renew soon: mailsetup init --rotate-cert"
+        return OK, f"valid until {when} ({days} days)"
+
+    def cert_names_host(self) -> tuple[str, str]:
+        from mailsetup import pki
+
+        info = pki.inspect_cert(pki.load_cert(Path(self.setup.tls.cert)))
+        if not pki._covers(info.names, self.setup.hostname):
+            return FAIL, (f"the certificate names {', '.join(info.names) or 'no DNS names'}, not "
+                          f"{self.setup.hostname}: clients will refuse it")
+        return OK, f"{self.setup.hostname} is in the certificate's subjectAltName"
+
+    def queue_key(self) -> tuple[str, str]:
+        from mailsetup import queuekey
+
+        if not self.setup.queue.encryption:
+            return WARN, "queue encryption is off: queued mail sits on disk in the clear"
+        key = queuekey.read_queue_key(Path(self.setup.queue.key_file))
+        m = re.search(r"^queue encryption (?:key )?(\S+)", self.conf.read_text(), re.M)
+        if not m:
+            return FAIL, f"{self.conf} has no queue encryption line, but the set-up wants one"
+        if m.group(1) != key:
+            return FAIL, (f"{self.conf} and {self.setup.queue.key_file} hold different queue keys; re-run "
+                          "`mailsetup init` to render them in step")
+        mode = _mode(Path(self.setup.queue.key_file))
+        if mode & 0o077:
+            return FAIL, f"{self.setup.queue.key_file} is mode {mode:04o}; a key must be 0600"
+        return OK, "32 characters, the same in smtpd.conf and the key file (0600)"
+
+    def aliases_db(self) -> tuple[str, str]:
+        from mailsetup import aliases as aliases_mod
+
+        db = Path(self.setup.layout.aliases_db)
+        on_disk = aliases_mod.read_aliases_db(db)
+        source = aliases_mod.parse_aliases_file(Path(self.setup.layout.aliases))
+        wanted = {e.name: e.value for e in source}
+        if on_disk != wanted:
+            changed = sorted(set(on_disk.items()) ^ set(wanted.items()))
+            name = changed[0][0] if changed else "?"
+            return FAIL, (f"{db} is out of step with {self.setup.layout.aliases} (first difference: {name!r}); "
+                          f"run: mailsetup aliases {self.setup.layout.aliases} && smtpctl update table aliases")
+        return OK, f"{len(on_disk)} aliases, in step with {self.setup.layout.aliases}"
+
+    def aliases_reachable(self) -> tuple[str, str]:
+        db = Path(self.setup.layout.aliases_db)
+        for parent in db.parents:
+            if parent.exists() and not parent.stat().st_mode & 0o001:
+                return FAIL, (f"{parent} ({_mode(parent):04o}) keeps smtpd's unprivileged lookup process out, so "
+                              f"smtpd cannot open {db} ('failed to open table aliases'); chmod o+x {parent}")
+        if not _mode(db) & 0o004:
+            return FAIL, f"{db} is not readable by smtpd's own user (mode {_mode(db):04o}); chmod 644 {db}"
+        return OK, f"smtpd's lookup process can read {db}"
+
+    def rfc2142(self) -> tuple[str, str]:
+        from mailsetup import aliases as aliases_mod
+        from mailsetup import credentials as creds_mod
+        from mailsetup.mta.policy import Policy, local_user_check
+
+        aliases = aliases_mod.read_aliases_db(Path(self.setup.layout.aliases_db))
+        creds = {c.user: c.hash for c in creds_mod.read_credentials(Path(self.setup.layout.credentials))}
+        policy = Policy(frozenset({self.setup.domain, self.setup.hostname}), aliases,
+                        local_user_check(self.setup, aliases, creds), frozenset())
+        bad = []
+        for name in ("postmaster", "abuse"):
+            d = policy.check_rcpt(f"{name}@{self.setup.domain}", False, "192.0.2.1")
+            if not d.accepted or not (d.local_users or d.relay_to):
+                bad.append(f"{name}@{self.setup.domain} ({d.reply()})")
+        if bad:
+            return FAIL, "RFC 2142 addresses lead nowhere: " + "; ".join(bad) + "; alias them to a person"
+        return OK, f"postmaster@ and abuse@{self.setup.domain} reach a person"
+
+    def credentials(self) -> tuple[str, str]:
+        from mailsetup import credentials as creds_mod
+
+        path = Path(self.setup.layout.credentials)
+        mode = _mode(path)
+        if mode & 0o004:
+            return FAIL, f"{path} is world-readable ({mode:04o}): password hashes leak; chmod 600 {path}"
+        if mode & 0o070:
+            return WARN, f"{path} is group-accessible ({mode:04o}); 0600 is enough"
+        users = creds_mod.read_credentials(path)
+        return OK, f"{len(users)} login(s), mode {mode:04o}"
+
+    def ports(self) -> tuple[str, str]:
+        busy = []
+        held_by_smtpd = []
+        for port in sorted({listener.port for listener in self.setup.listeners}):
+            owner = port_owner(port)
+            if owner is None:
+                continue
+            if owner[1] == "smtpd":
+                held_by_smtpd.append(f"{port} (smtpd, pid {owner[0]})")
+            else:
+                busy.append(f"{port} is held by {owner[1]} (pid {owner[0]})")
+        if busy:
+            return FAIL, "; ".join(busy) + ": smtpd cannot listen there; stop it or pick another port"
+        if held_by_smtpd:
+            return OK, "held by smtpd: " + ", ".join(held_by_smtpd)
+        return OK, "free: " + ", ".join(str(p) for p in sorted({listener.port for listener in self.setup.listeners}))
+
+    def smtpd_version(self) -> tuple[str, str]:
+        from mailsetup.opensmtpd import openssl_major, smtpd_version, tls_defect
+
+        found = smtpd_version()
+        if found is None:
+            return WARN, ("OpenSMTPD is not installed here (apt-get install opensmtpd; on Debian 12 from "
+                          "bookworm-backports)")
+        defect = tls_defect((found[0], found[1]), openssl_major())
+        if defect:
+            return FAIL, defect
+        wanted = self.setup.smtpd_version
+        if (found[0], found[1]) < (6, 4) <= wanted or wanted < (6, 4) <= (found[0], found[1]):
+            return FAIL, (f"smtpd.conf is written for {wanted[0]}.{wanted[1]}'s grammar but {found[2]} is installed; "
+                          f"re-run init with --smtpd-version {found[0]}.{found[1]}")
+        return OK, f"OpenSMTPD {found[2]}"
+
+    def open_relay(self) -> tuple[str, str]:
+        from mailsetup.opensmtpd import open_relay_rules
+
+        findings = open_relay_rules(self.conf.read_text())
+        if findings:
+            f = findings[0]
+            return FAIL, f"{self.conf}:{f.line}: `{f.text}` {f.why}"
+        return OK, "relay only for authenticated or local senders"
+
+    def run(self) -> list[Finding]:
+        for name, fn in (
+            ("smtpd -n accepts smtpd.conf", self.smtpd_config),
+            ("no open relay", self.open_relay),
+            ("private key permissions", self.key_permissions),
+            ("certificate permissions", self.cert_permissions),
+            ("certificate and key are a pair", self.cert_key_pair),
+            ("certificate expiry", self.cert_expiry),
+            ("certificate names the mail host", self.cert_names_host),
+            ("queue key", self.queue_key),
+            ("aliases.db", self.aliases_db),
+            ("aliases.db reachable by smtpd", self.aliases_reachable),
+            ("postmaster and abuse", self.rfc2142),
+            ("credentials table", self.credentials),
+            ("ports", self.ports),
+            ("smtpd version", self.smtpd_version),
+        ):
+            self.check(name, fn)
+        return self.findings
+
+
+def port_owner(port: int) -> tuple[int, str] | None:
+    """(pid, command) of the process listening on TCP `port`, or None when nothing listens."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            local, state, inode = parts[1], parts[3], parts[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                inodes.add(inode)
+    if not inodes:
+        with socket.socket() as s:  # no /proc: fall back to trying to bind
+            try:
+                s.bind(("127.0.0.1", port))
+                return None
+            except OSError:
+                return (0, "another process") if not Path("/proc/net/tcp").exists() else None
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            for fd in (pid_dir / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    comm = (pid_dir / "comm").read_text().strip()
+                    return int(pid_dir.name), comm
+        except OSError:
+            continue
+    return (0, "an unknown process")
