@@ -261,9 +261,12 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
     loop = _LoopThread()
     sink = _Sink()
     server: _Embedded | _OpenSmtpd
+    known_defect = False
     if engine == "opensmtpd":
         from mailsetup.opensmtpd import find_binary, openssl_major, smtpd_version, tls_defect
 
+        if smtpd and not os.access(smtpd, os.X_OK):
+            raise MailsetupError(f"--smtpd: {smtpd} is not an executable smtpd", exit_code=2)
         smtpd = smtpd or find_binary("smtpd")
         if not smtpd:
             raise MailsetupError("--engine opensmtpd: OpenSMTPD is not installed here (no smtpd)", exit_code=1)
@@ -280,6 +283,7 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
             return f"OpenSMTPD {found[2]} ({smtpd}) with OpenSSL {openssl_major()}"
 
         report.add("smtpd version and the known TLS defect", version)
+        known_defect = not report.checks[-1].ok
     else:
         server = _Embedded(setup, loop, sink, (smtp_port, submission_port), queue_dir)
     try:
@@ -416,6 +420,10 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
 
             report.add("relay delivers to the relay host", reached_sink)
     finally:
+        if engine == "opensmtpd" and known_defect:
+            for c in report.checks:
+                if not c.ok and "ALERT_INTERNAL_ERROR" in c.detail:
+                    c.detail += " (the known TLS defect named above)"
         server.stop()
         with contextlib.suppress(Exception):
             loop.run(sink.stop())

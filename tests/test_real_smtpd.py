@@ -1,0 +1,92 @@
+"""`mailsetup smoke --engine opensmtpd`: the set-up proven on the real daemon — in full on 7.x, and
+the 6.8 + OpenSSL 3 TLS defect named on a real 6.8 binary."""
+
+from __future__ import annotations
+
+import json
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import IS_ROOT, SMTPD, run_cli
+from mta_kit import provision
+
+pytestmark = pytest.mark.skipif(not (SMTPD and IS_ROOT), reason="needs OpenSMTPD installed and root")
+
+
+def ensure_system_user(name: str) -> None:
+    """smtpd delivers only to system users; CI's machine starts without them."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-s", "/usr/sbin/nologin", name], check=True, capture_output=True)
+
+
+@pytest.fixture
+def root():
+    base = Path(tempfile.mkdtemp(prefix="mailsetup-real-", dir="/tmp"))
+    base.chmod(0o755)  # smtpd's unprivileged processes must reach aliases.db
+    ensure_system_user("alice")
+    yield provision(base / "root")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def smoke(root: Path, *extra: object) -> tuple[int, dict[str, dict], str]:
+    r = run_cli("smoke", "--root", root, "--engine", "opensmtpd", "--json", *extra)
+    checks = {c["name"]: c for c in json.loads(r.out)} if r.out.strip() else {}
+    return r.code, checks, r.err
+
+
+def test_real_smtpd_passes_the_whole_smoke_test(root: Path):
+    code, checks, err = smoke(root)
+    assert code == 0, (checks, err)
+    for name in ("smtpd version and the known TLS defect", "STARTTLS with the generated certificate",
+                 "inbound over STARTTLS through the aliases into Maildir", "unauthenticated relay refused",
+                 "AUTH without TLS refused", "wrong password refused", "authenticated submission accepted for relay",
+                 "relay delivers to the relay host"):
+        assert checks[name]["ok"], checks[name]
+    assert "smtpd -d on 127.0.0.1" in checks["start the OpenSMTPD on the set-up's files"]["detail"]
+    assert "-> alice" in checks["inbound over STARTTLS through the aliases into Maildir"]["detail"]
+    # The same JSON shape as the embedded engine.
+    assert all(set(c) == {"name", "ok", "detail", "seconds"} for c in checks.values())
+    # It stopped what it started.
+    assert subprocess.run(["pgrep", "-f", "mailsetup-smtpd-"], capture_output=True).returncode == 1
+
+
+@pytest.fixture(scope="session")
+def smtpd_68() -> Path:
+    """bookworm's own opensmtpd (6.8.0p2), unpacked beside the installed 7.x."""
+    cache = Path("/var/cache/mailsetup-tests/opensmtpd-6.8")
+    binary = cache / "root/usr/sbin/smtpd"
+    if not binary.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        got = subprocess.run(["apt-get", "download", "opensmtpd/bookworm"], cwd=cache, capture_output=True, text=True)
+        debs = list(cache.glob("opensmtpd_6.8*.deb"))
+        if got.returncode != 0 or not debs:
+            pytest.skip(f"cannot fetch bookworm's opensmtpd 6.8 package: {got.stderr.strip()[-200:]}")
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(cache / "root")], check=True)
+    version = subprocess.run([binary, "-h"], capture_output=True, text=True)
+    if "6.8" not in version.stdout + version.stderr:
+        pytest.skip(f"{binary} is not 6.8: {version.stdout + version.stderr}")
+    return binary
+
+
+def test_the_68_tls_defect_is_named_with_its_remedy(root: Path, smtpd_68: Path):
+    code, checks, err = smoke(root, "--smtpd", smtpd_68)
+    assert code == 1
+    version = checks["smtpd version and the known TLS defect"]
+    assert not version["ok"]
+    assert "fails every STARTTLS handshake" in version["detail"] and "#1171" in version["detail"]
+    assert "bookworm-backports" in version["detail"]
+    tls = checks["STARTTLS with the generated certificate"]
+    assert not tls["ok"] and "tlsv1 alert internal error" in tls["detail"].lower()
+    assert "the known TLS defect named above" in tls["detail"]
+
+
+def test_a_missing_smtpd_binary_is_one_line(root: Path):
+    r = run_cli("smoke", "--root", root, "--engine", "opensmtpd", "--smtpd", "/nonexistent/smtpd")
+    assert r.code == 2
+    assert r.err_lines == ["mailsetup: error: --smtpd: /nonexistent/smtpd is not an executable smtpd"]
