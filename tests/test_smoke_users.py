@@ -22,7 +22,7 @@ SWAKS = shutil.which("swaks")
 def test_init_ends_with_a_passing_smoke_test(sandbox: Path):
     r = run_cli(*init_args(sandbox, "--admin", "alice"))
     assert r.code == 0, r.out + r.err
-    assert "Smoke test (embedded MTA on loopback" in r.out
+    assert "Smoke test (on loopback, with the set-up's own files)" in r.out
     for name in ("STARTTLS with the generated certificate", "inbound over STARTTLS through the aliases into Maildir",
                  "unauthenticated relay refused", "AUTH without TLS refused", "wrong password refused",
                  "authenticated submission accepted for relay", "queued mail encrypted at rest"):
@@ -72,7 +72,7 @@ def test_smoke_fails_naming_a_tampered_aliases_db(tmp_path: Path):
     code, checks = smoke_json(root)
     assert code == 1
     [bad] = failing(checks)
-    assert bad["name"] == "start the MTA on the set-up's files"
+    assert bad["name"] == "start the embedded MTA on the set-up's files"
     assert str(db) in bad["detail"] and "not a Berkeley DB" in bad["detail"]
 
 
@@ -97,7 +97,7 @@ def test_smoke_fails_naming_a_key_that_does_not_match_the_cert(tmp_path: Path):
     code, checks = smoke_json(root)
     assert code == 1
     [bad] = failing(checks)
-    assert bad["name"] == "start the MTA on the set-up's files"
+    assert bad["name"] == "start the embedded MTA on the set-up's files"
     assert "are they a pair?" in bad["detail"]
 
 
@@ -109,7 +109,7 @@ def test_smoke_fails_naming_a_port_in_use(tmp_path: Path):
         port = busy.getsockname()[1]
         r = run_cli("smoke", "--root", root, "--smtp-port", port)
     assert r.code == 1
-    assert "✗ start the MTA on the set-up's files" in r.out
+    assert "✗ start the embedded MTA on the set-up's files" in r.out
     assert f"port {port}: Address already in use" in r.out
     assert "mailsetup-smoke" not in (root / "etc/mailsetup/credentials").read_text()
 
