@@ -304,6 +304,8 @@ def build_setup(raw: Mapping[str, Any]) -> MailSetup:
     listen_raw = raw.get("listen") or [layout.default_listen]
     if isinstance(listen_raw, str):
         listen_raw = [listen_raw]
+    if not isinstance(listen_raw, list | tuple) or not all(isinstance(x, str) for x in listen_raw):
+        raise MailsetupError(f"--listen: {listen_raw!r} is not an address or a list of addresses")
     addresses: list[str] = []
     for item in listen_raw:
         addr = validate_listen(item, "--listen", os_name)

@@ -145,3 +145,41 @@ def test_dns_validator_only_returns_safe_names(value: str):
     assert name == name.lower()
     assert all(c.isalnum() or c in ".-" for c in name) and name.isascii()
     assert "." in name
+
+
+ALL_FIELDS = ["domain", "hostname", "listen", "root", "os", "tls", "key_type", "days", "cert", "key", "smtp_port",
+              "submission_port", "smtpd_version", "queue_compression", "queue_encryption", "max_message_size"]
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(ALL_FIELDS), st.one_of(st.text(max_size=60), st.integers(), st.booleans()))
+def test_no_value_of_any_answer_injects_into_smtpd_conf(field: str, value):
+    try:
+        text = _render(**{field: value})
+    except MailsetupError as exc:
+        assert exc.message and "\n" not in exc.message.replace("\\n", "")
+        return
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert [_shape(line) for line in lines if line.startswith("match")] == _RULES
+    for line in lines:
+        assert line.split(" ")[0] in {"pki", "queue", "smtp", "table", "listen", "match", "action"}, line
+        assert line.count('"') % 2 == 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(max_size=300))
+def test_any_answers_file_loads_or_fails_in_one_line(tmp_path_factory, text: str):
+    from mailsetup.answers import load_answers
+
+    path = tmp_path_factory.mktemp("answers") / "answers.toml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    try:
+        answers = load_answers(path)
+    except MailsetupError as exc:
+        assert exc.message.startswith(str(path))
+        assert "\n" not in exc.message
+        return
+    try:
+        build_setup({**answers, "domain": answers.get("domain", "example.test")})
+    except MailsetupError as exc:
+        assert "\n" not in exc.message

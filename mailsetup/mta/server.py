@@ -176,6 +176,7 @@ class Handler:
 class _Counter:
     def __init__(self) -> None:
         self.active = 0
+        self.live: set[SMTP] = set()  # to hang up on at stop
 
 
 class CappedSMTP(SMTP):
@@ -197,6 +198,7 @@ class CappedSMTP(SMTP):
                 return
             self._counter.active += 1
             self._counted = True
+            self._counter.live.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, exc):
@@ -205,6 +207,7 @@ class CappedSMTP(SMTP):
         if self._counted:
             self._counter.active -= 1
             self._counted = False
+            self._counter.live.discard(self)
         super().connection_lost(exc)
 
 
@@ -276,6 +279,10 @@ class EmbeddedMta:
                 pass
         for server in self.servers:
             server.close()
+        for proto in list(self._counter.live):  # hang up on clients still connected
+            if proto.transport is not None:
+                proto.transport.close()
+        await asyncio.sleep(0)
         for server in self.servers:
             await server.wait_closed()
         self.servers = []
