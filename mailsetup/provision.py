@@ -6,6 +6,7 @@ Existing keys, certificates and queue keys are kept on a re-run; rotation is an 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,9 +125,30 @@ def _plan_queue_key(setup: MailSetup, prov: Provisioning, rotate: bool) -> str |
     return key
 
 
+def _with_admin(text: str, entries: list, admin: str, prov: Provisioning) -> str:
+    """Make root's mail go to `admin`: change an existing `root:` entry, or add one."""
+    root = next((e for e in entries if e.name == "root"), None)
+    if root is None:
+        prov.notes.append(f"root's mail goes to {admin}")
+        return text + ("" if text.endswith("\n") or not text else "\n") + f"root: {admin}\n"
+    if root.value.strip() == admin:
+        return text
+    lines = text.splitlines(keepends=True)
+    line = lines[root.line - 1]
+    if not re.match(r"(?i)^\s*root\s*:", line) or line.rstrip().endswith("\\"):
+        prov.warnings.append(f"--admin {admin}: root's alias spans lines; left as it is ({root.value.strip()})")
+        return text
+    lines[root.line - 1] = f"root: {admin}\n"
+    prov.notes.append(f"root's mail now goes to {admin} (was {root.value.strip()})")
+    return "".join(lines)
+
+
 def _plan_aliases(setup: MailSetup, prov: Provisioning, admin: str | None) -> None:
     text, source = _aliases_source(setup, admin)
     entries = aliases_mod.parse_aliases(text, source)
+    if admin:
+        text = _with_admin(text, entries, admin, prov)
+        entries = aliases_mod.parse_aliases(text, source)
     missing = aliases_mod.missing_rfc2142(entries)
     if missing:
         prov.warnings.append(

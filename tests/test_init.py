@@ -200,3 +200,13 @@ def test_the_wheel_ships_the_templates(tmp_path: Path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "mailsetup/templates/smtpd.conf.j2" in names
     assert "mailsetup/templates/smtpd.conf.legacy.j2" in names
+
+
+def test_admin_on_a_rerun_changes_who_reads_roots_mail(sandbox: Path):
+    assert run_cli(*init_args(sandbox, "--admin", "alice", "--no-smoke")).code == 0
+    r = run_cli(*init_args(sandbox, "--admin", "carol", "--no-smoke"))
+    assert r.code == 0, r.err
+    assert "root's mail now goes to carol (was alice)" in r.out
+    text = (sandbox / "etc/aliases").read_text()
+    assert "root: carol\n" in text and "root: alice" not in text
+    assert next((sandbox / "etc").glob("aliases.2*.bak")).read_text().count("root: alice") == 1
