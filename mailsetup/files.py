@@ -129,12 +129,40 @@ def backup_name(path: Path, now: float | None = None) -> Path:
     return candidate
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_new_file(path: Path, chunks: Sequence[bytes], mode: int) -> None:
+    """Create `path` (it must not exist) holding `chunks`, fsynced; removed again if anything fails.
+
+    It is born private (O_EXCL, owner-only) and widened to `mode` only once complete, so a secret is
+    never readable by others, not even for a moment.
+    """
+    # Owner bits only at birth (the umask can only take bits away, never add them); no umask
+    # juggling, which would race between the MTA's delivery threads.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode & 0o700)
+    try:
+        data = memoryview(b"".join(chunks)) if len(chunks) != 1 else memoryview(chunks[0])
+        while data:
+            data = data[os.write(fd, data):]
+        os.fchmod(fd, mode)  # the final mode, once the content is complete
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move a complete, fsynced file into place and make the move itself durable."""
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 def _make_parents(path: Path, created: list[Path], private: bool) -> None:
@@ -150,32 +178,15 @@ def _make_parents(path: Path, created: list[Path], private: bool) -> None:
 
 
 def write_atomic(path: Path, content: bytes, mode: int) -> None:
-    """Write `content` to `path` so that readers see the old file or the new one, never a mix.
-
-    The temp file is created with its final mode (O_EXCL, so a private key is never readable by
-    others, not even for a moment), fsynced, renamed over the target, and the directory fsynced.
-    """
+    """Write `content` to `path` so that readers see the old file or the new one, never a mix:
+    a temp file beside it, fsynced, renamed over the target, the directory fsynced."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    old_umask = os.umask(0o077)
+    write_new_file(tmp, [content], mode)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode & 0o700)
-    finally:
-        os.umask(old_umask)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content)
-            fh.flush()
-            # Widen to the final mode only after the content is complete (group/other bits, if any).
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
 
 
 def _copy_backup(path: Path) -> Path:

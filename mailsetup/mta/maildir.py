@@ -11,6 +11,8 @@ import socket
 import time
 from pathlib import Path
 
+from mailsetup.files import publish, write_new_file
+
 _counter = itertools.count()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
@@ -38,28 +40,10 @@ def deliver(maildir: Path, *chunks: bytes) -> Path:
     name = unique_name()
     tmp = maildir / "tmp" / name
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_new_file(tmp, chunks, 0o600)
     except FileNotFoundError:  # removed under us since we last looked: make it again
         ensure_maildir(maildir)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        total = sum(len(c) for c in chunks)
-        written = os.writev(fd, chunks)
-        if written < total:  # a short write: finish it the slow way
-            rest = memoryview(b"".join(chunks))[written:]
-            while rest:
-                rest = rest[os.write(fd, rest):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
+        write_new_file(tmp, chunks, 0o600)
     final = maildir / "new" / name
-    os.rename(tmp, final)
-    dfd = os.open(maildir / "new", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    publish(tmp, final)
     return final

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
 import smtplib
 import ssl
@@ -18,6 +17,8 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from mailsetup.files import fsync_dir, publish, write_new_file
 
 log = logging.getLogger("mailsetup.mta")
 
@@ -95,19 +96,8 @@ class MailQueue:
         qid = f"{time.time_ns():x}{secrets.token_hex(4)}"
         data = self.encode(qid, mail_from, rcpts, message)
         tmp = self.dir / f".{qid}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.rename(tmp, self.dir / qid)
-        _fsync_dir(self.dir)
+        write_new_file(tmp, [data], 0o600)
+        publish(tmp, self.dir / qid)
         return qid
 
     def ids(self) -> list[str]:
@@ -121,19 +111,11 @@ class MailQueue:
 
     def remove(self, qid: str) -> None:
         self.path(qid).unlink(missing_ok=True)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def fail(self, qid: str) -> None:
-        os.rename(self.path(qid), self.failed_dir / qid)
-        _fsync_dir(self.dir)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        publish(self.path(qid), self.failed_dir / qid)
+        fsync_dir(self.dir)
 
 
 class PermanentFailure(Exception):

@@ -282,7 +282,8 @@ class EmbeddedMta:
         for proto in list(self._counter.live):  # hang up on clients still connected
             if proto.transport is not None:
                 proto.transport.close()
-        await asyncio.sleep(0)
+        if self._counter.live:
+            await asyncio.sleep(0.05)  # let their handler tasks see the hang-up and end
         for server in self.servers:
             await server.wait_closed()
         self.servers = []
