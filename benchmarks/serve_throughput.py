@@ -24,6 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailsetup.errors import MailsetupError
+from mailsetup.realsmtpd import RealSmtpd
+
 BIN = Path(sys.executable).parent
 MAILSETUP = BIN / "mailsetup"
 SMTPD = "/usr/sbin/smtpd"
@@ -358,14 +361,6 @@ def smtpd_user() -> pwd.struct_passwd:
     return pwd.getpwnam(SMTPD_USER)
 
 
-def isolation_works() -> bool:
-    """Whether smtpd can get its own spool and control socket in a private mount namespace."""
-    if not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
-    return probe.returncode == 0
-
-
 def bench_smtpd(work: Path, rnd: int, messages: list[bytes], sessions: int, timeout: float) -> Result:
     if not os.path.exists(SMTPD):
         raise Skip(f"{SMTPD} is not installed")
@@ -392,43 +387,23 @@ def bench_smtpd(work: Path, rnd: int, messages: list[bytes], sessions: int, time
         os.chown(d, user.pw_uid, user.pw_gid)
     (base / "home").chmod(0o755)
     port = free_port()
-    conf = base / "smtpd.conf"
     rendered = (work / "sandbox" / "etc" / "smtpd.conf").read_text()
-    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the queue key
-    with os.fdopen(fd, "w") as out:
-        out.write(smtpd_config(rendered, port, base / "aliases.db", f"{base}/home/%{{user.username}}/Maildir"))
-    check = subprocess.run([SMTPD, "-n", "-f", str(conf)], capture_output=True, text=True)
-    if check.returncode != 0:
-        raise BenchError(f"smtpd -n rejects the derived config: {(check.stderr or check.stdout).strip()}")
-    if isolation_works():
-        # A private spool and /run: no clash with another smtpd (tests run one) and no stray queue.
-        spool = base / "spool"
-        spool.mkdir()
-        spool.chmod(0o711)
-        cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-               'mount --bind "$1" /var/spool/smtpd && mount -t tmpfs -o mode=0755 tmpfs /run && exec "$2" -d -f "$3"',
-               "sh", str(spool), SMTPD, str(conf)]
-        where = "private spool"
-    else:
-        cmd = [SMTPD, "-d", "-f", str(conf)]
-        where = "system spool /var/spool/smtpd"
-    log = base / "smtpd.log"
-    proc = None
+    conf = smtpd_config(rendered, port, base / "aliases.db", f"{base}/home/%{{user.username}}/Maildir")
+    # mailsetup's own runner: smtpd -n first, then smtpd -d in a private mount namespace (its own
+    # spool and control socket, so no clash with another smtpd), stopped on the way out.
+    server = RealSmtpd(SMTPD, conf, (port,))
     try:
-        with log.open("w") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_ready(port, proc, log, "smtpd")
-        except BenchError as exc:
-            if "already running" in str(exc) or "control socket" in str(exc):
-                raise Skip(f"another smtpd owns the control socket: {exc}") from None
-            raise
+            server.start()
+        except MailsetupError as exc:
+            raise BenchError(f"smtpd: {exc.message}") from None
+        where = "private spool" if server.isolated else "system spool /var/spool/smtpd"
         result = measure(f"opensmtpd ({where})", port, maildir, messages, sessions, timeout)
-        if proc.poll() is not None:
-            raise BenchError(f"smtpd exited during the run: {tail(log)}")
+        if server.proc.poll() is not None:
+            raise BenchError(f"smtpd exited during the run: {server.log_tail()}")
         return result
     finally:
-        stop(proc)
+        server.stop()
 
 
 # ------------------------------------------------------------------------------ main
