@@ -14,12 +14,18 @@
 
 from __future__ import annotations
 
+import gc
+import operator
 import os
+import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import compress, repeat
 from pathlib import Path
 
 from mailsetup.errors import MailsetupError
@@ -33,6 +39,9 @@ _ASCII_ALNUM = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0
 _USERNAME_EXTRA = frozenset(b"_.-+")
 _ADDRESS_USER_EXTRA = frozenset(b"!#$%*/?|^{}`~&'+-=_.")
 _ADDRESS_DOMAIN_EXTRA = frozenset(b"-.")
+_USERNAME_BYTES = bytes(sorted(_ASCII_ALNUM | _USERNAME_EXTRA))
+_ADDRESS_USER_BYTES = bytes(sorted(_ASCII_ALNUM | _ADDRESS_USER_EXTRA))
+_ADDRESS_DOMAIN_BYTES = bytes(sorted(_ASCII_ALNUM | _ADDRESS_DOMAIN_EXTRA))
 # smtpd's fixed buffers: struct expandnode's u.user (SMTPD_MAXLOCALPARTSIZE) and u.buffer
 # (EXPAND_BUFFER); expand_line copies the whole value into a LINE_MAX buffer (2048 on Linux).
 _USER_BUF = 256
@@ -46,7 +55,7 @@ class DbmUnavailable(MailsetupError):
     """No way to write a Berkeley DB file here (no Berkeley-DB `dbm.ndbm`, or no `makemap`)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AliasEntry:
     """One alias as makemap stores it: `name` is the key (ASCII lower-cased), `value` the text after
     the colon exactly as stored (trailing blanks kept), both without the NUL the db adds; `line` is
@@ -82,6 +91,8 @@ def _ascii_lower(data: bytes) -> bytes:
 
 
 _LOWER_TABLE = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+# makemap cuts the name at the first blank or ':'
+_NAME_END = re.compile(rb"[ \t:]")
 
 
 def _is_escaped(segment: bytes, index: int) -> bool:
@@ -135,12 +146,13 @@ def _logical_lines(data: bytes) -> Iterable[tuple[int, int, bytes]]:
                 break
             segment = physical[index]
             index += 1
-            for pos, byte in enumerate(segment):
-                if byte == 0x23 and not _is_escaped(segment, pos):
-                    segment = segment[:pos]
-                    # a comment-only line with nothing pending is skipped like a blank one
-                    more = segment == b"" and buf is None
-                    break
+            pos = segment.find(b"#")
+            while pos >= 0 and _is_escaped(segment, pos):
+                pos = segment.find(b"#", pos + 1)
+            if pos >= 0:
+                segment = segment[:pos]
+                # a comment-only line with nothing pending is skipped like a blank one
+                more = segment == b"" and buf is None
             if segment.endswith(b"\\") and not _is_escaped(segment, len(segment) - 1):
                 segment = segment[:-1]
                 more = True
@@ -209,14 +221,12 @@ def _is_address(s: bytes) -> bool:
     at = _address_split(s)
     if at is None:
         return False
-    user, domain = s[:at], s[at + 1 :]
-    return all(c in _ASCII_ALNUM or c in _ADDRESS_USER_EXTRA for c in user) and all(
-        c in _ASCII_ALNUM or c in _ADDRESS_DOMAIN_EXTRA for c in domain
-    )
+    # translate(None, allowed) deletes every allowed byte: nothing left means all were allowed
+    return not s[:at].translate(None, _ADDRESS_USER_BYTES) and not s[at + 1 :].translate(None, _ADDRESS_DOMAIN_BYTES)
 
 
 def _is_username(s: bytes) -> bool:
-    return len(s) < _USER_BUF and all(c in _ASCII_ALNUM or c in _USERNAME_EXTRA for c in s)
+    return len(s) < _USER_BUF and not s.translate(None, _USERNAME_BYTES)
 
 
 def target_kind(target: str | bytes) -> str | None:
@@ -304,7 +314,9 @@ def _show(data: bytes) -> str:
 def parse_aliases(text: str, source: str = "aliases") -> list[AliasEntry]:
     """Parse aliases(5) text as `makemap -t aliases` does; refuse what it refuses, naming source:LINE."""
     data = _encode_checked(text, source)
-    return _parse_bytes(data, source)
+    with _gc_paused():
+        entries = _parse_simple(text)
+        return entries if entries is not None else _parse_bytes(data, source)
 
 
 def _encode_checked(text: str, source: str) -> bytes:
@@ -327,9 +339,10 @@ def _parse_bytes(data: bytes, source: str) -> list[AliasEntry]:
         rest = logical.lstrip(_C_SPACE)
         if not rest:
             continue
-        cut = min((i for i in (rest.find(b" "), rest.find(b"\t"), rest.find(b":")) if i >= 0), default=-1)
-        if cut < 0:
+        found = _NAME_END.search(rest)
+        if found is None:
             raise MailsetupError(f"{where}: invalid entry {_show(rest)}{started}: expected 'name: destination, ...'")
+        cut = found.start()
         key = _ascii_lower(rest[:cut])
         value = rest[cut + 1 :].lstrip(b":" + _C_SPACE)
         if not value:
@@ -348,6 +361,100 @@ def _parse_bytes(data: bytes, source: str) -> list[AliasEntry]:
         seen[key] = first
         entries.append(AliasEntry(name=key.decode(), value=value.decode(), line=first))
     return entries
+
+
+# ------------------------------------------------------------------------------ fast path
+#
+# Most aliases files hold only lines of one plain shape: `name: target, target` with each target a
+# user, an address, a /file, an [:]include:/file or a "|command" without quotes or commas inside. For
+# them fparseln does nothing but cut a '#' comment, and makemap's checks reduce to one regular
+# expression per line, run over the whole text in C. The expression accepts a strict subset of what
+# the exact parser accepts, and yields the same name and value; a file with any line it does not
+# cover (and any duplicate name) goes through the exact parser in full, so what is refused, and the
+# message, never depend on this path. tests/test_aliases.py checks both paths agree.
+
+
+def _class_of(allowed: bytes, exclude: str = "") -> str:
+    """A regex character class of the ASCII bytes in `allowed`, minus those in `exclude`."""
+    return "[" + "".join(re.escape(chr(c)) for c in sorted(allowed) if chr(c) not in exclude) + "]"
+
+
+def _ascii_class(exclude: str) -> str:
+    """A regex class of the printable ASCII characters (space excluded) minus `exclude`."""
+    return _class_of(bytes(range(0x21, 0x7F)), exclude)
+
+
+_PATH_CHAR = _ascii_class('",#\\')  # no blank, quote, comma, comment or escape
+_COMMAND_CHAR = _PATH_CHAR[:-1] + " ]"  # the same and a space, inside "|..."
+_USER_CLASS = _class_of(_USERNAME_BYTES)
+_ADDRESS_USER_CLASS = _class_of(_ADDRESS_USER_BYTES, exclude="#")
+# an address may not start with '/' or '|' here, which /file and |command take: a target that two
+# alternatives match whole would make a failing line backtrack exponentially in its targets
+_ADDRESS_FIRST_CLASS = _class_of(_ADDRESS_USER_BYTES, exclude="#/|")
+_ADDRESS_DOMAIN_CLASS = _class_of(_ADDRESS_DOMAIN_BYTES)
+# Each alternative is a piece target_kind accepts, whole: all ASCII, so that a length in characters
+# is a length in bytes, and none holds a blank at either end, a ',', '#', '\' or newline. No piece
+# is matched whole by two alternatives, or in two ways by one.
+_SIMPLE_TARGET = "|".join(
+    (
+        f"{_ADDRESS_FIRST_CLASS}{_ADDRESS_USER_CLASS}*@{_ADDRESS_DOMAIN_CLASS}+",  # address (one '@')
+        f"{_USER_CLASS}{{1,{_USER_BUF - 1}}}",  # username
+        f"/{_PATH_CHAR}{{0,{_EXPAND_BUF - 2}}}",  # /file
+        f":?(?i:include):/{_PATH_CHAR}{{0,{_EXPAND_BUF - 2}}}",  # [:]include:/file
+        f'"\\|{_COMMAND_CHAR}{{0,{_EXPAND_BUF - 2}}}"',  # "|command"
+        f"\\|{_PATH_CHAR}{{0,{_EXPAND_BUF - 1}}}",  # |command
+    )
+)
+# One physical line, found after the '\n' that ends the previous one (the text is given a leading and
+# a trailing '\n'): either blank/comment (both groups empty) or `name SEP value [# comment]`. The name
+# ends at the first blank or ':' (makemap's cut); the separator runs until a character makemap's
+# lstrip(": \t...") keeps, where the value starts; the value keeps its trailing blanks, as stored.
+# No possessive quantifiers: Python 3.11.2's re mis-matches `(?:,[ ]*+x)*+` on "," (CPython bug).
+_SIMPLE_LINE = re.compile(
+    r"\n(?:[ \t]*([^\s:#]+)[ \t:]+(?![ \t:])"
+    rf"((?:{_SIMPLE_TARGET})(?:[ \t]*,[ \t]*(?:{_SIMPLE_TARGET}))*[ \t\r\f\v]*)(?:#[^\n]*)?"
+    r"|[ \t\r\f\v]*(?:#[^\n]*)?)(?=\n)",
+    re.ASCII,
+)
+
+
+def _parse_simple(text: str) -> list[AliasEntry] | None:
+    """The entries, when every line of `text` is blank, a comment or a plain entry and no name repeats;
+    else None (then only the exact parser may answer)."""
+    if "\\" in text or "\0" in text:
+        return None  # escapes, continuation lines and NUL cuts are the exact parser's
+    padded = "\n" + text + ("\n" if text and not text.endswith("\n") else "")
+    rows = _SIMPLE_LINE.findall(padded)
+    if len(rows) != padded.count("\n") - 1:
+        return None  # some line is not of the plain shape
+    del padded
+    if not rows:
+        return []
+    names, values = zip(*rows, strict=True)
+    keep = list(map(bool, names))  # blank and comment lines have an empty name
+    lines = list(compress(range(1, len(rows) + 1), keep))
+    names, values = list(compress(names, keep)), list(compress(values, keep))
+    del rows, keep
+    if not names:
+        return []
+    joined = "\n".join(names)  # a name never holds a newline
+    keys = (joined.lower() if joined.isascii() else joined.encode().translate(_LOWER_TABLE).decode()).split("\n")
+    del joined, names
+    if len(set(keys)) != len(keys):
+        return None  # a duplicate: the exact parser names both lines
+    return list(map(AliasEntry, keys, values, lines))
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic GC while a million acyclic objects are made: collections would only rescan them."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _value_complaint(value: bytes) -> str:
@@ -372,13 +479,16 @@ def parse_aliases_file(path: Path) -> list[AliasEntry]:
     except OSError as exc:
         raise MailsetupError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise MailsetupError(
             f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8",
         ) from None
-    return _parse_bytes(data, str(path))
+    del data  # the text is all the fast path needs; the exact path re-encodes it
+    with _gc_paused():
+        entries = _parse_simple(text)
+        return entries if entries is not None else _parse_bytes(text.encode(), str(path))
 
 
 # ------------------------------------------------------------------------------------- checks
@@ -435,6 +545,10 @@ def db_backend() -> str:
     return "file"
 
 
+_NAME_OF = operator.attrgetter("name")
+_VALUE_OF = operator.attrgetter("value")
+
+
 def build_aliases_db(entries: Iterable[AliasEntry]) -> bytes:
     """The aliases.db bytes, written with dbm.ndbm: keys `name\\0`, values `value\\0`, as makemap."""
     ndbm = _ndbm()
@@ -443,21 +557,27 @@ def build_aliases_db(entries: Iterable[AliasEntry]) -> bytes:
             "this Python's dbm.ndbm is missing or not Berkeley DB, so it cannot write aliases.db",
             hint="run mailsetup with Debian's /usr/bin/python3, or install OpenSMTPD's makemap",
         )
-    records: dict[bytes, bytes] = {}
-    for entry in entries:
-        key = entry.name.encode()
-        if key in records:
-            # a db holds one value per key; silently keeping the last would hide a mistake
-            raise MailsetupError(f"aliases:{entry.line}: duplicate entry for {entry.name!r}")
-        records[key] = entry.value.encode()
-    with tempfile.TemporaryDirectory(prefix="mailsetup-aliases-") as tmp:
+    entries = entries if isinstance(entries, list) else list(entries)
+    names = list(map(_NAME_OF, entries))
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        for entry in entries:
+            if entry.name in seen:
+                # a db holds one value per key; silently keeping the last would hide a mistake
+                raise MailsetupError(f"aliases:{entry.line}: duplicate entry for {entry.name!r}")
+            seen.add(entry.name)
+    with tempfile.TemporaryDirectory(prefix="mailsetup-aliases-") as tmp, _gc_paused():
         base = os.path.join(tmp, "aliases")
         db = ndbm.open(base, "n", ALIASES_MODE)
         try:
-            for key, value in records.items():
-                db[key + b"\0"] = value + b"\0"
+            # db[name + "\0"] = value + "\0" for each entry, looped in C; ndbm stores a str as its
+            # UTF-8 bytes, the same as name.encode() + b"\0"
+            keys = map(operator.add, names, repeat("\0"))
+            values = map(operator.add, map(_VALUE_OF, entries), repeat("\0"))
+            deque(map(db.__setitem__, keys, values), maxlen=0)
         finally:
             db.close()
+        del names
         # Berkeley DB's ndbm emulation appends ".db" to the name it is given
         return Path(base + ".db").read_bytes()
 

@@ -677,3 +677,150 @@ _ALIAS_FILES = st.lists(st.one_of(_alias_line(), st.sampled_from(["", "# c", "  
 @settings(max_examples=300, deadline=None)
 def test_fuzzed_alias_files_agree_with_real_makemap(text):
     test_fuzzed_text_agrees_with_real_makemap.hypothesis.inner_test(text)
+
+
+# ------------------------------------------------------------------------- fast path vs exact
+
+
+def _exact(text: str) -> list[AliasEntry] | str:
+    """The exact parser's answer: the entries, or the error message."""
+    try:
+        return aliases._parse_bytes(text.encode(), "aliases")
+    except MailsetupError as err:
+        return str(err)
+
+
+def _fast_shaped_file(lines: int, seed: int) -> str:
+    """Lines the fast path covers: every target shape, mixed case, comments, blanks, CRLF, limits."""
+    rng = __import__("random").Random(seed)
+    targets = [
+        "alice", "Bob.Smith", "x+y", "a-b_c", "u" * 255, "bob@example.com", "It's!x@ex-1.org", "|a@b",
+        "/var/mail/x", "/" + "p" * 1022, ":include:/etc/l", "INCLUDE:/x", ":Include:/" + "q" * 1022,
+        '"|/usr/bin/vacation -a x"', '"|"', '"|' + "c" * 1022 + '"', "|/bin/cat", "|", "|" + "z" * 1023,
+    ]
+    seps = [": ", ":", "::", " ", "\t", " : ", ":\t: "]
+    out = []
+    for i in range(lines):
+        roll = rng.random()
+        if roll < 0.05:
+            out.append(rng.choice(["", "  ", "# comment", "   # indented comment", "\r", "#"]))
+            continue
+        name = rng.choice(["user", "User", "ROLE", "a.b", "x@y", "ü-", "n\"q"]) + str(i)
+        value = rng.choice(targets)
+        for _ in range(rng.randrange(4)):
+            value += rng.choice([",", ", ", " ,", " ,\t"]) + rng.choice(targets)
+        tail = rng.choice(["", " ", "\t", "\r", " # note", "#x", " \r"])
+        out.append(rng.choice(["", " ", "\t "]) + name + rng.choice(seps) + value + tail)
+    return "\n".join(out) + rng.choice(["\n", ""])
+
+
+def test_fast_path_agrees_with_exact_parser_on_a_generated_file():
+    text = _fast_shaped_file(3000, seed=7)
+    fast = aliases._parse_simple(text)
+    assert fast is not None, "the generated file should be covered by the fast path"
+    assert fast == _exact(text) == parse_aliases(text)
+    assert [e.line for e in fast] == [e.line for e in _exact(text)]
+
+
+@pytest.mark.parametrize(
+    "odd_line",
+    [
+        "a0: b c",  # a blank inside a value: refused
+        "DUP: again",  # a duplicate name (case-insensitively) of the first line
+        "x1: b,\\\n c",  # continuation
+        "x2: |/bin/echo a\\,b",  # escape
+        "x3: b\0c",  # NUL
+        "x4: |/bin/cmd with args",  # unquoted command with blanks: valid, not the plain shape
+        "x5: error:550 gone",
+        "x6: bob@[192.0.2.1]",
+        "\vx7: b",
+        "x8 :\vb",
+        ": empty-name",
+        "x9: café",
+        "x10: " + "u" * 256,
+        "x11: /" + "p" * 1023,
+        "x12: b,,c",
+        "x13:",
+        "x14: #",
+        'x15: "|a"b"',
+    ],
+)
+def test_a_line_outside_the_fast_path_sends_the_whole_file_to_the_exact_parser(odd_line):
+    lines = ["dup: first", *_fast_shaped_file(400, seed=3).splitlines()]
+    lines.insert(200, odd_line)
+    text = "\n".join(lines) + "\n"
+    assert aliases._parse_simple(text) is None
+    try:
+        got = parse_aliases(text)
+    except MailsetupError as err:
+        got = str(err)
+    assert got == _exact(text)
+
+
+@given(_ALIAS_FILES)
+@settings(max_examples=400, deadline=None)
+def test_fast_path_never_disagrees_with_the_exact_parser(text):
+    fast = aliases._parse_simple(text)
+    if fast is not None:
+        assert fast == _exact(text)
+
+
+_PLAIN_FRAGMENTS = [f for f in _FRAGMENTS if "\\" not in f] + ['"|a b"', '"|a"b"', "|a b", "u" * 256, ":x", "", " "]
+
+
+@st.composite
+def _plain_line(draw):
+    targets = draw(st.lists(st.sampled_from(_PLAIN_FRAGMENTS), min_size=1, max_size=4))
+    value = targets[0]
+    for target in targets[1:]:
+        value += draw(st.sampled_from([",", ", ", " ,", ",\t", ",,"])) + target
+    indent = draw(st.sampled_from(["", " ", "\t", "\v"]))
+    name = draw(st.sampled_from(["a", "A", "b", "Root", "x+y", "a@b", "é", "", "#c", "a\r"]))
+    colon = draw(st.sampled_from([":", ": ", " : ", "::", "\t", " ", ": :", ":\v"]))
+    tail = draw(st.sampled_from(["", " ", "\r", " # c", "#", "\f", " x"]))
+    return indent + name + colon + value + tail
+
+
+_PLAIN_FILES = st.lists(st.one_of(_plain_line(), st.sampled_from(["", "# c", "  ", "\r"])), max_size=6).map(
+    lambda lines: "\n".join(lines) + "\n"
+)
+
+
+@given(_PLAIN_FILES)
+@settings(max_examples=400, deadline=None)
+def test_fast_path_never_disagrees_on_plain_files(text):
+    fast = aliases._parse_simple(text)
+    if fast is not None:
+        assert fast == _exact(text)
+
+
+@given(st.text(alphabet=FUZZ_ALPHABET + "Iinclude\v\f ", max_size=80))
+@settings(max_examples=400, deadline=None)
+def test_fast_path_never_disagrees_on_fuzzed_text(text):
+    fast = aliases._parse_simple(text)
+    if fast is not None:
+        assert fast == _exact(text)
+
+
+@needs_makemap
+@needs_dbm
+def test_fast_path_file_matches_real_makemap(tmp_path):
+    text = _fast_shaped_file(3000, seed=11)
+    assert aliases._parse_simple(text) is not None
+    rc, stderr, expected = run_makemap(text.encode())
+    assert rc == 0, stderr
+    entries = parse_aliases(text)
+    assert our_records(entries) == expected
+    ours = tmp_path / "aliases.db"
+    ours.write_bytes(build_aliases_db(entries))
+    assert db_dump_records(ours) == expected
+
+
+@pytest.mark.parametrize("target", ["/x@y", "|x@y", "x@y", "u" * 255, ":include:/x@y", '"|a b"'])
+def test_fast_path_fails_a_long_bad_line_quickly(target):
+    # a target two alternatives of the expression matched whole made this take 2**n steps (n=24: ~9 s)
+    text = "a: " + ", ".join([target] * 24) + " bad\n"
+    start = time.perf_counter()
+    assert aliases._parse_simple(text) is None
+    assert time.perf_counter() - start < 1
+    assert aliases._parse_simple(text.replace(" bad", "")) is not None
