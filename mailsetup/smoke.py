@@ -260,6 +260,7 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
               smtpd: str | None = None) -> SmokeReport:
     report = SmokeReport()
     creds_path = Path(setup.layout.credentials)
+    stale = _forget_interrupted_runs(setup, creds_path)
     original_creds = creds_path.read_bytes() if creds_path.exists() else None
     user = f"mailsetup-smoke-{secrets.token_hex(3)}"
     password = secrets.token_urlsafe(18)
@@ -301,7 +302,8 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
             # A smoke-only login, taken out again at the end; the original bytes are restored.
             write_atomic(creds_path, creds_mod.render_credentials(creds_mod.with_user(creds, user, hashed)),
                          creds_mod.CREDS_MODE)
-            return f"smoke-only login {user} added to {creds_path}"
+            note = f"; removed {stale} left by an interrupted run" if stale else ""
+            return f"smoke-only login {user} added to {creds_path}{note}"
 
         if not report.add("smoke-only credential", add_smoke_user):
             return report
@@ -444,6 +446,22 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
         elif creds_path.exists():
             creds_path.unlink()
     return report
+
+
+def _forget_interrupted_runs(setup: MailSetup, creds_path: Path) -> str:
+    """A smoke test killed midway leaves its login and queue behind: take them away first."""
+    gone = []
+    creds = creds_mod.read_credentials(creds_path)
+    keep = [c for c in creds if not c.user.startswith("mailsetup-smoke-")]
+    if len(keep) != len(creds):
+        write_atomic(creds_path, creds_mod.render_credentials(keep), creds_mod.CREDS_MODE)
+        gone.append(f"{len(creds) - len(keep)} smoke-only login(s)")
+    queues = list(Path(setup.layout.state_dir).glob("smoke-queue-*"))
+    for q in queues:
+        shutil.rmtree(q, ignore_errors=True)
+    if queues:
+        gone.append(f"{len(queues)} smoke queue(s)")
+    return " and ".join(gone)
 
 
 def _wait_for(probe: Callable[[], list], timeout: float) -> list:

@@ -177,3 +177,17 @@ def test_smoke_says_plainly_when_queue_encryption_is_off(sandbox: Path):
     assert r.code == 0, r.out
     assert "✓ queued mail at rest (encryption off): 1 queued file(s), NOT encrypted" in r.out
     assert "queue encryption" not in (sandbox / "etc/smtpd.conf").read_text().split("\n\n", 1)[1]
+
+
+def test_smoke_cleans_up_after_an_interrupted_run(tmp_path: Path):
+    root = provision(tmp_path / "root")
+    creds = root / "etc/mailsetup/credentials"
+    original = creds.read_text()
+    # What a smoke test killed with -9 would leave behind.
+    creds.write_text(original + "mailsetup-smoke-dead01 $2b$10$" + "a" * 53 + "\n")
+    (root / "etc/mailsetup/smoke-queue-deadbeef").mkdir()
+    code, checks = smoke_json(root)
+    assert code == 0
+    assert "removed 1 smoke-only login(s) and 1 smoke queue(s) left by an interrupted run" in checks[0]["detail"]
+    assert creds.read_text() == original
+    assert not list((root / "etc/mailsetup").glob("smoke-queue-*"))
