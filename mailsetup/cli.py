@@ -217,6 +217,8 @@ def _write_many(changes, force: bool, flag: str) -> None:
     from mailsetup.files import apply_plan
 
     for change in changes:
+        if not change.path.parent.is_dir():
+            raise MailsetupError(f"{flag}: the folder {change.path.parent} does not exist")
         if change.path.exists() and not force:
             raise MailsetupError(f"{flag}: {change.path} exists; pass --force to replace it (a backup is kept)")
         if change.path.is_dir():

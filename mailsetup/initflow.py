@@ -72,6 +72,8 @@ def gather(flags: dict[str, Any], opts: InitOptions, out: Out) -> tuple[dict[str
     previous = None
     with contextlib.suppress(MailsetupError):
         previous = answers_mod.load_answers(answers_mod.find_answers(root and root.absolute(), flags.get("os")))
+    if opts.answers_file and not opts.answers_file.is_file():
+        raise MailsetupError(f"--answers: {opts.answers_file}: no such file")
     from_file = answers_mod.load_answers(opts.answers_file) if opts.answers_file else {}
     merged = {**(previous or {}), **from_file, **flags}
     return merged, previous

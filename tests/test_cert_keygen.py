@@ -144,3 +144,10 @@ def test_smtpd_accepts_our_queue_key_and_refuses_a_wrong_length(sandbox: Path):
     r = run_cli(*init_args(sandbox))
     assert r.code == 2
     assert "the queue key must be exactly 32 characters, not 16" in r.err
+
+
+def test_out_paths_in_missing_folders_are_refused_not_created(tmp_path: Path):
+    r = run_cli("keygen", "--out", tmp_path / "no/such/dir/queue.key")
+    assert r.code == 2
+    assert r.err_lines == [f"mailsetup: error: --out: the folder {tmp_path / 'no/such/dir'} does not exist"]
+    assert not (tmp_path / "no").exists()
