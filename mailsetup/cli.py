@@ -213,11 +213,11 @@ def _write_one(path: Path, content: bytes, mode: int, force: bool, flag: str) ->
     _write_many([FileChange(path, content, mode, flag)], force, flag)
 
 
-def _write_many(changes, force: bool, flag: str) -> None:
+def _write_many(changes, force: bool, flag: str, make_dirs: bool = False) -> None:
     from mailsetup.files import apply_plan
 
     for change in changes:
-        if not change.path.parent.is_dir():
+        if not make_dirs and not change.path.parent.is_dir():
             raise MailsetupError(f"{flag}: the folder {change.path.parent} does not exist")
         if change.path.exists() and not force:
             raise MailsetupError(f"{flag}: {change.path} exists; pass --force to replace it (a backup is kept)")
@@ -256,6 +256,7 @@ def cert(
         raise MailsetupError(f"--key-type: {key_type!r} is not one of {', '.join(KEY_TYPES)}")
     if not 1 <= days <= 36500:
         raise MailsetupError(f"--days: {days} is outside 1..36500")
+    defaults = out_cert is None or out_key is None  # the layout's own folders may be made
     if out_cert is None or out_key is None:
         layout = sandboxed(get_layout(os_name or detect_os() or "debian"), root.absolute() if root else None)
         out_cert = out_cert or Path(layout.cert_dir / f"{host}.crt")
@@ -268,7 +269,7 @@ def cert(
         changes.append(FileChange(csr, pki.csr(key, host), 0o644, "certificate signing request"))
     else:
         changes.append(FileChange(out_cert, pki.self_signed_cert(key, host, days), pki.CERT_MODE, "certificate"))
-    _write_many(changes, force, "--out-key" if out_key.exists() else "--out-cert")
+    _write_many(changes, force, "--out-key" if out_key.exists() else "--out-cert", make_dirs=defaults)
     _echo(f"wrote {out_key} (0600, {key_type})")
     if csr is not None:
         _echo(f"wrote {csr}: send it to your CA, then run init with --cert CERT --key {out_key}")
