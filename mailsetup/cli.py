@@ -23,6 +23,23 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from mailsetup import __version__
+
+        typer.echo(f"mailsetup {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Bring up a working, secure OpenSMTPD: certificate, queue key, aliases.db, smtpd.conf."""
+
+
 # Options shared by the commands that build a MailSetup (init, render).
 Domain = Annotated[str | None, typer.Option("--domain", help="The mail domain, e.g. example.org.")]
 Hostname = Annotated[
