@@ -91,6 +91,7 @@ def test_smoke_fails_naming_a_key_that_does_not_match_the_cert(tmp_path: Path):
     root = provision(tmp_path / "root")
     key = root / "etc/ssl/private/mail.example.test.key"
     other = tmp_path / "other"
+    other.mkdir()
     assert run_cli("cert", "--hostname", "mail.example.test", "--out-cert", other / "c", "--out-key",
                    other / "k").code == 0
     key.write_bytes((other / "k").read_bytes())
