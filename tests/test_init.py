@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -210,3 +211,27 @@ def test_admin_on_a_rerun_changes_who_reads_roots_mail(sandbox: Path):
     text = (sandbox / "etc/aliases").read_text()
     assert "root: carol\n" in text and "root: alice" not in text
     assert next((sandbox / "etc").glob("aliases.2*.bak")).read_text().count("root: alice") == 1
+
+
+@pytest.mark.skipif(not IS_ROOT or not shutil.which("runuser"), reason="needs root and runuser to become nobody")
+def test_a_normal_user_can_provision_a_sandbox_and_is_told_about_key_ownership():
+    import tempfile
+
+    from conftest import MAILSETUP
+
+    base = Path(tempfile.mkdtemp(prefix="mailsetup-nobody-", dir="/tmp"))
+    base.chmod(0o777)
+    try:
+        proc = subprocess.run(
+            ["runuser", "-u", "nobody", "--", MAILSETUP, "init", "--yes", "--domain", "example.test", "--os",
+             "debian", "--admin", "alice", "--root", str(base / "root")],
+            capture_output=True, text=True, timeout=120, cwd="/tmp", env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1"},
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "not running as root: smtpd loads a private key only when it is owned by root" in proc.stderr
+        assert "smtpd -n skipped: it needs root" in proc.stdout
+        assert "10/10 passed" in proc.stdout
+        key = base / "root/etc/ssl/private/mail.example.test.key"
+        assert key.stat().st_uid != 0 and (key.stat().st_mode & 0o777) == 0o600
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
