@@ -223,8 +223,8 @@ def test_a_normal_user_can_provision_a_sandbox_and_is_told_about_key_ownership()
     base.chmod(0o777)
     try:
         proc = subprocess.run(
-            ["runuser", "-u", "nobody", "--", MAILSETUP, "init", "--yes", "--domain", "example.test", "--os",
-             "debian", "--admin", "alice", "--root", str(base / "root")],
+            [shutil.which("runuser"), "-u", "nobody", "--", MAILSETUP, "init", "--yes", "--domain", "example.test",
+             "--os", "debian", "--admin", "alice", "--root", str(base / "root")],
             capture_output=True, text=True, timeout=120, cwd="/tmp", env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1"},
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
