@@ -377,13 +377,9 @@ def serve(
     debug: Debug = False,
 ) -> None:
     """Run the embedded MTA in the foreground on the set-up's files (Ctrl-C or SIGTERM stops it)."""
-    import asyncio
-    import logging
-    import signal
-
     from mailsetup.answers import load_setup
     from mailsetup.model import validate_listen, validate_port
-    from mailsetup.mta.server import EmbeddedMta, MtaOptions, load_runtime
+    from mailsetup.mta.server import MtaOptions, load_runtime
 
     setup = load_setup(root, os_name)
     options = MtaOptions(
@@ -395,44 +391,9 @@ def serve(
         max_connections=max_connections,
         timeout=timeout,
     )
-    import logging.handlers
-    import queue as queue_mod
+    from mailsetup.mta.server import serve_forever
 
-    # Log lines are formatted and written by a thread, not on the event loop (measured: ~6% of a
-    # delivery's time when done inline).
-    log_queue: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    listener = logging.handlers.QueueListener(log_queue, stream)
-    class _Enqueue(logging.handlers.QueueHandler):
-        def prepare(self, record):  # format in the listener's thread, not here
-            return record
-
-    logging.basicConfig(level=logging.INFO, handlers=[_Enqueue(log_queue)])
-    listener.start()
-    runtime = load_runtime(setup, options)
-
-    async def run() -> None:
-        mta = EmbeddedMta(runtime)
-        await mta.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        _echo(
-            f"serving {setup.domain}: smtp {options.listen}:{mta.ports['smtp']}, "
-            f"submission {options.listen}:{mta.ports['submission']}"
-            + (f", relay to {relay_host}" if relay_host else ", no relay host (outbound mail stays queued)"),
-            err=True,
-        )
-        await stop.wait()
-        await mta.stop()
-
-    try:
-        asyncio.run(run())
-    finally:
-        listener.stop()
-    _echo("stopped", err=True)
+    serve_forever(load_runtime(setup, options), say=lambda text: _echo(text, err=True))
 
 
 def _run_smoke_and_report(setup, as_json: bool, smtp_port: int = 0, submission_port: int = 0,
@@ -484,20 +445,15 @@ def doctor(
     import json
 
     from mailsetup.answers import load_setup
-    from mailsetup.doctor import MARK, Doctor
+    from mailsetup.doctor import Doctor
+    from mailsetup.report import print_doctor
 
     doc = Doctor(load_setup(root, os_name))
     findings = doc.run()
     if as_json:
         typer.echo(json.dumps([f.as_dict() for f in findings], indent=2))
     else:
-        colors = {"ok": "green", "warn": "yellow", "fail": "red"}
-        for f in findings:
-            _echo(f"{MARK[f.status]} {f.name}: {f.detail}", fg=colors[f.status] if f.status != "ok" else None)
-        fails = sum(f.status == "fail" for f in findings)
-        warns = sum(f.status == "warn" for f in findings)
-        _echo(f"{len(findings) - fails - warns} ok, {warns} warning(s), {fails} problem(s)",
-              fg="red" if fails else "green")
+        print_doctor(findings)
     if not doc.ok:
         raise typer.Exit(1)
 
@@ -540,6 +496,7 @@ def dns(
 
     from mailsetup import dns as dns_mod
     from mailsetup.answers import load_setup
+    from mailsetup.report import print_dns
 
     setup = load_setup(root, os_name)
     ips = dns_mod.validate_ips(ip or [])
@@ -556,24 +513,7 @@ def dns(
             payload["check"] = [c.as_dict() for c in comparisons]
         typer.echo(json.dumps(payload, indent=2))
     else:
-        typer.echo(f"; zone-file snippet for {setup.domain}")
-        for r in records:
-            typer.echo(r.zone_line())
-        if not ips:
-            typer.echo(f"{setup.hostname + '.':<32} 3600 IN A     <this host's public IPv4: pass --ip>")
-        typer.echo("")
-        typer.echo(f"{'name':<32} {'type':<5} {'value':<60} why")
-        for r in records:
-            typer.echo(f"{r.name:<32} {r.type:<5} {r.value:<60} {r.why}")
-        for line in dns_mod.ptr_advice(setup, ips):
-            typer.echo(f"PTR: {line}")
-        if comparisons is not None:
-            typer.echo("")
-            marks = {"ok": "✓", "warn": "!", "fail": "✗"}
-            for c in comparisons:
-                found = f" (found: {', '.join(c.found)})" if c.found and c.status != "ok" else ""
-                _echo(f"{marks[c.status]} {c.record.type} {c.record.name}: {c.detail}{found}",
-                      fg={"ok": None, "warn": "yellow", "fail": "red"}[c.status])
+        print_dns(setup, records, dns_mod.ptr_advice(setup, ips), bool(ips), comparisons)
     if comparisons is not None and any(c.status == "fail" for c in comparisons):
         raise typer.Exit(1)
 

@@ -17,7 +17,6 @@ from mailsetup.errors import MailsetupError
 from mailsetup.model import MailSetup
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-MARK = {OK: "✓", WARN: "!", FAIL: "✗"}
 
 
 @dataclass

@@ -81,3 +81,36 @@ def print_smoke(sr) -> None:
     total = sum(c.seconds for c in sr.checks)
     passed = sum(c.ok for c in sr.checks)
     typer.echo(_style(f"  {passed}/{len(sr.checks)} passed in {total:.1f}s", "green" if sr.ok else "red"))
+
+
+_MARKS = {"ok": "✓", "warn": "!", "fail": "✗"}
+_COLORS = {"ok": None, "warn": "yellow", "fail": "red"}
+
+
+def print_doctor(findings) -> None:
+    for f in findings:
+        typer.echo(_style(f"{_MARKS[f.status]} {f.name}: {f.detail}", _COLORS[f.status]))
+    fails = sum(f.status == "fail" for f in findings)
+    warns = sum(f.status == "warn" for f in findings)
+    typer.echo(_style(f"{len(findings) - fails - warns} ok, {warns} warning(s), {fails} problem(s)",
+                      "red" if fails else "green"))
+
+
+def print_dns(setup: MailSetup, records, ptr: list[str], have_ips: bool, comparisons) -> None:
+    typer.echo(f"; zone-file snippet for {setup.domain}")
+    for r in records:
+        typer.echo(r.zone_line())
+    if not have_ips:
+        typer.echo(f"{setup.hostname + '.':<32} 3600 IN A     <this host's public IPv4: pass --ip>")
+    typer.echo("")
+    typer.echo(f"{'name':<32} {'type':<5} {'value':<60} why")
+    for r in records:
+        typer.echo(f"{r.name:<32} {r.type:<5} {r.value:<60} {r.why}")
+    for line in ptr:
+        typer.echo(f"PTR: {line}")
+    if comparisons is None:
+        return
+    typer.echo("")
+    for c in comparisons:
+        found = f" (found: {', '.join(c.found)})" if c.found and c.status != "ok" else ""
+        typer.echo(_style(f"{_MARKS[c.status]} {c.record.type} {c.record.name}: {c.detail}{found}", _COLORS[c.status]))
