@@ -36,6 +36,7 @@ class Provisioning:
     aliases_format: str
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    key_type_in_use: str | None = None  # of the certificate that will be on disk
 
 
 def default_aliases_text(setup: MailSetup, admin: str | None) -> str:
@@ -71,7 +72,7 @@ def _aliases_source(setup: MailSetup, admin: str | None) -> tuple[str, str]:
     return default_aliases_text(setup, admin), "(default aliases)"
 
 
-def _plan_tls(setup: MailSetup, prov: Provisioning, rotate: bool) -> None:
+def _plan_tls(setup: MailSetup, prov: Provisioning, rotate: bool, key_type_chosen: bool) -> None:
     from mailsetup import pki
 
     cert_path, key_path = Path(setup.tls.cert), Path(setup.tls.key)
@@ -87,12 +88,18 @@ def _plan_tls(setup: MailSetup, prov: Provisioning, rotate: bool) -> None:
         except MailsetupError as exc:
             prov.warnings.append(f"replacing the existing certificate: {exc.message}")
         else:
-            prov.notes.append(
-                f"kept the existing certificate {cert_path} ({info.key_type}, "
-                f"expires {info.not_after:%Y-%m-%d})"
-            )
-            return
+            # A re-run that accepts every default changes no key: only a key type asked for replaces it.
+            if info.key_type == setup.tls.key_type or not key_type_chosen:
+                prov.key_type_in_use = info.key_type
+                prov.notes.append(
+                    f"kept the existing certificate {cert_path} ({info.key_type}, "
+                    f"expires {info.not_after:%Y-%m-%d})"
+                )
+                return
+            prov.notes.append(f"new key and certificate: the key type changes from {info.key_type} "
+                              f"to {setup.tls.key_type}")
     key = pki.generate_key(setup.tls.key_type)
+    prov.key_type_in_use = setup.tls.key_type
     prov.plan.add(
         FileChange(key_path, pki.key_pem(key), pki.KEY_MODE, f"TLS private key ({setup.tls.key_type})",
                    secret=True)
@@ -200,10 +207,11 @@ def _plan_credentials(setup: MailSetup, prov: Provisioning, new_user: tuple[str,
                              f"credentials table for AUTH, {len(users)} user(s)", secret=True))
 
 
-def recorded_answers(setup: MailSetup, raw: dict, admin: str | None) -> dict:
+def recorded_answers(setup: MailSetup, raw: dict, admin: str | None, key_type: str | None = None) -> dict:
     """What the answers file keeps: the resolved choices, never a secret, never the sandbox root."""
     out = {k: v for k, v in raw.items() if k in answers_mod.KEYS and v is not None}
     out.update(domain=setup.domain, hostname=setup.hostname, os=setup.os_name,
+               key_type=key_type or setup.tls.key_type,
                smtpd_version=f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}")
     if admin:
         out["admin"] = admin
@@ -222,7 +230,7 @@ def build_plan(setup: MailSetup, admin: str | None = None, raw: dict | None = No
     `new_user` is (name, bcrypt hash) of a login to add.
     """
     prov = Provisioning(setup=setup, plan=Plan(), aliases_format="db")
-    _plan_tls(setup, prov, rotate_cert)
+    _plan_tls(setup, prov, rotate_cert, key_type_chosen="key_type" in (raw or {}))
     queue_key = _plan_queue_key(setup, prov, rotate_queue_key)
     _plan_aliases(setup, prov, admin)
     _plan_credentials(setup, prov, new_user)
@@ -233,7 +241,7 @@ def build_plan(setup: MailSetup, admin: str | None = None, raw: dict | None = No
         raise MailsetupError(f"internal error: rendered smtpd.conf line {f.line} {f.why}", exit_code=1)
     prov.plan.add(FileChange(Path(setup.layout.smtpd_conf), conf.encode(), CONF_MODE,
                              "smtpd.conf", redact=(QUEUE_KEY_REDACT,)))
-    answers = recorded_answers(setup, raw or {}, admin)
+    answers = recorded_answers(setup, raw or {}, admin, prov.key_type_in_use)
     prov.plan.add(FileChange(Path(setup.layout.answers), answers_mod.render_answers(answers),
                              answers_mod.ANSWERS_MODE, "answers (no secrets): re-runs start from these"))
     prov.warnings.extend(_environment_warnings(setup))

@@ -235,3 +235,29 @@ def test_a_normal_user_can_provision_a_sandbox_and_is_told_about_key_ownership()
         assert key.stat().st_uid != 0 and (key.stat().st_mode & 0o777) == 0o600
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_changing_the_key_type_on_a_rerun_makes_a_new_key_and_certificate(sandbox: Path):
+    assert run_cli(*init_args(sandbox, "--no-smoke")).code == 0
+    key = sandbox / "etc/ssl/private/mail.example.test.key"
+    old = key.read_bytes()
+    r = run_cli(*init_args(sandbox, "--no-smoke", "--key-type", "ecdsa-p256"))
+    assert r.code == 0, r.err
+    assert "the key type changes from rsa-2048 to ecdsa-p256" in r.out
+    assert key.read_bytes() != old and b"BEGIN PRIVATE KEY" in key.read_bytes()
+    r = run_cli(*init_args(sandbox, "--no-smoke", "--key-type", "ecdsa-p256"))
+    assert "Everything is already in place" in r.out
+
+
+def test_a_rerun_with_defaults_keeps_a_certificate_of_another_key_type(sandbox: Path):
+    key = sandbox / "etc/ssl/private/mail.example.test.key"
+    key.parent.mkdir(parents=True)
+    (sandbox / "etc/ssl/certs").mkdir(parents=True)
+    assert run_cli("cert", "--hostname", "mail.example.test", "--key-type", "ecdsa-p256", "--out-key", key,
+                   "--out-cert", sandbox / "etc/ssl/certs/mail.example.test.crt").code == 0
+    old = key.read_bytes()
+    for _ in range(2):
+        r = run_cli(*init_args(sandbox, "--no-smoke"))
+        assert r.code == 0, r.err
+        assert key.read_bytes() == old
+    assert 'key_type = "ecdsa-p256"' in (sandbox / "etc/mailsetup/answers.toml").read_text()
