@@ -137,7 +137,7 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_new_file(path: Path, chunks: Sequence[bytes], mode: int) -> None:
+def write_new_file(path: Path, chunks: Sequence[bytes], mode: int, owner: tuple[int, int] | None = None) -> None:
     """Create `path` (it must not exist) holding `chunks`, fsynced; removed again if anything fails.
 
     It is born private (O_EXCL, owner-only) and widened to `mode` only once complete, so a secret is
@@ -150,6 +150,8 @@ def write_new_file(path: Path, chunks: Sequence[bytes], mode: int) -> None:
         data = memoryview(b"".join(chunks)) if len(chunks) != 1 else memoryview(chunks[0])
         while data:
             data = data[os.write(fd, data):]
+        if owner is not None:
+            os.fchown(fd, *owner)
         os.fchmod(fd, mode)  # the final mode, once the content is complete
         os.fsync(fd)
     except BaseException:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -126,3 +128,51 @@ def test_no_address_a_stranger_sends_is_ever_relayed(rcpt: str):
         assert d.local_users, d
         # Only admin-configured forwarding (the 'team' alias) ever leaves the host.
         assert set(d.relay_to) <= {"friend@elsewhere.org"}
+
+
+def test_a_path_is_never_a_local_user_in_a_sandbox(tmp_path):
+    from mailsetup.model import build_setup
+    from mailsetup.mta.policy import local_user_check
+
+    setup = build_setup({"domain": "example.test", "os": "debian", "root": str(tmp_path)})
+    (tmp_path / "home/alice").mkdir(parents=True)
+    is_user = local_user_check(setup, {"root": "alice"}, {})
+    assert is_user("alice")
+    for name in ("/tmp", "/etc", "../..", "..", "/", "root", "ALICE/x"):
+        assert not is_user(name), name
+    p = Policy(frozenset({"example.test"}), {"root": "alice"}, is_user, frozenset())
+    assert p.check_rcpt("/tmp@example.test", peer_ip=STRANGER).code == 550
+
+
+def test_on_a_real_host_only_peoples_accounts_get_mail(tmp_path):
+    import pwd
+    import subprocess
+
+    from conftest import IS_ROOT
+
+    from mailsetup.model import build_setup
+    from mailsetup.mta.policy import local_user_check, uid_min
+
+    setup = build_setup({"domain": "example.test", "os": "debian"})  # no --root: the real host
+    is_user = local_user_check(setup, {}, {})
+    for system in ("root", "nobody", "daemon", "sys", "bin", "www-data", "/tmp"):
+        assert not is_user(system), system
+    if IS_ROOT:
+        try:
+            pwd.getpwnam("mspolicy")
+        except KeyError:
+            subprocess.run(["useradd", "-m", "-s", "/usr/sbin/nologin", "mspolicy"], check=True)
+        assert pwd.getpwnam("mspolicy").pw_uid >= uid_min()
+        assert is_user("mspolicy")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files away needs root")
+def test_a_real_users_maildir_and_mail_belong_to_them(tmp_path):
+    from mailsetup.mta import maildir
+
+    home = tmp_path / "home"
+    home.mkdir()
+    path = maildir.deliver(home / "Maildir", b"Subject: x\n\nhi\n", owner=(4242, 4243))
+    for p in (home / "Maildir", home / "Maildir/new", home / "Maildir/tmp", home / "Maildir/cur", path):
+        assert (p.stat().st_uid, p.stat().st_gid) == (4242, 4243), p
+    assert (path.stat().st_mode & 0o777) == 0o600

@@ -20,9 +20,15 @@ _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 _known: set[Path] = set()
 
 
-def ensure_maildir(maildir: Path) -> None:
-    for sub in ("tmp", "new", "cur"):
-        (maildir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+def ensure_maildir(maildir: Path, owner: tuple[int, int] | None = None) -> None:
+    """tmp/, new/, cur/ (0700). For a real user (`owner`), the home must exist already and what is
+    made belongs to them, as if they had made it; in a sandbox, missing parents are made too."""
+    for d in (maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
+        if d.is_dir():
+            continue
+        d.mkdir(mode=0o700, parents=owner is None, exist_ok=True)
+        if owner is not None:
+            os.chown(d, *owner)
     _known.add(maildir)
 
 
@@ -31,19 +37,19 @@ def unique_name() -> str:
     return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{next(_counter)}.{_HOST}"
 
 
-def deliver(maildir: Path, *chunks: bytes) -> Path:
+def deliver(maildir: Path, *chunks: bytes, owner: tuple[int, int] | None = None) -> Path:
     """Put the message (the chunks, in order) into maildir/new durably; returns its path.
 
     Raises OSError (disk full, permissions) with nothing left in new/."""
     if maildir not in _known:  # three mkdirs per message cost more than they are worth
-        ensure_maildir(maildir)
+        ensure_maildir(maildir, owner)
     name = unique_name()
     tmp = maildir / "tmp" / name
     try:
-        write_new_file(tmp, chunks, 0o600)
+        write_new_file(tmp, chunks, 0o600, owner)
     except FileNotFoundError:  # removed under us since we last looked: make it again
-        ensure_maildir(maildir)
-        write_new_file(tmp, chunks, 0o600)
+        ensure_maildir(maildir, owner)
+        write_new_file(tmp, chunks, 0o600, owner)
     final = maildir / "new" / name
     publish(tmp, final)
     return final

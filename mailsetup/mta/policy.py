@@ -197,19 +197,35 @@ class Policy:
         return None
 
 
+_USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+
+
+def uid_min(login_defs: Path = Path("/etc/login.defs")) -> int:
+    """The first uid of a person's account on this host (UID_MIN, 1000 by default)."""
+    try:
+        m = re.search(r"^\s*UID_MIN\s+(\d+)", login_defs.read_text(), re.M)
+    except OSError:
+        m = None
+    return int(m.group(1)) if m else 1000
+
+
 def local_user_check(setup: MailSetup, aliases: dict[str, str], creds: dict[str, str]) -> Callable[[str], bool]:
-    """Who counts as a local user: system users (not root) on a real host; in a sandbox, anyone with
-    a home there, a login, or a plain name an alias points at."""
+    """Who counts as a local user. On a real host: a person's account (uid from UID_MIN on, not
+    nobody) whose home exists — never a system account, whose 'home' may be /dev or /usr/sbin. In a
+    sandbox: a login, or a plain name an alias points at, or a home already made there."""
     if setup.root is None:
+        first = uid_min()
+
         def system_user(name: str) -> bool:
+            if not _USERNAME.match(name):
+                return False
             try:
-                return pwd.getpwnam(name).pw_uid != 0
+                pw = pwd.getpwnam(name)
             except KeyError:
                 return False
+            return first <= pw.pw_uid < 65534 and Path(pw.pw_dir).is_dir()
         return system_user
     home = Path(setup.layout.home_dir)
-    # In a sandbox there are no system users: a user is anyone with a home there, a login, or a
-    # plain name an alias points at (the admin wrote it for a person).
     named: set[str] = set(creds)
     for value in aliases.values():
         targets, _ = aliases_mod.split_value(value)
@@ -219,5 +235,7 @@ def local_user_check(setup: MailSetup, aliases: dict[str, str], creds: dict[str,
     named -= set(aliases)
 
     def sandbox_user(name: str) -> bool:
-        return name != "root" and (name in named or (home / name).is_dir())
+        if name == "root" or not _USERNAME.match(name):  # a name, never a path
+            return False
+        return name in named or (home / name).is_dir()
     return sandbox_user

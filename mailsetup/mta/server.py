@@ -58,6 +58,7 @@ class Runtime:
     queue: MailQueue
     policy: Policy
     home: Callable[[str], Path]
+    owner: Callable[[str], tuple[int, int] | None]
     options: MtaOptions
     stats: dict = field(default_factory=lambda: {"delivered": 0, "queued": 0, "refused": 0})
 
@@ -92,7 +93,15 @@ def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
             return Path(pwd.getpwnam(user).pw_dir) / "Maildir"
         return Path(setup.maildir_for(user))
 
-    return Runtime(setup, tls, aliases, creds, queue, policy, home, options)
+    @functools.lru_cache(maxsize=4096)
+    def owner(user: str) -> tuple[int, int] | None:
+        """A real user's mail belongs to them; in a sandbox, to whoever runs mailsetup."""
+        if setup.root is None:
+            pw = pwd.getpwnam(user)
+            return pw.pw_uid, pw.pw_gid
+        return None
+
+    return Runtime(setup, tls, aliases, creds, queue, policy, home, owner, options)
 
 
 class Handler:
@@ -164,7 +173,7 @@ class Handler:
         local_copy = message.replace(b"\r\n", b"\n") if users else b""
         for user in users:
             header = f"Return-Path: <{mail_from}>\nDelivered-To: {user}\n".encode()
-            maildir.deliver(self.rt.home(user), header, local_copy)
+            maildir.deliver(self.rt.home(user), header, local_copy, owner=self.rt.owner(user))
             self.rt.stats["delivered"] += 1
         if relay:
             qid = self.rt.queue.put(mail_from, relay, message)
