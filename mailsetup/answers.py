@@ -73,9 +73,19 @@ def load_answers(path: Path) -> dict[str, Any]:
 
 
 def find_answers(root: Path | None, os_name: str | None) -> Path:
-    """The answers file of the set-up under `root` (or of this host)."""
+    """The answers file of the set-up under `root` (or of this host); an error when there is none."""
+    found = existing_answers(root, os_name)
+    if found is None:
+        where = f" under {root}" if root else ""
+        raise MailsetupError(f"no mailsetup set-up found{where} (no answers.toml); run `mailsetup init` first")
+    return found
+
+
+def existing_answers(root: Path | None, os_name: str | None) -> Path | None:
+    """The answers file of the set-up under `root` (or of this host), or None when there is none."""
     if os_name:
-        return Path(sandboxed(get_layout(os_name), root).answers)
+        path = Path(sandboxed(get_layout(os_name), root).answers)
+        return path if path.exists() else None
     detected = detect_os()
     names = ([detected] if detected else []) + sorted(LAYOUTS)
     seen: set[PurePosixPath] = set()
@@ -86,8 +96,7 @@ def find_answers(root: Path | None, os_name: str | None) -> Path:
         seen.add(path)
         if Path(path).exists():
             return Path(path)
-    where = f" under {root}" if root else ""
-    raise MailsetupError(f"no mailsetup set-up found{where} (no answers.toml); run `mailsetup init` first")
+    return None
 
 
 def load_setup(root: Path | None, os_name: str | None = None):

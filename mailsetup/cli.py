@@ -152,16 +152,16 @@ def init(
     )
     if smoke_flag is not None:
         flags["smoke"] = smoke_flag
-    if "smtpd_version" not in flags:
-        detected = _detect_smtpd_version(None)
-        if detected:
-            flags["smtpd_version"] = detected
+    detected = {}
+    found = _detect_smtpd_version(None)
+    if found:
+        detected["smtpd_version"] = found  # the lowest layer: an answers file or the last run wins
     opts = InitOptions(
         yes=yes, dry_run=dry_run, diff=diff, smoke=smoke_flag, rotate_cert=rotate or rotate_cert,
         rotate_queue_key=rotate or rotate_queue_key, drain=drain, force_rotate=force_rotate, quiet=quiet,
         as_json=as_json, answers_file=answers, password_stdin=password_stdin,
     )
-    code = run_init(flags, opts)
+    code = run_init(flags, opts, detected)
     if code:
         raise typer.Exit(code)
 

@@ -66,34 +66,39 @@ class Out:
 REQUIRED = ("domain",)
 
 
-def gather(flags: dict[str, Any], opts: InitOptions, out: Out) -> tuple[dict[str, Any], dict | None]:
-    """Merge the answers; returns (answers, previous run's answers or None)."""
+def gather(flags: dict[str, Any], opts: InitOptions, out: Out,
+           detected: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict | None]:
+    """Merge flags > --answers file > the last run > detected; returns (answers, last run or None)."""
+    detected = detected or {}
     root = Path(flags["root"]) if flags.get("root") else None
     previous = None
-    with contextlib.suppress(MailsetupError):
-        previous = answers_mod.load_answers(answers_mod.find_answers(root and root.absolute(), flags.get("os")))
+    # A missing answers file means a first run; one that is there but does not load stops us: a
+    # re-run that silently forgot the last run's choices would reconfigure the server.
+    path = answers_mod.existing_answers(root and root.absolute(), flags.get("os"))
+    if path is not None:
+        previous = answers_mod.load_answers(path)
     if opts.answers_file and not opts.answers_file.is_file():
         raise MailsetupError(f"--answers: {opts.answers_file}: no such file")
     from_file = answers_mod.load_answers(opts.answers_file) if opts.answers_file else {}
-    merged = {**(previous or {}), **from_file, **flags}
+    merged = {**detected, **(previous or {}), **from_file, **flags}
     return merged, previous
 
 
-def run_init(flags: dict[str, Any], opts: InitOptions) -> int:
+def run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any] | None = None) -> int:
     try:
-        return _run_init(flags, opts)
+        return _run_init(flags, opts, detected or {})
     except KeyboardInterrupt:
         # apply_plan has already put back anything it had written when the interrupt came.
         raise Interrupted() from None
 
 
-def _run_init(flags: dict[str, Any], opts: InitOptions) -> int:
+def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]) -> int:
     from mailsetup import credentials, provision, report, state
     from mailsetup.model import build_setup
 
     out = Out(opts)
     given = set(flags)
-    answers, previous = gather(flags, opts, out)
+    answers, previous = gather(flags, opts, out, detected)
     interactive = opts.interactive and not opts.yes and not opts.as_json
 
     rotate_cert, rotate_qk = opts.rotate_cert, opts.rotate_queue_key

@@ -78,6 +78,7 @@ def _plan_tls(setup: MailSetup, prov: Provisioning, rotate: bool, key_type_chose
     cert_path, key_path = Path(setup.tls.cert), Path(setup.tls.key)
     if setup.tls.source == "existing":
         info = pki.check_existing_pair(cert_path, key_path, setup.hostname)
+        prov.key_type_in_use = info.key_type
         prov.notes.append(f"using your certificate {cert_path} (expires {info.not_after:%Y-%m-%d})")
         if rotate:
             prov.warnings.append("--rotate-cert: the certificate is your own (--cert); renew it where it came from")
@@ -215,9 +216,8 @@ def recorded_answers(setup: MailSetup, raw: dict, admin: str | None, key_type: s
                smtpd_version=f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}")
     if admin:
         out["admin"] = admin
-    for k in ("cert", "key"):
-        if k in out:
-            out[k] = str(out[k])
+    if setup.tls.source == "existing":  # absolute, as smtpd.conf names them
+        out["cert"], out["key"] = str(setup.tls.cert), str(setup.tls.key)
     if "listen" in out:
         out["listen"] = list(out["listen"])
     return out

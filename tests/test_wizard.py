@@ -290,3 +290,44 @@ def test_csr_for_a_ca_comes_with_a_stand_in_certificate(tmp_path: Path):
     csr = root / "etc/ssl/certs/mail.example.test.csr"
     assert csr.read_text().startswith("-----BEGIN CERTIFICATE REQUEST-----")
     assert "until the CA signs the CSR" in r.out
+
+
+def test_a_rerun_stops_when_the_last_runs_answers_do_not_load(tmp_path: Path):
+    root = tmp_path / "root"
+    base = ["init", "--yes", "--root", root, "--os", "debian", "--domain", "example.test", "--admin", "alice",
+            "--no-smoke"]
+    assert run_cli(*base, "--smtp-port", "2525").code == 0
+    answers = root / "etc/mailsetup/answers.toml"
+    answers.write_text(answers.read_text() + 'note = "x"\n')
+    before = tree(root)
+    r = run_cli(*base)
+    assert r.code == 2
+    assert r.err_lines == [f"mailsetup: error: {answers}: unknown key 'note' (known: " + r.err_lines[0].split(
+        "(known: ")[1]]
+    assert tree(root) == before  # nothing reconfigured behind the user's back
+
+
+def test_the_installed_smtpd_version_is_only_a_default(tmp_path: Path):
+    answers = tmp_path / "answers.toml"
+    answers.write_text('domain = "example.test"\nadmin = "alice"\nsmtpd_version = "6.3"\n')
+    r = run_cli("init", "--yes", "--root", tmp_path / "root", "--os", "debian", "--answers", answers, "--dry-run")
+    assert r.code == 0, r.err
+    assert "+pki mail.example.test certificate " in r.out  # the answers file's 6.3 grammar, not 7.4's
+    assert "+accept from any for domain" in r.out
+
+
+def test_relative_cert_paths_are_recorded_absolute(tmp_path: Path):
+    own = tmp_path / "own"
+    own.mkdir()
+    assert run_cli("cert", "--hostname", "mail.example.test", "--out-cert", own / "c.crt", "--out-key",
+                   own / "c.key").code == 0
+    root = tmp_path / "root"
+    import subprocess as sp
+
+    from conftest import MAILSETUP
+
+    proc = sp.run([MAILSETUP, "init", "--yes", "--root", str(root), "--os", "debian", "--domain", "example.test",
+                   "--admin", "alice", "--cert", "own/c.crt", "--key", "own/c.key", "--no-smoke", "--dry-run"],
+                  cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f'cert = "{own / "c.crt"}"' in proc.stdout
