@@ -98,6 +98,25 @@ def validate_dns_name(value: Any, flag: str, fqdn: bool = True) -> str:
     return ascii_name
 
 
+_ADMIN_USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_ADMIN_LOCAL = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
+
+
+def validate_admin(value: Any, flag: str = "--admin") -> str:
+    """Who reads root's mail: a local user name or one plain address — never a list, a command
+    (`|…`), a file or an include, which would land in the aliases as such."""
+    text = str(value)
+    refuse_injection(text, flag)
+    if _ADMIN_USER.match(text):
+        if text == "root":
+            raise MailsetupError(f"{flag}: smtpd never delivers to root; name a person")
+        return text
+    local, sep, domain = text.partition("@")
+    if sep and _ADMIN_LOCAL.match(local) and not local.startswith(".") and ".." not in local:
+        return f"{local}@{validate_dns_name(domain, flag)}"
+    raise MailsetupError(f"{flag}: {text!r} is neither a local user name nor a plain address")
+
+
 def validate_path(value: Any, flag: str) -> PurePosixPath:
     """An absolute path that can stand in smtpd.conf between double quotes."""
     text = str(value)

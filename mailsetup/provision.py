@@ -15,7 +15,7 @@ from mailsetup import answers as answers_mod
 from mailsetup import credentials, queuekey
 from mailsetup.errors import MailsetupError
 from mailsetup.files import Applied, FileChange, Plan, apply_plan, undo_applied
-from mailsetup.model import MailSetup
+from mailsetup.model import MailSetup, validate_admin
 from mailsetup.opensmtpd import (
     check_config,
     open_relay_rules,
@@ -229,6 +229,8 @@ def build_plan(setup: MailSetup, admin: str | None = None, raw: dict | None = No
 
     `new_user` is (name, bcrypt hash) of a login to add.
     """
+    if admin is not None:
+        admin = validate_admin(admin)
     prov = Provisioning(setup=setup, plan=Plan(), aliases_format="db")
     _plan_tls(setup, prov, rotate_cert, key_type_chosen="key_type" in (raw or {}))
     queue_key = _plan_queue_key(setup, prov, rotate_queue_key)

@@ -25,21 +25,21 @@ class Filtered(str):
 
 def _bare(value: object) -> Filtered:
     text = str(value)
-    if not _BARE.match(text):
+    if not _BARE.fullmatch(text):
         raise MailsetupError(f"refusing to render {text!r} into smtpd.conf: not a plain token")
     return Filtered(text)
 
 
 def _quote(value: object) -> Filtered:
     text = str(value)
-    if not _QUOTABLE.match(text):
+    if not _QUOTABLE.fullmatch(text):
         raise MailsetupError(f"refusing to render {text!r} into smtpd.conf: it cannot be quoted safely")
     return Filtered(f'"{text}"')
 
 
 def _comment(value: object) -> Filtered:
     text = str(value)
-    if not _COMMENT.match(text):
+    if not _COMMENT.fullmatch(text):
         raise MailsetupError(f"refusing to render {text!r} into a smtpd.conf comment")
     return Filtered(text)
 
@@ -82,13 +82,15 @@ class _ListenerView:
 
 
 def _localhost_listener(setup: MailSetup) -> str | None:
-    """`listen on localhost` unless a wildcard listener already takes port 25 on every address.
+    """`listen on localhost` unless a listener already takes port 25 on loopback (a wildcard, or
+    loopback itself).
 
     Measured on 7.4: `listen on localhost` beside `listen on 0.0.0.0 port 25` passes `smtpd -n`
     but the daemon then dies with "listen: Address already in use".
     """
+    covers_loopback = ("0.0.0.0", "::", "127.0.0.1", "::1", "lo", "lo0", "localhost")
     for listener in setup.listeners:
-        if listener.port == 25 and listener.address in ("0.0.0.0", "::"):
+        if listener.port == 25 and listener.address in covers_loopback:
             return None
     return setup.layout.localhost_listener
 

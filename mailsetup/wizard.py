@@ -84,12 +84,12 @@ def ask_missing(answers: dict[str, Any], given: set[str], change_all: bool = Fal
         if _ask(questionary.confirm("Import an existing aliases file (--aliases)?", default=False)):
             out["aliases"] = _ask(questionary.path("Aliases file (--aliases):"))
     if wanted("admin") and not out.get("aliases"):
-        from mailsetup.credentials import validate_username
+        from mailsetup.model import validate_admin
 
         out["admin"] = _ask(questionary.text(
-            "Who reads root's, postmaster's and abuse's mail? A local user name (--admin):",
+            "Who reads root's, postmaster's and abuse's mail? A local user or an address (--admin):",
             default=str(out.get("admin") or out.get("user") or ""),
-            validate=_validator(lambda t: validate_username(t, "--admin")),
+            validate=_validator(validate_admin),
         ))
     if "user" not in given and not out.get("user") and not out.get("_users_exist"):
         from mailsetup.credentials import validate_username

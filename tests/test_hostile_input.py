@@ -75,6 +75,9 @@ def test_hostile_root_is_refused(value: str):
         ("--days", "0", "--days: 0 is outside"),
         ("--smtpd-version", "banana", "--smtpd-version: 'banana' is not a version"),
         ("--admin", 'alice"\nmatch', "--admin: "),
+        ("--admin", "alice,|/tmp/x", "--admin: 'alice,|/tmp/x' is neither a local user name nor a plain address"),
+        ("--admin", ":include:/etc/passwd", "--admin: "),
+        ("--admin", "root", "--admin: smtpd never delivers to root"),
         ("--cert", "/nonexistent/c.pem", "--cert and --key: give both"),
     ],
 )

@@ -161,3 +161,11 @@ def test_real_smtpd_n_accepts_an_open_relay_so_our_check_must(tmp_path: Path):
     proc = subprocess.run([SMTPD, "-n", "-f", conf], capture_output=True, text=True)
     assert proc.returncode == 0  # smtpd calls it fine...
     assert open_relay_rules(conf.read_text())  # ...we do not
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "lo"])
+def test_a_loopback_listener_on_25_replaces_listen_on_localhost(address: str):
+    # smtpd -n accepts both together, but the daemon cannot bind 127.0.0.1:25 twice.
+    text = render_smtpd_conf(build_setup({"domain": "ehouse.io", "os": "debian", "listen": [address]}), KEY)
+    assert "listen on localhost" not in text
+    assert f"listen on {address} port 25 tls" in text
