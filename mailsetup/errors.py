@@ -20,5 +20,5 @@ class MailsetupError(Exception):
 class Interrupted(MailsetupError):
     """Ctrl-C: the command stops, every file as it was (the CLI framework would otherwise swallow it)."""
 
-    def __init__(self) -> None:
-        super().__init__("interrupted; nothing was left half-written.", exit_code=130)
+    def __init__(self, message: str = "interrupted; nothing was left half-written.") -> None:
+        super().__init__(message, exit_code=130)

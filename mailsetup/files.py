@@ -179,30 +179,52 @@ def _make_parents(path: Path, created: list[Path], private: bool) -> None:
         created.append(d)
 
 
+def resolve(path: Path) -> Path:
+    """The file a path names: a symlink is written through (the link stays, its target changes)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _owner_of(path: Path) -> tuple[int, int] | None:
+    """The owner to keep when replacing `path`: only root can give a file away, and only needs to
+    when the file is not already its own."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    if os.geteuid() != 0 or (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid()):
+        return None
+    return st.st_uid, st.st_gid
+
+
 def write_atomic(path: Path, content: bytes, mode: int) -> None:
     """Write `content` to `path` so that readers see the old file or the new one, never a mix:
-    a temp file beside it, fsynced, renamed over the target, the directory fsynced."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    write_new_file(tmp, [content], mode)
+    a temp file beside it, fsynced, renamed over the target, the directory fsynced. A symlink is
+    written through, and the replaced file's owner is kept."""
+    target = resolve(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    write_new_file(tmp, [content], mode, _owner_of(target))
     try:
-        publish(tmp, path)
+        publish(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
 def _copy_backup(path: Path) -> Path:
-    """Copy `path` to a dated backup with the same mode (a backup of a key stays private)."""
+    """Copy `path` to a dated backup beside it with the same mode and owner (a key's backup stays
+    private)."""
     target = backup_name(path)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    write_atomic(target, path.read_bytes(), mode)
+    st = path.stat()
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    write_new_file(tmp, [path.read_bytes()], stat.S_IMODE(st.st_mode), _owner_of(path))
+    publish(tmp, target)
     return target
 
 
 def apply_plan(plan: Plan | Sequence[FileChange]) -> list[Applied]:
     """Write every pending change; on any failure restore every file touched and re-raise."""
     changes = plan.changes if isinstance(plan, Plan) else list(plan)
-    done: list[tuple[FileChange, Path | None, bool]] = []  # change, backup, existed
+    done: list[tuple[Path, Path | None, bool]] = []  # file written, backup, existed
     created_dirs: list[Path] = []
     results: list[Applied] = []
     try:
@@ -212,11 +234,12 @@ def apply_plan(plan: Plan | Sequence[FileChange]) -> list[Applied]:
                 results.append(Applied(change.path, state, None))
                 continue
             _make_parents(change.path, created_dirs, change.secret)
-            existed = change.path.exists()
-            backup = _copy_backup(change.path) if existed else None
-            done.append((change, backup, existed))
-            write_atomic(change.path, change.content, change.mode)
-            results.append(Applied(change.path, state, backup))
+            target = resolve(change.path)
+            existed = target.exists()
+            backup = _copy_backup(target) if existed else None
+            done.append((target, backup, existed))
+            write_atomic(target, change.content, change.mode)
+            results.append(Applied(target, state, backup))
     except BaseException as exc:
         _undo(done, created_dirs)
         if isinstance(exc, OSError):
@@ -231,23 +254,16 @@ def apply_plan(plan: Plan | Sequence[FileChange]) -> list[Applied]:
 
 def undo_applied(results: Sequence[Applied]) -> None:
     """Put back what `apply_plan` wrote: restore each backup, remove each new file."""
-    for item in reversed(results):
-        try:
-            if item.state == "replaced" and item.backup is not None:
-                os.replace(item.backup, item.path)
-            elif item.state == "new":
-                item.path.unlink(missing_ok=True)
-        except OSError:
-            pass
+    _undo([(r.path, r.backup, r.state == "replaced") for r in results if r.state != "unchanged"], [])
 
 
-def _undo(done: Iterable[tuple[FileChange, Path | None, bool]], created_dirs: list[Path]) -> None:
-    for change, backup, existed in reversed(list(done)):
+def _undo(done: Iterable[tuple[Path, Path | None, bool]], created_dirs: list[Path]) -> None:
+    for path, backup, existed in reversed(list(done)):
         try:
             if existed and backup is not None:
-                os.replace(backup, change.path)
+                os.replace(backup, path)  # the backup kept mode and owner
             elif not existed:
-                change.path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
         except OSError:
             pass
     for d in reversed(created_dirs):

@@ -85,14 +85,18 @@ def gather(flags: dict[str, Any], opts: InitOptions, out: Out,
 
 
 def run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any] | None = None) -> int:
+    phase: dict[str, bool] = {}
     try:
-        return _run_init(flags, opts, detected or {})
+        return _run_init(flags, opts, detected or {}, phase)
     except KeyboardInterrupt:
-        # apply_plan has already put back anything it had written when the interrupt came.
+        if phase.get("written"):
+            raise Interrupted("interrupted after writing: every file is complete and passed smtpd -n; "
+                              "run `mailsetup smoke` to finish the test") from None
+        # apply_and_verify has already put back anything it had written when the interrupt came.
         raise Interrupted() from None
 
 
-def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]) -> int:
+def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any], phase: dict[str, bool]) -> int:
     from mailsetup import credentials, provision, report, state
     from mailsetup.model import build_setup
 
@@ -140,8 +144,9 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
         with out.working("hashing the password…"):
             new_user = (credentials.validate_username(user, "--user"), credentials.hash_password(password))
 
+    drain_first = False
     if rotate_qk and setup.queue.encryption and Path(setup.queue.key_file).exists():
-        _make_queue_key_rotation_safe(setup, opts, out, interactive)
+        drain_first = _queue_key_rotation_plan(setup, opts, out, interactive)
 
     with out.working("generating keys…"):
         prov = provision.build_plan(setup, admin=answers.get("admin"), raw=answers, rotate_cert=rotate_cert,
@@ -168,7 +173,22 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
         if not wizard.confirm(f"Write these {len(pending)} file(s)?", default=True):
             out.say("Nothing written.")
             return 1
-    results, verdict = provision.apply_and_verify(prov)
+    paused = False
+    if drain_first:  # only now, after the user said yes and not in a dry run
+        _drain(setup, opts, out)
+        paused = True
+    try:
+        results, verdict = provision.apply_and_verify(prov)
+    except BaseException:
+        if paused:
+            from mailsetup import state
+
+            state.resume_opensmtpd()
+            out.say("resumed smtpd's intake (smtpctl resume smtp): nothing was rotated.", err=True)
+        raise
+    phase["written"] = True
+    if paused:
+        out.say(f"smtpd's intake stays paused until you restart it with the new key: {setup.layout.restart}")
     if not opts.quiet and not opts.as_json:
         report.print_applied(results)
         report.print_verdict(verdict, provision.installed_smtpd_warning())
@@ -218,31 +238,42 @@ def _password_from(opts: InitOptions, interactive: bool, user: str = "") -> str:
     raise MailsetupError("--user: give the password on standard input with --password-stdin")
 
 
-def _make_queue_key_rotation_safe(setup, opts: InitOptions, out: Out, interactive: bool) -> None:
-    """OpenSMTPD holds one queue key: mail queued under the old one would be stranded."""
+def _queue_key_rotation_plan(setup, opts: InitOptions, out: Out, interactive: bool) -> bool:
+    """OpenSMTPD holds one queue key: mail queued under the old one would be stranded. Refuses, or
+    returns True when smtpd's queue must be drained first (done only once the user confirmed)."""
     from mailsetup import state
 
     waiting = state.queued_mail(setup)
     if not waiting:
         out.say("queue is empty: safe to rotate the queue key.")
-        return
+        return False
     what = "; ".join(waiting)
     if opts.force_rotate:
         out.say(f"warning: rotating anyway (--force-rotate); stranded: {what}", fg="yellow", err=True)
-        return
-    if interactive and not opts.drain:
-        from mailsetup import wizard
+        return False
+    ours = [w for w in waiting if "OpenSMTPD" not in w]
+    if not ours:
+        if interactive and not opts.drain:
+            from mailsetup import wizard
 
-        opts.drain = wizard.confirm(f"Mail is queued ({what}). Pause intake and wait for it to drain first?",
-                                    default=True)
-    if opts.drain and any("OpenSMTPD" in w for w in waiting):
-        state.drain_opensmtpd(opts.drain_timeout, out.say)
-        waiting = state.queued_mail(setup)
-        if not waiting:
-            return
-        what = "; ".join(waiting)
+            opts.drain = wizard.confirm(
+                f"Mail is queued ({what}). Pause smtpd's intake and wait for it to drain before rotating?",
+                default=True)
+        if opts.drain:
+            return True
     raise MailsetupError(
         f"not rotating the queue key: {what}. OpenSMTPD holds one key and cannot read mail queued under "
         "another; let the queue drain (--drain pauses smtpd and waits), or pass --force-rotate to strand it",
         exit_code=1,
     )
+
+
+def _drain(setup, opts: InitOptions, out: Out) -> None:
+    from mailsetup import state
+
+    state.drain_opensmtpd(opts.drain_timeout, out.say)
+    left = state.queued_mail(setup)
+    if left:
+        state.resume_opensmtpd()
+        raise MailsetupError(f"not rotating the queue key: still queued after draining: {'; '.join(left)}",
+                             exit_code=1)

@@ -288,7 +288,11 @@ def installed_smtpd_warning() -> str | None:
 def apply_and_verify(prov: Provisioning) -> tuple[list[Applied], ConfigVerdict]:
     """Write the plan; if the real smtpd refuses the result, put every file back and fail."""
     results = apply_plan(prov.plan)
-    verdict = verify_with_smtpd(prov.setup)
+    try:
+        verdict = verify_with_smtpd(prov.setup)
+    except BaseException:  # Ctrl-C or a crash while smtpd judges: unchecked files do not stay
+        undo_applied(results)
+        raise
     if verdict.ran and not verdict.ok:
         undo_applied(results)
         raise MailsetupError(

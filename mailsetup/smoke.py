@@ -262,6 +262,7 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
     creds_path = Path(setup.layout.credentials)
     stale = _forget_interrupted_runs(setup, creds_path)
     original_creds = creds_path.read_bytes() if creds_path.exists() else None
+    creds_mode = (creds_path.stat().st_mode & 0o7777) if creds_path.exists() else creds_mod.CREDS_MODE
     user = f"mailsetup-smoke-{secrets.token_hex(3)}"
     password = secrets.token_urlsafe(18)
     queue_dir = Path(setup.layout.state_dir) / f"smoke-queue-{secrets.token_hex(4)}"
@@ -301,7 +302,7 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
             hashed = creds_mod.hash_password(password)
             # A smoke-only login, taken out again at the end; the original bytes are restored.
             write_atomic(creds_path, creds_mod.render_credentials(creds_mod.with_user(creds, user, hashed)),
-                         creds_mod.CREDS_MODE)
+                         creds_mode)
             note = f"; removed {stale} left by an interrupted run" if stale else ""
             return f"smoke-only login {user} added to {creds_path}{note}"
 
@@ -442,7 +443,7 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
             p.unlink(missing_ok=True)
         shutil.rmtree(queue_dir, ignore_errors=True)
         if original_creds is not None:
-            write_atomic(creds_path, original_creds, creds_mod.CREDS_MODE)
+            write_atomic(creds_path, original_creds, creds_mode)
         elif creds_path.exists():
             creds_path.unlink()
     return report
@@ -454,7 +455,7 @@ def _forget_interrupted_runs(setup: MailSetup, creds_path: Path) -> str:
     creds = creds_mod.read_credentials(creds_path)
     keep = [c for c in creds if not c.user.startswith("mailsetup-smoke-")]
     if len(keep) != len(creds):
-        write_atomic(creds_path, creds_mod.render_credentials(keep), creds_mod.CREDS_MODE)
+        write_atomic(creds_path, creds_mod.render_credentials(keep), creds_path.stat().st_mode & 0o7777)
         gone.append(f"{len(creds) - len(keep)} smoke-only login(s)")
     queues = list(Path(setup.layout.state_dir).glob("smoke-queue-*"))
     for q in queues:

@@ -123,3 +123,8 @@ def drain_opensmtpd(timeout: float, say) -> None:
         time.sleep(1)
     raise MailsetupError(f"--drain: smtpd's queue did not empty in {timeout:.0f} s; nothing rotated "
                          "(intake stays paused: smtpctl resume smtp)", exit_code=1)
+
+
+def resume_opensmtpd() -> None:
+    """Undo `smtpctl pause smtp` when we end up not rotating."""
+    _smtpctl("resume", "smtp")

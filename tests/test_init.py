@@ -261,3 +261,30 @@ def test_a_rerun_with_defaults_keeps_a_certificate_of_another_key_type(sandbox: 
         assert r.code == 0, r.err
         assert key.read_bytes() == old
     assert 'key_type = "ecdsa-p256"' in (sandbox / "etc/mailsetup/answers.toml").read_text()
+
+
+def test_ctrl_c_while_smtpd_judges_the_files_puts_them_back(sandbox: Path, tmp_path: Path):
+    import signal
+    import time
+
+    from conftest import MAILSETUP
+
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "smtpd").write_text('#!/bin/sh\n[ "$1" = -h ] && { echo "version: OpenSMTPD 7.4.0"; exit 0; }\n'
+                                'echo judging > "$MARK"\nexec sleep 30\n')
+    (stub / "smtpd").chmod(0o755)
+    mark = tmp_path / "judging"
+    env = dict(os.environ, PATH=f"{stub}:{os.environ['PATH']}", MARK=str(mark), NO_COLOR="1")
+    proc = subprocess.Popen([MAILSETUP, *map(str, init_args(sandbox))], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not mark.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mark.exists(), "smtpd -n was never called"
+    assert (sandbox / "etc/smtpd.conf").exists()  # written, now being judged
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out + err
+    assert "interrupted; nothing was left half-written." in err
+    assert [p for p in sandbox.rglob("*") if p.is_file()] == []

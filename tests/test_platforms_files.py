@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -108,3 +109,26 @@ def test_diff_never_shows_secrets(tmp_path: Path):
     assert "only a secret in it changes" in change.diff()
     secret = FileChange(tmp_path / "k", b"PRIVATE", 0o600, "k", secret=True)
     assert "PRIVATE" not in secret.diff()
+
+
+def test_a_symlinked_file_is_written_through_and_undo_restores_the_target(tmp_path: Path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "smtpd.conf").write_text("old\n")
+    link = tmp_path / "smtpd.conf"
+    link.symlink_to(real / "smtpd.conf")
+    results = apply_plan([FileChange(link, b"new\n", 0o600, "conf")])
+    assert link.is_symlink() and (real / "smtpd.conf").read_text() == "new\n"
+    undo_applied(results)
+    assert link.is_symlink() and (real / "smtpd.conf").read_text() == "old\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="keeping another user's ownership needs root")
+def test_replacing_a_file_keeps_its_owner_and_the_backup_does_too(tmp_path: Path):
+    f = tmp_path / "credentials"
+    f.write_text("old\n")
+    os.chown(f, 65534, 65534)
+    f.chmod(0o640)
+    [applied] = apply_plan([FileChange(f, b"new\n", 0o640, "creds")])
+    assert (f.stat().st_uid, f.stat().st_gid) == (65534, 65534)
+    assert (applied.backup.stat().st_uid, stat.S_IMODE(applied.backup.stat().st_mode)) == (65534, 0o640)
