@@ -467,17 +467,22 @@ def _value_complaint(value: bytes) -> str:
     return "invalid destination"  # not reached: only called for values makemap refuses
 
 
+def _read(path: Path, what: str) -> bytes:
+    """The file's bytes, or one line saying why not."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise MailsetupError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise MailsetupError(f"{path}: is a directory, not an {what}") from None
+    except OSError as exc:
+        raise MailsetupError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
 def parse_aliases_file(path: Path) -> list[AliasEntry]:
     """Read and parse an aliases file; any problem (missing, unreadable, not UTF-8) is one line."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise MailsetupError(f"{path}: no such aliases file") from None
-    except IsADirectoryError:
-        raise MailsetupError(f"{path}: is a directory, not an aliases file") from None
-    except OSError as exc:
-        raise MailsetupError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    data = _read(path, "aliases file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -611,14 +616,7 @@ def build_aliases_db_with_makemap(text: str) -> bytes:
 def read_aliases_db(path: Path) -> dict[str, str]:
     """Read an aliases db back: {name: value}, both without their NUL terminators."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise MailsetupError(f"{path}: no such aliases database") from None
-    except IsADirectoryError:
-        raise MailsetupError(f"{path}: is a directory, not an aliases database") from None
-    except OSError as exc:
-        raise MailsetupError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    data = _read(path, "aliases database")
     if len(data) < 16 or data[12:16] not in _HASH_MAGIC:
         raise MailsetupError(f"{path}: not a Berkeley DB hash file (build it with makemap -t aliases)")
     ndbm = _ndbm()
