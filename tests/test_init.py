@@ -172,7 +172,8 @@ def test_existing_cert_that_does_not_name_the_host_is_refused(sandbox: Path, tmp
 def test_python_m_mailsetup_works():
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "mailsetup", "--help"], capture_output=True, text=True)
+    # From elsewhere than the checkout, so that it is the installed package that answers.
+    proc = subprocess.run([sys.executable, "-m", "mailsetup", "--help"], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0
     assert "init" in proc.stdout and "keygen" in proc.stdout
 
@@ -183,24 +184,6 @@ def test_without_admin_nobody_would_read_roots_mail_so_init_asks_for_it(sandbox:
     assert len(r.err_lines) == 1
     assert r.err_lines[0].startswith("mailsetup: error: missing --admin: nobody would read root's mail")
     assert not sandbox.exists()
-
-
-def test_the_wheel_ships_the_templates(tmp_path: Path):
-    """A non-editable `pip install .` must find templates/ inside the package."""
-    import sys
-    import zipfile
-
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                           str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "setuptools" in proc.stderr:
-        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
-                               str(root)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    [wheel] = tmp_path.glob("mailsetup-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "mailsetup/templates/smtpd.conf.j2" in names
-    assert "mailsetup/templates/smtpd.conf.legacy.j2" in names
 
 
 def test_admin_on_a_rerun_changes_who_reads_roots_mail(sandbox: Path):
