@@ -26,12 +26,15 @@ def derive_config(rendered: str, hostname: str, smtp_port: int, submission_port:
     for line in rendered.splitlines():
         if line.startswith("listen on "):
             if not placed:
-                out.append(f"listen on {listen} port {smtp_port} tls pki {hostname} auth-optional <creds>")
-                out.append(f"listen on {listen} port {submission_port} tls-require pki {hostname} auth <creds>")
+                for port, mode in ((smtp_port, "tls"), (submission_port, "tls-require")):
+                    auth = "auth-optional" if mode == "tls" else "auth"
+                    out.append(f"listen on {listen} port {port} {mode} pki {hostname} {auth} <creds> "
+                               f"hostname {hostname}")
                 placed = True
             continue
-        if re.match(r'^action "outbound" relay\s*$', line):
-            line = f'action "outbound" relay host smtp://127.0.0.1:{relay_port}'
+        relay = re.match(r'^action "outbound" relay(?P<helo> helo \S+)?\s*$', line)
+        if relay:
+            line = f'action "outbound" relay host smtp://127.0.0.1:{relay_port}{relay["helo"] or ""}'
         out.append(line)
     text = "\n".join(out) + "\n"
     if not placed or f"relay host smtp://127.0.0.1:{relay_port}" not in text:

@@ -102,7 +102,7 @@ class _Sink:
     it), then keeps what it gets."""
 
     def __init__(self) -> None:
-        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.messages: list[tuple[str, list[str], bytes, str]] = []  # from, to, bytes, the relay's EHLO name
         self.tempfail_left = 1
         self.server = None
         self.port = 0
@@ -111,7 +111,8 @@ class _Sink:
         if self.tempfail_left > 0:
             self.tempfail_left -= 1
             return "451 4.3.0 sink says: try again later"
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
+                              session.host_name or ""))
         return "250 2.0.0 sink kept it"
 
     async def start(self) -> None:
@@ -332,6 +333,19 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
 
         report.add("STARTTLS with the generated certificate", certificate)
 
+        def own_name() -> str:
+            with _Client(smtp, setup.hostname, "smoke.invalid") as c:
+                code, banner = c.banner
+                c.ehlo()
+                ehlo_name = c.ehlo_resp.decode(errors="replace").split("\n")[0].split(" ")[0]
+            greeted = banner.decode(errors="replace").split(" ")[0]
+            assert code == 220, f"the greeting is {code}, not 220"
+            assert greeted == setup.hostname, f"greets as {greeted!r}, not {setup.hostname} (so do Received headers)"
+            assert ehlo_name == setup.hostname, f"answers EHLO as {ehlo_name!r}, not {setup.hostname}"
+            return f"greets and answers EHLO as {setup.hostname}"
+
+        report.add("the server's own name in the greeting and EHLO", own_name)
+
         def inbound() -> str:
             rcpt = f"postmaster@{setup.domain}"
             decision = server.policy.check_rcpt(rcpt, False, STRANGER)
@@ -426,8 +440,10 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
             def reached_sink() -> str:
                 got = _wait_for(lambda: [m for m in sink.messages if token.encode() in m[2]], 15)
                 assert got, "the relay sink did not receive the message within 15 s"
+                helo = got[0][3]
+                assert helo == setup.hostname, f"the relay introduced itself as {helo!r}, not {setup.hostname}"
                 retried = " after one temporary failure" if isinstance(server, _Embedded) else ""
-                return f"relayed to the sink on :{sink.port}{retried}"
+                return f"relayed to the sink on :{sink.port}{retried}, introducing itself as {helo}"
 
             report.add("relay delivers to the relay host", reached_sink)
     finally:
@@ -482,3 +498,7 @@ class _Client(smtplib.SMTP):
         super().__init__("127.0.0.1", port, local_hostname=helo, timeout=10,
                          source_address=(source, 0) if source else None)
         self._host = server_name
+
+    def connect(self, host: str = "localhost", port: int = 0, source_address=None):
+        self.banner = super().connect(host, port, source_address)  # (code, text) of the greeting
+        return self.banner

@@ -11,6 +11,14 @@ from pathlib import Path
 
 import pytest
 
+# Every test imports mailsetup as users get it, from the wheel installed in this venv: `python -m
+# pytest` puts the checkout first on sys.path, where a module or template the wheel leaves out would
+# still be found.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
+if "mailsetup" in sys.modules:
+    raise RuntimeError("mailsetup was imported from the checkout before the tests' conftest ran")
+
 MAILSETUP = str(Path(sys.executable).with_name("mailsetup"))
 
 

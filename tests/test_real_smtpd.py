@@ -46,9 +46,13 @@ def test_real_smtpd_passes_the_whole_smoke_test(root: Path):
     for name in ("smtpd version and the known TLS defect", "STARTTLS with the generated certificate",
                  "inbound over STARTTLS through the aliases into Maildir", "unauthenticated relay refused",
                  "AUTH without TLS refused", "wrong password refused", "authenticated submission accepted for relay",
-                 "relay delivers to the relay host"):
+                 "relay delivers to the relay host", "the server's own name in the greeting and EHLO"):
         assert checks[name]["ok"], checks[name]
     assert "smtpd -d on 127.0.0.1" in checks["start the OpenSMTPD on the set-up's files"]["detail"]
+    # smtpd greets, answers EHLO and relays as --hostname, not as this machine's name.
+    assert checks["the server's own name in the greeting and EHLO"]["detail"] == (
+        "greets and answers EHLO as mail.example.test")
+    assert checks["relay delivers to the relay host"]["detail"].endswith("introducing itself as mail.example.test")
     assert "-> alice" in checks["inbound over STARTTLS through the aliases into Maildir"]["detail"]
     # The same JSON shape as the embedded engine.
     assert all(set(c) == {"name", "ok", "detail", "seconds"} for c in checks.values())

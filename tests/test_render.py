@@ -63,10 +63,10 @@ def test_modern_config_holds_what_the_tutorial_asked_for():
         "smtp max-message-size 36700160",
         'table aliases "db:/etc/aliases.db"',
         'table creds "file:/etc/mailsetup/credentials"',
-        "listen on 0.0.0.0 port 25 tls pki mail.ehouse.io auth-optional <creds>",
-        "listen on 0.0.0.0 port 587 tls-require pki mail.ehouse.io auth <creds>",
+        "listen on 0.0.0.0 port 25 tls pki mail.ehouse.io auth-optional <creds> hostname mail.ehouse.io",
+        "listen on 0.0.0.0 port 587 tls-require pki mail.ehouse.io auth <creds> hostname mail.ehouse.io",
         'action "local_mail" maildir alias <aliases>',
-        'action "outbound" relay',
+        'action "outbound" relay helo mail.ehouse.io',
         'match from any for domain "ehouse.io" action "local_mail"',
         'match for local action "local_mail"',
         'match auth from any for any action "outbound"',
@@ -77,14 +77,14 @@ def test_modern_config_holds_what_the_tutorial_asked_for():
 def test_openbsd_listens_on_egress_and_lo0():
     setup = build_setup({"domain": "ehouse.io", "os": "openbsd"})
     text = render_smtpd_conf(setup, KEY)
-    assert "listen on lo0\n" in text
+    assert "listen on lo0 hostname mail.ehouse.io\n" in text
     assert "listen on egress port 25 tls pki mail.ehouse.io auth-optional <creds>" in text
     assert 'table aliases "db:/etc/mail/aliases.db"' in text
 
 
 def test_specific_address_keeps_a_localhost_listener():
     text = render_smtpd_conf(build_setup({"domain": "ehouse.io", "os": "debian", "listen": ["192.0.2.1"]}), KEY)
-    assert "listen on localhost\n" in text
+    assert "listen on localhost hostname mail.ehouse.io\n" in text
 
 
 def test_legacy_grammar_for_smtpd_before_6_4():
@@ -95,6 +95,7 @@ def test_legacy_grammar_for_smtpd_before_6_4():
     assert 'accept from any for domain "ehouse.io" alias <aliases> deliver to maildir\n' in text
     assert "accept for local alias <aliases> deliver to maildir\n" in text
     assert "accept from local for any relay\n" in text
+    assert "auth <creds> hostname mail.ehouse.io\n" in text
     assert "match " not in text and "action " not in text
     assert open_relay_rules(text) == []
 

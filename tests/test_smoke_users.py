@@ -59,6 +59,9 @@ def test_smoke_json_shape_and_exit_code(tmp_path: Path):
         assert set(c) == {"name", "ok", "detail", "seconds"}
         assert c["ok"] is True and isinstance(c["seconds"], float)
     assert tree(root) == before  # the smoke test leaves the set-up exactly as it found it
+    by_name = {c["name"]: c["detail"] for c in checks}
+    assert by_name["the server's own name in the greeting and EHLO"] == "greets and answers EHLO as mail.example.test"
+    assert by_name["relay delivers to the relay host"].endswith("introducing itself as mail.example.test")
 
 
 def failing(checks: list[dict]) -> list[dict]:
