@@ -166,6 +166,11 @@ def test_rotation_refuses_while_smtpd_holds_mail_and_a_drain_timeout_resumes_int
     assert intake_open(host)
     assert host.path(KEY).read_text() == key
     assert len(host.queue()) == 4
+    # doctor opens smtpd's own envelopes with the key it was given.
+    r = host.mailsetup("doctor", "--json")
+    finding = {f["name"]: f for f in json.loads(r.out)}["queued mail readable with the queue key"]
+    assert finding == {"name": "queued mail readable with the queue key", "status": "ok",
+                       "detail": "4 queued envelope(s), all readable with the current queue key"}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
