@@ -122,6 +122,9 @@ def init(
     rotate_cert: Annotated[bool, typer.Option("--rotate-cert", help="New key and certificate.")] = False,
     rotate_queue_key: Annotated[bool, typer.Option("--rotate-queue-key", help="New queue encryption key.")] = False,
     drain: Annotated[bool, typer.Option("--drain", help="Before a queue key rotation, pause smtpd and wait.")] = False,
+    drain_timeout: Annotated[
+        float, typer.Option("--drain-timeout", metavar="SECONDS", help="How long --drain waits for an empty queue.")
+    ] = 300.0,
     force_rotate: Annotated[
         bool, typer.Option("--force-rotate", help="Rotate the queue key even though mail is queued.")
     ] = False,
@@ -158,7 +161,8 @@ def init(
         detected["smtpd_version"] = found  # the lowest layer: an answers file or the last run wins
     opts = InitOptions(
         yes=yes, dry_run=dry_run, diff=diff, smoke=smoke_flag, rotate_cert=rotate or rotate_cert,
-        rotate_queue_key=rotate or rotate_queue_key, drain=drain, force_rotate=force_rotate, quiet=quiet,
+        rotate_queue_key=rotate or rotate_queue_key, drain=drain, drain_timeout=drain_timeout,
+        force_rotate=force_rotate, quiet=quiet,
         as_json=as_json, answers_file=answers, password_stdin=password_stdin,
     )
     code = run_init(flags, opts, detected)

@@ -138,6 +138,34 @@ class Doctor:
             return FAIL, f"{self.setup.queue.key_file} is mode {mode:04o}; a key must be 0600"
         return OK, "32 characters, the same in smtpd.conf and the key file (0600)"
 
+    def queued_mail(self) -> tuple[str, str]:
+        """Envelopes queued under another key are skipped by smtpd without a word: find them on disk."""
+        from mailsetup import queuekey, spool
+
+        queue_dir = Path(self.setup.layout.spool) / "queue"
+        if not self.setup.queue.encryption:
+            return OK, "queue encryption is off: nothing to decrypt"
+        if queue_dir.exists() and not os.access(queue_dir, os.R_OK | os.X_OK):
+            return WARN, f"{queue_dir} is readable by root only; run doctor as root to check the queued mail"
+        envelopes = spool.queued_envelopes(Path(self.setup.layout.spool))
+        if not envelopes:
+            return OK, f"no mail queued in {queue_dir}"
+        key_file = Path(self.setup.queue.key_file)
+        bad = spool.unreadable_envelopes(Path(self.setup.layout.spool), queuekey.read_queue_key(key_file))
+        if not bad:
+            return OK, f"{len(envelopes)} queued envelope(s), all readable with the current queue key"
+        opener = spool.key_that_opens(bad, _kept_keys(key_file))
+        if opener is None:
+            return FAIL, (f"{len(bad)} of {len(envelopes)} queued envelope(s) in {queue_dir} cannot be decrypted with "
+                          f"{key_file}, and no kept key ({key_file.name}.*.bak) opens them: smtpd will never deliver "
+                          "them; find the key they were queued under")
+        conf = _conf_with_key(self.conf, queuekey.read_queue_key(opener))
+        start = f"smtpd -f {conf}" if conf else f"smtpd with `queue encryption` set to the key in {opener}"
+        return FAIL, (f"{len(bad)} of {len(envelopes)} queued envelope(s) in {queue_dir} cannot be decrypted with "
+                      f"{key_file}, so smtpd will never deliver them; they decrypt with {opener}. To deliver them: "
+                      f"stop smtpd, start {start}, run `smtpctl pause smtp`, wait until `smtpctl show queue` prints "
+                      f"nothing, then restart it with the current key ({self.setup.layout.restart})")
+
     def aliases_db(self) -> tuple[str, str]:
         from mailsetup import aliases as aliases_mod
 
@@ -244,6 +272,7 @@ class Doctor:
             ("certificate expiry", self.cert_expiry),
             ("certificate names the mail host", self.cert_names_host),
             ("queue key", self.queue_key),
+            ("queued mail readable with the queue key", self.queued_mail),
             ("aliases.db", self.aliases_db),
             ("aliases.db reachable by smtpd", self.aliases_reachable),
             ("postmaster and abuse", self.rfc2142),
@@ -253,6 +282,44 @@ class Doctor:
         ):
             self.check(name, fn)
         return self.findings
+
+
+def _ours(path: Path) -> bool:
+    """A kept key or config is read only when it is a plain file of ours, not a link someone planted."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _kept_keys(key_file: Path) -> list[tuple[Path, str]]:
+    """The dated backups of the queue key, newest first (rotation keeps each replaced key)."""
+    from mailsetup import queuekey
+
+    keys = []
+    for path in sorted(key_file.parent.glob(key_file.name + ".*.bak"), reverse=True):
+        if not _ours(path):
+            continue
+        try:
+            keys.append((path, queuekey.read_queue_key(path)))
+        except MailsetupError:
+            continue
+    return keys
+
+
+def _conf_with_key(conf: Path, key: str) -> Path | None:
+    """The kept smtpd.conf backup that carries `key`: a ready configuration to drain the old queue with."""
+    for path in sorted(conf.parent.glob(conf.name + ".*.bak"), reverse=True):
+        if not _ours(path):
+            continue
+        try:
+            m = re.search(r"^queue encryption (?:key )?(\S+)", path.read_text(errors="replace"), re.M)
+        except OSError:
+            continue
+        if m and m.group(1) == key:
+            return path
+    return None
 
 
 def port_owner(port: int) -> tuple[int, str] | None:

@@ -85,13 +85,16 @@ def gather(flags: dict[str, Any], opts: InitOptions, out: Out,
 
 
 def run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any] | None = None) -> int:
+    if not 0 < opts.drain_timeout < float("inf"):
+        raise MailsetupError(f"--drain-timeout: {opts.drain_timeout:g} is not a positive number of seconds")
     phase: dict[str, bool] = {}
     try:
         return _run_init(flags, opts, detected or {}, phase)
     except KeyboardInterrupt:
         if phase.get("written"):
+            paused = "; smtpd's intake stays paused until you restart it" if phase.get("paused") else ""
             raise Interrupted("interrupted after writing: every file is complete and passed smtpd -n; "
-                              "run `mailsetup smoke` to finish the test") from None
+                              f"run `mailsetup smoke` to finish the test{paused}") from None
         # apply_and_verify has already put back anything it had written when the interrupt came.
         raise Interrupted() from None
 
@@ -144,9 +147,9 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
         with out.working("hashing the password…"):
             new_user = (credentials.validate_username(user, "--user"), credentials.hash_password(password))
 
-    drain_first = False
+    drain_first, stranded = False, []
     if rotate_qk and setup.queue.encryption and Path(setup.queue.key_file).exists():
-        drain_first = _queue_key_rotation_plan(setup, opts, out, interactive)
+        drain_first, stranded = _queue_key_rotation_plan(setup, opts, out, interactive)
 
     with out.working("generating keys…"):
         prov = provision.build_plan(setup, admin=answers.get("admin"), raw=answers, rotate_cert=rotate_cert,
@@ -174,20 +177,19 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
             out.say("Nothing written.")
             return 1
     paused = False
-    if drain_first:  # only now, after the user said yes and not in a dry run
-        _drain(setup, opts, out)
-        paused = True
-    try:
-        results, verdict = provision.apply_and_verify(prov)
-    except BaseException:
-        if paused:
-            from mailsetup import state
-
-            state.resume_opensmtpd()
-            out.say("resumed smtpd's intake (smtpctl resume smtp): nothing was rotated.", err=True)
-        raise
+    with state.interrupt_on_termination():  # a kill or a hang-up while paused must resume smtpd too
+        if drain_first:  # only now, after the user said yes and not in a dry run
+            _drain(setup, opts, out)  # resumes smtpd itself when it fails or is interrupted
+            paused = True
+        try:
+            results, verdict = provision.apply_and_verify(prov)
+        except BaseException:
+            if paused:
+                state.resume_opensmtpd(out.say)
+            raise
     phase["written"] = True
     if paused:
+        phase["paused"] = True
         out.say(f"smtpd's intake stays paused until you restart it with the new key: {setup.layout.restart}")
     if not opts.quiet and not opts.as_json:
         report.print_applied(results)
@@ -195,6 +197,8 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
     out.report["smtpd_check"] = {"ran": verdict.ran, "ok": verdict.ok, "detail": verdict.text}
     if rotate_qk:
         out.say("queue key rotated; the old one is kept in a dated 0600 backup beside it.")
+        if stranded:
+            _say_recovery(setup, results, stranded, out)
 
     smoke_ok = True
     run_smoke = opts.smoke if opts.smoke is not None else (smoke_wanted if smoke_wanted is not None else True)
@@ -238,21 +242,20 @@ def _password_from(opts: InitOptions, interactive: bool, user: str = "") -> str:
     raise MailsetupError("--user: give the password on standard input with --password-stdin")
 
 
-def _queue_key_rotation_plan(setup, opts: InitOptions, out: Out, interactive: bool) -> bool:
+def _queue_key_rotation_plan(setup, opts: InitOptions, out: Out, interactive: bool) -> tuple[bool, list]:
     """OpenSMTPD holds one queue key: mail queued under the old one would be stranded. Refuses, or
-    returns True when smtpd's queue must be drained first (done only once the user confirmed)."""
+    returns (drain first, what --force-rotate strands); the drain is done only once the user confirmed."""
     from mailsetup import state
 
     waiting = state.queued_mail(setup)
     if not waiting:
         out.say("queue is empty: safe to rotate the queue key.")
-        return False
-    what = "; ".join(waiting)
+        return False, []
+    what = "; ".join(map(str, waiting))
     if opts.force_rotate:
         out.say(f"warning: rotating anyway (--force-rotate); stranded: {what}", fg="yellow", err=True)
-        return False
-    ours = [w for w in waiting if "OpenSMTPD" not in w]
-    if not ours:
+        return False, waiting
+    if all(w.drainable for w in waiting):
         if interactive and not opts.drain:
             from mailsetup import wizard
 
@@ -260,7 +263,11 @@ def _queue_key_rotation_plan(setup, opts: InitOptions, out: Out, interactive: bo
                 f"Mail is queued ({what}). Pause smtpd's intake and wait for it to drain before rotating?",
                 default=True)
         if opts.drain:
-            return True
+            return True, []
+    elif opts.drain:
+        raise MailsetupError(
+            f"--drain: not rotating the queue key: {what}, and no running smtpd can deliver it first; start "
+            "smtpd (with the current key) and retry, or pass --force-rotate to strand it", exit_code=1)
     raise MailsetupError(
         f"not rotating the queue key: {what}. OpenSMTPD holds one key and cannot read mail queued under "
         "another; let the queue drain (--drain pauses smtpd and waits), or pass --force-rotate to strand it",
@@ -274,6 +281,34 @@ def _drain(setup, opts: InitOptions, out: Out) -> None:
     state.drain_opensmtpd(opts.drain_timeout, out.say)
     left = state.queued_mail(setup)
     if left:
-        state.resume_opensmtpd()
-        raise MailsetupError(f"not rotating the queue key: still queued after draining: {'; '.join(left)}",
+        state.resume_opensmtpd(out.say)
+        raise MailsetupError(f"not rotating the queue key: still queued after draining: {'; '.join(map(str, left))}",
                              exit_code=1)
+
+
+def recovery_steps(setup, old_key: Path | None, old_conf: Path | None) -> list[str]:
+    """How to deliver mail queued under a replaced queue key: smtpd with that key, drained, then the new one."""
+    start_old = (f"smtpd -f {old_conf}" if old_conf
+                 else f"smtpd with `queue encryption` set to the key kept in {old_key or 'the old key backup'}")
+    return [
+        "run smtpd with the old key, taking no new mail: an smtpd not restarted since still has it; otherwise "
+        f"stop smtpd and start {start_old}; then: smtpctl pause smtp",
+        "wait until `smtpctl show queue` prints nothing: that mail has been delivered"
+        + (f" (the old key stays in {old_key})" if old_key else ""),
+        f"restart smtpd with the new key, which also takes mail again: {setup.layout.restart}",
+    ]
+
+
+def _say_recovery(setup, results, stranded: list, out: Out) -> None:
+    stranded = [w for w in stranded if w.smtpd]
+    if not stranded:
+        return
+    backups = {Path(r.path): r.backup for r in results if r.backup is not None}
+    old_key = backups.get(Path(setup.queue.key_file))
+    old_conf = backups.get(Path(setup.layout.smtpd_conf))
+    steps = recovery_steps(setup, old_key, old_conf)
+    out.report["stranded"] = {"queued": [str(w) for w in stranded], "old_key": str(old_key) if old_key else None,
+                              "recover": steps}
+    out.say(f"stranded under the old key: {'; '.join(map(str, stranded))}. To deliver it:", fg="yellow", err=True)
+    for n, step in enumerate(steps, 1):
+        out.say(f"  {n}. {step}", err=True)

@@ -29,6 +29,7 @@ class Layout:
     queue_user: str
     default_listen: str  # the external interface/address for ports 25 and 587
     localhost_listener: str  # how this OS's smtpd.conf names the loopback listener
+    spool: PurePosixPath = PurePosixPath("/var/spool/smtpd")  # PATH_SPOOL: the same in every package
 
     @property
     def aliases_db(self) -> PurePosixPath:
@@ -158,4 +159,5 @@ def sandboxed(layout: Layout, root: Path | None) -> Layout:
         key_dir=under(layout.key_dir),
         state_dir=under(layout.state_dir),
         home_dir=under(layout.home_dir),
+        spool=under(layout.spool),
     )

@@ -4,6 +4,8 @@ re-run summary and for the checks that make rotation safe.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -79,52 +81,113 @@ def _smtpctl(*args: str, timeout: float = 10) -> subprocess.CompletedProcess | N
         return None
 
 
-def opensmtpd_queue() -> tuple[bool, int]:
-    """(smtpd is running, envelopes queued). Without a running smtpd, count the spool's files."""
-    proc = _smtpctl("show", "queue")
-    if proc is not None and proc.returncode == 0:
-        return True, len([line for line in proc.stdout.splitlines() if line.strip()])
-    queue = OPENSMTPD_SPOOL / "queue"
-    try:
-        count = sum(1 for p in queue.rglob("*") if p.is_file())
-    except OSError:
-        count = 0
-    return False, count
+def smtpd_answers() -> bool:
+    """Whether a running smtpd answers on its control socket. `smtpctl show queue` cannot tell: with
+    no daemon it reads the spool itself and, for an encrypted queue, only warns and still exits 0."""
+    proc = _smtpctl("show", "status")
+    return proc is not None and proc.returncode == 0
 
 
-def queued_mail(setup: MailSetup) -> list[str]:
+def opensmtpd_queue(spool: Path = OPENSMTPD_SPOOL) -> tuple[bool, int]:
+    """(smtpd answered, envelopes queued): smtpd's own count when it answers, else the spool's on disk."""
+    from mailsetup import spool as spool_mod
+
+    if smtpd_answers():
+        proc = _smtpctl("show", "queue")
+        if proc is not None and proc.returncode == 0:
+            return True, len([line for line in proc.stdout.splitlines() if line.strip()])
+    return False, len(spool_mod.queued_envelopes(spool))
+
+
+@dataclass(frozen=True)
+class Queued:
+    """Mail waiting under the current queue key; `drainable` when a running smtpd can deliver it first."""
+
+    count: int
+    where: str
+    drainable: bool
+    smtpd: bool = True  # in OpenSMTPD's spool, not mailsetup's own queue
+
+    def __str__(self) -> str:
+        return self.where
+
+
+def queued_mail(setup: MailSetup) -> list[Queued]:
     """Where mail encrypted with the current queue key still waits; empty means rotation is safe."""
+    from mailsetup import spool as spool_mod
+
     found = []
     ours = Path(setup.layout.queue_dir)
     if ours.is_dir():
         n = sum(1 for p in ours.iterdir() if p.is_file())
         if n:
-            found.append(f"{n} message(s) in mailsetup's queue {ours}")
-    if setup.root is None:  # a sandbox has no OpenSMTPD spool of its own
-        running, n = opensmtpd_queue()
-        if n:
-            how = "smtpctl show queue" if running else f"files in {OPENSMTPD_SPOOL}/queue, smtpd not running"
-            found.append(f"{n} envelope(s) in OpenSMTPD's queue ({how})")
+            found.append(Queued(n, f"{n} message(s) in mailsetup's queue {ours}", False, smtpd=False))
+    spool = Path(setup.layout.spool)
+    if setup.root is None:
+        running, n = opensmtpd_queue(spool)
+    else:  # the host's smtpd is not the sandbox's: only the sandbox's spool, on disk
+        running, n = False, len(spool_mod.queued_envelopes(spool))
+    if n:
+        how = "smtpctl show queue" if running else f"counted in {spool}/queue: smtpd is not answering"
+        found.append(Queued(n, f"{n} envelope(s) in OpenSMTPD's queue ({how})", running))
     return found
 
 
+@contextlib.contextmanager
+def interrupt_on_termination():
+    """SIGTERM and SIGHUP (a killed job, a closed terminal) unwind like Ctrl-C while smtpd is paused,
+    so the code that resumes it runs: a paused MX takes no mail."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, stop)
+    except ValueError:  # not the main thread: leave the signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def drain_opensmtpd(timeout: float, say) -> None:
-    """Stop taking new mail (`smtpctl pause smtp`) and wait until smtpd's queue is empty."""
+    """Stop taking new mail (`smtpctl pause smtp`) and wait until smtpd's queue is empty. On a
+    timeout, an interrupt or any error smtpd's intake is resumed before the exception goes on."""
     proc = _smtpctl("pause", "smtp")
     if proc is None or proc.returncode != 0:
         raise MailsetupError("--drain: smtpd is not running (smtpctl pause smtp failed); its queued mail cannot "
                              "drain; start it, or pass --force-rotate to strand that mail", exit_code=1)
-    say("paused smtpd's intake (smtpctl pause smtp); waiting for its queue to empty…")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        running, n = opensmtpd_queue()
-        if running and n == 0:
-            return
-        time.sleep(1)
-    raise MailsetupError(f"--drain: smtpd's queue did not empty in {timeout:.0f} s; nothing rotated "
-                         "(intake stays paused: smtpctl resume smtp)", exit_code=1)
+    try:
+        say("paused smtpd's intake (smtpctl pause smtp); waiting for its queue to empty…")
+        deadline = time.monotonic() + timeout
+        while True:
+            running, n = opensmtpd_queue()
+            if not running:
+                raise MailsetupError("--drain: smtpd stopped answering while its queue drained; nothing rotated",
+                                     exit_code=1)
+            if n == 0:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MailsetupError(f"--drain: smtpd's queue still holds {n} envelope(s) after {timeout:g} s "
+                                     "(--drain-timeout); nothing rotated, and smtpd takes mail again",
+                                     exit_code=1)
+            time.sleep(min(1.0, left))
+    except BaseException:
+        resume_opensmtpd(say)
+        raise
 
 
-def resume_opensmtpd() -> None:
-    """Undo `smtpctl pause smtp` when we end up not rotating."""
-    _smtpctl("resume", "smtp")
+def resume_opensmtpd(say=None) -> bool:
+    """Undo `smtpctl pause smtp` when we end up not rotating; says so, or what to run by hand."""
+    proc = _smtpctl("resume", "smtp")
+    ok = proc is not None and proc.returncode == 0
+    if say is not None:
+        if ok:
+            say("resumed smtpd's intake (smtpctl resume smtp): nothing was rotated.", err=True)
+        else:
+            say("warning: could not resume smtpd's intake; run: smtpctl resume smtp", fg="yellow", err=True)
+    return ok
