@@ -229,8 +229,8 @@ def build_plan(setup: MailSetup, admin: str | None = None, raw: dict | None = No
 
     `new_user` is (name, bcrypt hash) of a login to add.
     """
-    if admin is not None:
-        admin = validate_admin(admin)
+    if admin is not None:  # before anything is generated or written
+        admin = validate_admin(admin, real_host=setup.root is None)
     prov = Provisioning(setup=setup, plan=Plan(), aliases_format="db")
     _plan_tls(setup, prov, rotate_cert, key_type_chosen="key_type" in (raw or {}))
     queue_key = _plan_queue_key(setup, prov, rotate_queue_key)
