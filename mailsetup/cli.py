@@ -155,7 +155,7 @@ def init(
     detected = {}
     found = _detect_smtpd_version(None)
     if found:
-        detected["smtpd_version"] = found  # the lowest layer: an answers file or the last run wins
+        detected["smtpd_version"] = found  # wins over a recorded one (initflow); only --smtpd-version beats it
     opts = InitOptions(
         yes=yes, dry_run=dry_run, diff=diff, smoke=smoke_flag, rotate_cert=rotate or rotate_cert,
         rotate_queue_key=rotate or rotate_queue_key, drain=drain, force_rotate=force_rotate, quiet=quiet,

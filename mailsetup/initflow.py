@@ -103,6 +103,8 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
     out = Out(opts)
     given = set(flags)
     answers, previous = gather(flags, opts, out, detected)
+    chosen_now = given | set(answers_mod.load_answers(opts.answers_file) if opts.answers_file else ())
+    version_note = answers_mod.installed_version_wins(answers, chosen_now, detected.get("smtpd_version"))
     interactive = opts.interactive and not opts.yes and not opts.as_json
 
     rotate_cert, rotate_qk = opts.rotate_cert, opts.rotate_queue_key
@@ -151,15 +153,21 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
     with out.working("generating keys…"):
         prov = provision.build_plan(setup, admin=answers.get("admin"), raw=answers, rotate_cert=rotate_cert,
                                     rotate_queue_key=rotate_qk, new_user=new_user)
+    if version_note:
+        prov.notes.insert(0, version_note)
     if not opts.as_json and not opts.quiet:
         report.print_plan(prov, show_diff=opts.diff or opts.dry_run or interactive)
     out.report["files"] = [
         {"path": str(c.path), "mode": f"{c.mode:04o}", "state": c.state(), "reason": c.reason}
         for c in prov.plan.changes
     ]
-    out.report["warnings"] = list(prov.warnings)
+    out.warnings.extend(prov.warnings)
+    out.report["warnings"] = list(out.warnings)
+    if version_note:
+        out.report["notes"] = [version_note]
     if opts.dry_run:
         out.say("dry run: nothing was written.")
+        out.say_warnings()
         _emit_json(out)
         return 0
     pending = prov.plan.pending()

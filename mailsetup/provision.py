@@ -296,10 +296,22 @@ def apply_and_verify(prov: Provisioning) -> tuple[list[Applied], ConfigVerdict]:
     if verdict.ran and not verdict.ok:
         undo_applied(results)
         raise MailsetupError(
-            f"smtpd -n refused the new configuration, so every file was put back: {verdict.text}",
+            f"smtpd -n refused the new configuration, so every file was put back: {verdict.text}"
+            + _version_mismatch(prov.setup),
             exit_code=1,
         )
     return results, verdict
+
+
+def _version_mismatch(setup: MailSetup) -> str:
+    """Why smtpd -n may refuse: the file was rendered for another smtpd than the one installed."""
+    found = smtpd_version()
+    if found is None or (found[0], found[1]) == setup.smtpd_version:
+        return ""
+    wanted = f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}"
+    return (f" (it was rendered for smtpd {wanted} but the installed smtpd is {found[0]}.{found[1]}; "
+            "leave out the smtpd version you gave (--smtpd-version, or in --answers) to render for the "
+            "installed one)")
 
 
 def next_steps(setup: MailSetup) -> list[str]:
