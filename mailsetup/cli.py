@@ -499,7 +499,7 @@ def dns(
     from mailsetup.report import print_dns
 
     setup = load_setup(root, os_name)
-    ips = dns_mod.validate_ips(ip or [])
+    ips, left_out = dns_mod.address_records_for(setup, dns_mod.validate_ips(ip or []))
     records = dns_mod.wanted_records(setup, ips)
     comparisons = None
     if check:
@@ -508,12 +508,14 @@ def dns(
             server, port = _parse_nameserver(nameserver)
         comparisons = dns_mod.check_records(records, server, port)
     if as_json:
-        payload = {"records": dns_mod.records_as_dicts(records), "ptr": dns_mod.ptr_advice(setup, ips)}
+        payload = {"records": dns_mod.records_as_dicts(records), "ptr": dns_mod.ptr_advice(setup, ips),
+                   "left_out": [{"ip": addr, "why": why} for addr, why in left_out]}
         if comparisons is not None:
             payload["check"] = [c.as_dict() for c in comparisons]
         typer.echo(json.dumps(payload, indent=2))
     else:
-        print_dns(setup, records, dns_mod.ptr_advice(setup, ips), bool(ips), comparisons)
+        print_dns(setup, records, dns_mod.ptr_advice(setup, ips), bool(ips), comparisons,
+                  [why for _, why in left_out])
     if comparisons is not None and any(c.status == "fail" for c in comparisons):
         raise typer.Exit(1)
 

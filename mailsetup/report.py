@@ -96,10 +96,13 @@ def print_doctor(findings) -> None:
                       "red" if fails else "green"))
 
 
-def print_dns(setup: MailSetup, records, ptr: list[str], have_ips: bool, comparisons) -> None:
+def print_dns(setup: MailSetup, records, ptr: list[str], have_ips: bool, comparisons,
+              left_out: list[str] = ()) -> None:
     typer.echo(f"; zone-file snippet for {setup.domain}")
     for r in records:
         typer.echo(r.zone_line())
+    for why in left_out:  # a zone-file comment: the snippet can still be pasted as it is
+        typer.echo(f"; {why}")
     if not have_ips:
         typer.echo(f"{setup.hostname + '.':<32} 3600 IN A     <this host's public IPv4: pass --ip>")
     typer.echo("")
