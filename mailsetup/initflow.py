@@ -41,6 +41,17 @@ class Out:
     def __init__(self, opts: InitOptions):
         self.opts = opts
         self.report: dict[str, Any] = {}
+        self.warnings: list[str] = []  # printed together at the end (report.print_warnings)
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+
+    def say_warnings(self) -> None:
+        self.report["warnings"] = list(self.warnings)
+        if not (self.opts.quiet or self.opts.as_json):
+            from mailsetup import report
+
+            report.print_warnings(self.warnings)
 
     def say(self, text: str = "", fg: str | None = None, err: bool = False) -> None:
         if self.opts.quiet or (self.opts.as_json and not err):
@@ -178,6 +189,7 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
             raise MailsetupError("nothing written: pass --yes to write without asking (no terminal to ask on)")
         from mailsetup import wizard
 
+        report.print_warnings(out.warnings)  # read before saying yes; repeated at the end
         if not wizard.confirm(f"Write these {len(pending)} file(s)?", default=True):
             out.say("Nothing written.")
             return 1
@@ -196,7 +208,10 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
         raise
     phase["written"] = True
     if paused:
-        out.say(f"smtpd's intake stays paused until you restart it with the new key: {setup.layout.restart}")
+        from mailsetup.platforms import restart_command
+
+        out.warn("smtpd's intake stays paused until you restart it with the new key: "
+                 + (restart_command(setup.layout) if setup.root is None else setup.layout.restart))
     if not opts.quiet and not opts.as_json:
         report.print_applied(results)
         report.print_verdict(verdict, provision.installed_smtpd_warning())
@@ -220,6 +235,7 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
     out.report["next_steps"] = provision.next_steps(setup)
     if not opts.as_json and not opts.quiet:
         report.print_next_steps(setup)
+    out.say_warnings()
     _emit_json(out)
     if not smoke_ok:
         raise MailsetupError("the smoke test failed (see the ✗ above); the files stay written", exit_code=1)
@@ -257,7 +273,7 @@ def _queue_key_rotation_plan(setup, opts: InitOptions, out: Out, interactive: bo
         return False
     what = "; ".join(waiting)
     if opts.force_rotate:
-        out.say(f"warning: rotating anyway (--force-rotate); stranded: {what}", fg="yellow", err=True)
+        out.warn(f"rotating anyway (--force-rotate); stranded: {what}")
         return False
     ours = [w for w in waiting if "OpenSMTPD" not in w]
     if not ours:

@@ -145,6 +145,21 @@ def detect_os(os_release: Path = Path("/etc/os-release"), system: str | None = N
     return None
 
 
+def restart_command(layout: Layout, systemd: Path = Path("/run/systemd/system"),
+                    initd: Path = Path("/etc/init.d")) -> str:
+    """How to restart smtpd on this host: the layout's command, unless it names systemctl on a host
+    that does not run systemd (a container, a sysvinit Debian): then the init script, through
+    `service` where there is one, or else what to do by hand."""
+    if not layout.restart.startswith("systemctl ") or systemd.is_dir():  # sd_booted()'s own test
+        return layout.restart
+    name = layout.restart.split()[-1]
+    if (initd / name).exists():
+        if shutil.which("service") or Path("/usr/sbin/service").exists():
+            return f"service {name} restart"
+        return f"{initd / name} restart"
+    return "no systemd and no init script for smtpd here: stop the running smtpd, then start it with `smtpd`"
+
+
 def sandboxed(layout: Layout, root: Path | None) -> Layout:
     """The same layout with every path under `root` (for a sandbox a normal user can write)."""
     if root is None:

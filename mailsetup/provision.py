@@ -315,10 +315,25 @@ def _version_mismatch(setup: MailSetup) -> str:
 
 
 def next_steps(setup: MailSetup) -> list[str]:
-    return [
-        "Publish DNS: "
-        f"{setup.domain}. IN MX 10 {setup.hostname}.   and an A/AAAA record for {setup.hostname}",
-        f"Restart OpenSMTPD: {setup.layout.restart}",
-        "After editing aliases: mailsetup aliases "
-        f"{setup.layout.aliases} --out {setup.layout.aliases_db} && smtpctl update table aliases",
+    """What the person does next, fitted to where the files went: a sandbox gets how to run smtpd on
+    it; a real host gets the restart command of its service manager (see platforms.restart_command)."""
+    from mailsetup.platforms import restart_command
+
+    layout = setup.layout
+    root_arg = f" --root {setup.root}" if setup.root else ""
+    steps = [
+        f"Publish DNS: {setup.domain}. IN MX 10 {setup.hostname}.   and A/AAAA records for the addresses smtpd "
+        f"listens on (mailsetup dns{root_arg} --ip PUBLIC_ADDRESS prints them all)",
     ]
+    if setup.root is not None:
+        steps += [
+            f"Try it with the real smtpd on loopback: mailsetup smoke{root_arg} --engine opensmtpd",
+            f"Run smtpd on this sandbox (as root, in the foreground; it takes the ports above and "
+            f"/var/spool/smtpd): smtpd -d -f {layout.smtpd_conf}",
+            f"On the {layout.title} host itself: {layout.restart}",
+        ]
+    else:
+        steps.append(f"Restart OpenSMTPD: {restart_command(layout)}")
+    steps.append("After editing aliases: mailsetup aliases "
+                 f"{layout.aliases} --out {layout.aliases_db} && smtpctl update table aliases")
+    return steps

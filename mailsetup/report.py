@@ -36,8 +36,6 @@ def print_plan(prov, show_diff: bool) -> None:
         typer.echo(
             f"  {_style(f'{state:<9}', _STATE_COLOR[state])} {change.mode:04o}  {change.path}  ({change.reason})"
         )
-    for warning in prov.warnings:
-        typer.echo(_style(f"warning: {warning}", "yellow"), err=True)
     if show_diff:
         for change in prov.plan.changes:
             if change.state() == "unchanged":
@@ -71,6 +69,16 @@ def print_next_steps(setup: MailSetup) -> None:
     typer.echo("Next steps:")
     for step in next_steps(setup):
         typer.echo(f"  {step}")
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """The warnings of a run, together and last, where a person reads them (and once more just before
+    a question that depends on them)."""
+    if not warnings:
+        return
+    typer.echo(_style("Warnings:", "yellow", bold=True), err=True)
+    for warning in warnings:
+        typer.echo(_style(f"  ! {warning}", "yellow"), err=True)
 
 
 def print_smoke(sr) -> None:
