@@ -52,7 +52,10 @@ Root = Annotated[
     Path | None, typer.Option("--root", help="Prefix every path with DIR (a sandbox; no system files touched).")
 ]
 AliasesFile = Annotated[Path | None, typer.Option("--aliases", help="An aliases(5) file to install.")]
-Admin = Annotated[str | None, typer.Option("--admin", help="Who receives root's (and so postmaster's) mail.")]
+Admin = Annotated[
+    str | None,
+    typer.Option("--admin", help="Who reads root's (so postmaster's) mail: a person's account here, or an address."),
+]
 KeyType = Annotated[str, typer.Option("--key-type", help="rsa-2048, rsa-4096 or ecdsa-p256.")]
 Days = Annotated[int, typer.Option("--days", help="Certificate lifetime in days.")]
 ExistingCert = Annotated[Path | None, typer.Option("--cert", help="Use this existing certificate (with --key).")]

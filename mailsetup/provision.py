@@ -66,9 +66,14 @@ def _aliases_source(setup: MailSetup, admin: str | None) -> tuple[str, str]:
     current = Path(setup.layout.aliases)
     if current.exists():
         try:
-            return current.read_text(encoding="utf-8"), str(current)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MailsetupError(f"{current}: cannot read the existing aliases file: {exc}") from None
+            data = current.read_bytes()
+        except OSError as exc:
+            raise MailsetupError(f"{current}: cannot read the existing aliases file: {exc.strerror}") from None
+        try:
+            return data.decode("utf-8"), str(current)
+        except UnicodeDecodeError as exc:  # where, never which byte: the file is not ours to quote
+            line = data[: exc.start].count(b"\n") + 1
+            raise MailsetupError(f"{current}:{line}: not UTF-8 text") from None
     return default_aliases_text(setup, admin), "(default aliases)"
 
 
@@ -326,9 +331,10 @@ def next_steps(setup: MailSetup) -> list[str]:
         f"listens on (mailsetup dns{root_arg} --ip PUBLIC_ADDRESS prints them all)",
     ]
     if setup.root is not None:
+        ports = " and ".join(str(p) for p in sorted({lst.port for lst in setup.listeners}))
         steps += [
             f"Try it with the real smtpd on loopback: mailsetup smoke{root_arg} --engine opensmtpd",
-            f"Run smtpd on this sandbox (as root, in the foreground; it takes the ports above and "
+            f"Run smtpd on this sandbox (as root, in the foreground; it takes ports {ports} and "
             f"/var/spool/smtpd): smtpd -d -f {layout.smtpd_conf}",
             f"On the {layout.title} host itself: {layout.restart}",
         ]
