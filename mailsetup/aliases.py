@@ -301,14 +301,8 @@ def _expand_like_smtpd(value: bytes) -> tuple[list[bytes], str | None]:
     targets = [t for t in targets if t]
     for target in targets:
         if target_kind(target) is None:
-            return [], f"smtpd cannot use the destination {target.decode(errors='replace')!r}"
+            return [], f"smtpd cannot use destination {targets.index(target) + 1} of {len(targets)}"
     return targets, None
-
-
-def _show(data: bytes) -> str:
-    text = data.decode(errors="replace")
-    # an error must stay one readable line even for a 3000-character entry
-    return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
 def parse_aliases(text: str, source: str = "aliases") -> list[AliasEntry]:
@@ -341,15 +335,15 @@ def _parse_bytes(data: bytes, source: str) -> list[AliasEntry]:
             continue
         found = _NAME_END.search(rest)
         if found is None:
-            raise MailsetupError(f"{where}: invalid entry {_show(rest)}{started}: expected 'name: destination, ...'")
+            raise MailsetupError(f"{where}: invalid entry{started}: expected 'name: destination, ...'")
         cut = found.start()
         key = _ascii_lower(rest[:cut])
         value = rest[cut + 1 :].lstrip(b":" + _C_SPACE)
         if not value:
-            raise MailsetupError(f"{where}: invalid entry {_show(rest)}{started}: nothing after the name")
+            raise MailsetupError(f"{where}: invalid entry{started}: nothing after the name")
         if key in seen:
             raise MailsetupError(
-                f"{where}: duplicate entry for {_show(key)}{started}, first defined on line {seen[key]} "
+                f"{where}: duplicate entry{started}: the same name as line {seen[key]} "
                 "(names are compared case-insensitively)"
             )
         if not _makemap_accepts_value(value):
@@ -357,7 +351,7 @@ def _parse_bytes(data: bytes, source: str) -> list[AliasEntry]:
             if rest[cut] != 0x3A and b":" in value:
                 # "first last: x" is read as name "first" with destination "last: x"
                 complaint += " (a name ends at the first blank; it cannot contain blanks)"
-            raise MailsetupError(f"{where}: invalid entry {_show(rest)}{started}: {complaint}")
+            raise MailsetupError(f"{where}: invalid entry{started}: {complaint}")
         seen[key] = first
         entries.append(AliasEntry(name=key.decode(), value=value.decode(), line=first))
     return entries
@@ -458,12 +452,16 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _value_complaint(value: bytes) -> str:
-    for piece in value.split(b","):
+    # Which destination and why, never its text: the file may not be an aliases file at all (a
+    # credentials table, a shadow file), and an error message must not carry its secrets.
+    pieces = value.split(b",")
+    for number, piece in enumerate(pieces, 1):
         piece = piece.strip(_C_SPACE)
         if not piece:
             return "empty destination (two commas, or a comma at the start or end)"
         if target_kind(piece) is None:
-            return f"{_show(piece)} is not a user, address, /file, |command, :include:/file or error:NNN text"
+            which = f"destination {number} of {len(pieces)}" if len(pieces) > 1 else "the destination"
+            return f"{which} is not a user, address, /file, |command, :include:/file or error:NNN text"
     return "invalid destination"  # not reached: only called for values makemap refuses
 
 
@@ -487,9 +485,8 @@ def parse_aliases_file(path: Path) -> list[AliasEntry]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise MailsetupError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8",
-        ) from None
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise MailsetupError(f"{path}:{line}: not valid UTF-8 (column {column}); save the file as UTF-8") from None
     del data  # the text is all the fast path needs; the exact path re-encodes it
     with _gc_paused():
         entries = _parse_simple(text)
@@ -569,7 +566,7 @@ def build_aliases_db(entries: Iterable[AliasEntry]) -> bytes:
         for entry in entries:
             if entry.name in seen:
                 # a db holds one value per key; silently keeping the last would hide a mistake
-                raise MailsetupError(f"aliases:{entry.line}: duplicate entry for {entry.name!r}")
+                raise MailsetupError(f"aliases:{entry.line}: duplicate entry")
             seen.add(entry.name)
     with tempfile.TemporaryDirectory(prefix="mailsetup-aliases-") as tmp, _gc_paused():
         base = os.path.join(tmp, "aliases")
@@ -640,8 +637,7 @@ def read_aliases_db(path: Path) -> dict[str, str]:
         try:
             result[key.removesuffix(b"\0").decode()] = value.removesuffix(b"\0").decode()
         except UnicodeDecodeError:
-            shown = _show(key.removesuffix(b"\0"))
-            raise MailsetupError(f"{path}: the entry {shown} is not valid UTF-8") from None
+            raise MailsetupError(f"{path}: an entry is not valid UTF-8 (rebuild it with mailsetup aliases)") from None
     return result
 
 
@@ -672,7 +668,7 @@ def render_file_table(entries: Iterable[AliasEntry]) -> bytes:
         name, value = entry.name.encode(), entry.value.encode()
         if name.startswith(b"#"):
             raise MailsetupError(
-                f"aliases:{entry.line}: the name {entry.name!r} starts with '#', which a file: table "
+                f"aliases:{entry.line}: the name starts with '#', which a file: table "
                 "reads as a comment",
                 hint="rename the alias, or use a db: table",
             )

@@ -52,7 +52,10 @@ Root = Annotated[
     Path | None, typer.Option("--root", help="Prefix every path with DIR (a sandbox; no system files touched).")
 ]
 AliasesFile = Annotated[Path | None, typer.Option("--aliases", help="An aliases(5) file to install.")]
-Admin = Annotated[str | None, typer.Option("--admin", help="Who receives root's (and so postmaster's) mail.")]
+Admin = Annotated[
+    str | None,
+    typer.Option("--admin", help="Who reads root's (so postmaster's) mail: a person's account here, or an address."),
+]
 KeyType = Annotated[str, typer.Option("--key-type", help="rsa-2048, rsa-4096 or ecdsa-p256.")]
 Days = Annotated[int, typer.Option("--days", help="Certificate lifetime in days.")]
 ExistingCert = Annotated[Path | None, typer.Option("--cert", help="Use this existing certificate (with --key).")]
@@ -158,7 +161,7 @@ def init(
     detected = {}
     found = _detect_smtpd_version(None)
     if found:
-        detected["smtpd_version"] = found  # the lowest layer: an answers file or the last run wins
+        detected["smtpd_version"] = found  # wins over a recorded one (initflow); only --smtpd-version beats it
     opts = InitOptions(
         yes=yes, dry_run=dry_run, diff=diff, smoke=smoke_flag, rotate_cert=rotate or rotate_cert,
         rotate_queue_key=rotate or rotate_queue_key, drain=drain, drain_timeout=drain_timeout,
@@ -503,7 +506,7 @@ def dns(
     from mailsetup.report import print_dns
 
     setup = load_setup(root, os_name)
-    ips = dns_mod.validate_ips(ip or [])
+    ips, left_out = dns_mod.address_records_for(setup, dns_mod.validate_ips(ip or []))
     records = dns_mod.wanted_records(setup, ips)
     comparisons = None
     if check:
@@ -512,12 +515,14 @@ def dns(
             server, port = _parse_nameserver(nameserver)
         comparisons = dns_mod.check_records(records, server, port)
     if as_json:
-        payload = {"records": dns_mod.records_as_dicts(records), "ptr": dns_mod.ptr_advice(setup, ips)}
+        payload = {"records": dns_mod.records_as_dicts(records), "ptr": dns_mod.ptr_advice(setup, ips),
+                   "left_out": [{"ip": addr, "why": why} for addr, why in left_out]}
         if comparisons is not None:
             payload["check"] = [c.as_dict() for c in comparisons]
         typer.echo(json.dumps(payload, indent=2))
     else:
-        print_dns(setup, records, dns_mod.ptr_advice(setup, ips), bool(ips), comparisons)
+        print_dns(setup, records, dns_mod.ptr_advice(setup, ips), bool(ips), comparisons,
+                  [why for _, why in left_out])
     if comparisons is not None and any(c.status == "fail" for c in comparisons):
         raise typer.Exit(1)
 

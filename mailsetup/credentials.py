@@ -35,7 +35,7 @@ class Credential:
 
 def parse_credentials(text: str, source: str) -> list[Credential]:
     creds: list[Credential] = []
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
@@ -43,9 +43,9 @@ def parse_credentials(text: str, source: str) -> list[Credential]:
         parts = stripped.split()
         if len(parts) != 2 or not _HASH.match(parts[1]):
             raise MailsetupError(f"{source}:{number}: expected 'user hash' (a $2b$ or $6$ hash)")
-        if parts[0] in seen:
-            raise MailsetupError(f"{source}:{number}: duplicate user {parts[0]}")
-        seen.add(parts[0])
+        if parts[0] in seen:  # the line number, never the line: it sits beside a password hash
+            raise MailsetupError(f"{source}:{number}: duplicate user (also on line {seen[parts[0]]})")
+        seen[parts[0]] = number
         creds.append(Credential(parts[0], parts[1]))
     return creds
 

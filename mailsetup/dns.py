@@ -37,6 +37,65 @@ def wanted_records(setup: MailSetup, ips: list[str]) -> list[Record]:
     return records
 
 
+# Addresses the world cannot send to: a listener on one sits behind a router whose public address is
+# the one to publish (--ip).
+_BEHIND_NAT = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"))
+
+
+def _listens_for(setup: MailSetup, ip: str) -> bool:
+    """Would mail sent to `ip` reach one of smtpd's listeners? 0.0.0.0 takes IPv4 only and :: takes
+    IPv6 only (measured: smtpd 7.4 on Linux, `listen on ::` refuses 127.0.0.1); an interface name
+    may hold any address, so it is taken on trust."""
+    addr = ipaddress.ip_address(ip)
+    for listener in setup.listeners:
+        try:
+            own = ipaddress.ip_address(listener.address)
+        except ValueError:
+            return True  # an interface (eth0, egress): we cannot tell which addresses it holds
+        if own == addr or (own.is_unspecified and own.version == addr.version):
+            return True
+    return False
+
+
+def address_records_for(setup: MailSetup, ips: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The addresses to publish as A/AAAA, and (ip, why) for each --ip left out. The records come
+    from the same addresses as the listeners: an --ip smtpd does not listen on would send mail to a
+    closed port. Without --ip, the listeners' own public addresses are the records."""
+    listening = sorted({lst.address for lst in setup.listeners})
+    if not ips:
+        own = []
+        for text in listening:
+            try:
+                addr = ipaddress.ip_address(text)
+            except ValueError:
+                continue  # an interface: its address is the user's to give (--ip)
+            if not (addr.is_unspecified or addr.is_loopback or addr.is_link_local or addr.is_multicast
+                    or any(addr in net for net in _BEHIND_NAT)):
+                own.append(str(addr))
+        return own, []
+    keep: list[str] = []
+    left_out: list[tuple[str, str]] = []
+    for ip in ips:
+        if _listens_for(setup, ip):
+            keep.append(ip)
+            continue
+        addr = ipaddress.ip_address(ip)
+        rtype, family = ("AAAA", "IPv6") if addr.version == 6 else ("A", "IPv4")
+        wildcards = [a for a in listening if a in ("0.0.0.0", "::")]
+        if wildcards and len(wildcards) == len(listening):
+            other = "IPv4" if family == "IPv6" else "IPv6"
+            every = "::" if addr.version == 6 else "0.0.0.0"
+            why = (f"smtpd listens on {', '.join(listening)} only ({other}); to take mail over {family}, "
+                   f"re-run init with {' '.join(f'--listen {a}' for a in [*listening, every])}")
+        else:
+            same = [a for a in listening if ":" in a] if addr.version == 6 else [a for a in listening if "." in a]
+            why = (f"smtpd does not listen on it (it listens on {', '.join(listening)}); re-run init with "
+                   f"--listen {ip}" + (f", or give --ip {same[0]}" if same else ""))
+        left_out.append((ip, f"no {rtype} for {ip}: {why}"))
+    return keep, left_out
+
+
 def ptr_advice(setup: MailSetup, ips: list[str]) -> list[str]:
     if not ips:
         return [f"Ask whoever owns your IP addresses to set their reverse DNS (PTR) to {setup.hostname}: "

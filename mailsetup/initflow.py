@@ -41,6 +41,17 @@ class Out:
     def __init__(self, opts: InitOptions):
         self.opts = opts
         self.report: dict[str, Any] = {}
+        self.warnings: list[str] = []  # printed together at the end (report.print_warnings)
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+
+    def say_warnings(self) -> None:
+        self.report["warnings"] = list(self.warnings)
+        if not (self.opts.quiet or self.opts.as_json):
+            from mailsetup import report
+
+            report.print_warnings(self.warnings)
 
     def say(self, text: str = "", fg: str | None = None, err: bool = False) -> None:
         if self.opts.quiet or (self.opts.as_json and not err):
@@ -106,6 +117,8 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
     out = Out(opts)
     given = set(flags)
     answers, previous = gather(flags, opts, out, detected)
+    chosen_now = given | set(answers_mod.load_answers(opts.answers_file) if opts.answers_file else ())
+    version_note = answers_mod.installed_version_wins(answers, chosen_now, detected.get("smtpd_version"))
     interactive = opts.interactive and not opts.yes and not opts.as_json
 
     rotate_cert, rotate_qk = opts.rotate_cert, opts.rotate_queue_key
@@ -154,15 +167,21 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
     with out.working("generating keys…"):
         prov = provision.build_plan(setup, admin=answers.get("admin"), raw=answers, rotate_cert=rotate_cert,
                                     rotate_queue_key=rotate_qk, new_user=new_user)
+    if version_note:
+        prov.notes.insert(0, version_note)
     if not opts.as_json and not opts.quiet:
         report.print_plan(prov, show_diff=opts.diff or opts.dry_run or interactive)
     out.report["files"] = [
         {"path": str(c.path), "mode": f"{c.mode:04o}", "state": c.state(), "reason": c.reason}
         for c in prov.plan.changes
     ]
-    out.report["warnings"] = list(prov.warnings)
+    out.warnings.extend(prov.warnings)
+    out.report["warnings"] = list(out.warnings)
+    if version_note:
+        out.report["notes"] = [version_note]
     if opts.dry_run:
         out.say("dry run: nothing was written.")
+        out.say_warnings()
         _emit_json(out)
         return 0
     pending = prov.plan.pending()
@@ -173,6 +192,7 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
             raise MailsetupError("nothing written: pass --yes to write without asking (no terminal to ask on)")
         from mailsetup import wizard
 
+        report.print_warnings(out.warnings)  # read before saying yes; repeated at the end
         if not wizard.confirm(f"Write these {len(pending)} file(s)?", default=True):
             out.say("Nothing written.")
             return 1
@@ -189,8 +209,11 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
             raise
     phase["written"] = True
     if paused:
+        from mailsetup.platforms import restart_command
+
         phase["paused"] = True
-        out.say(f"smtpd's intake stays paused until you restart it with the new key: {setup.layout.restart}")
+        out.warn("smtpd's intake stays paused until you restart it with the new key: "
+                 + (restart_command(setup.layout) if setup.root is None else setup.layout.restart))
     if not opts.quiet and not opts.as_json:
         report.print_applied(results)
         report.print_verdict(verdict, provision.installed_smtpd_warning())
@@ -216,6 +239,7 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
     out.report["next_steps"] = provision.next_steps(setup)
     if not opts.as_json and not opts.quiet:
         report.print_next_steps(setup)
+    out.say_warnings()
     _emit_json(out)
     if not smoke_ok:
         raise MailsetupError("the smoke test failed (see the ✗ above); the files stay written", exit_code=1)
@@ -253,7 +277,7 @@ def _queue_key_rotation_plan(setup, opts: InitOptions, out: Out, interactive: bo
         return False, []
     what = "; ".join(map(str, waiting))
     if opts.force_rotate:
-        out.say(f"warning: rotating anyway (--force-rotate); stranded: {what}", fg="yellow", err=True)
+        out.warn(f"rotating anyway (--force-rotate); stranded: {what}")
         return False, waiting
     if all(w.drainable for w in waiting):
         if interactive and not opts.drain:
@@ -309,6 +333,6 @@ def _say_recovery(setup, results, stranded: list, out: Out) -> None:
     steps = recovery_steps(setup, old_key, old_conf)
     out.report["stranded"] = {"queued": [str(w) for w in stranded], "old_key": str(old_key) if old_key else None,
                               "recover": steps}
-    out.say(f"stranded under the old key: {'; '.join(map(str, stranded))}. To deliver it:", fg="yellow", err=True)
-    for n, step in enumerate(steps, 1):
-        out.say(f"  {n}. {step}", err=True)
+    # One warning, printed last with the others, where a person reads it.
+    out.warn(f"stranded under the old key: {'; '.join(map(str, stranded))}. To deliver it:"
+             + "".join(f"\n      {n}. {step}" for n, step in enumerate(steps, 1)))

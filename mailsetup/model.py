@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mailsetup.errors import MailsetupError
-from mailsetup.platforms import Layout, detect_os, get_layout, sandboxed
+from mailsetup.platforms import Layout, account_problem, detect_os, get_layout, sandboxed
 
 KEY_TYPES = ("rsa-2048", "rsa-4096", "ecdsa-p256")
 DEFAULT_SMTPD_VERSION = (7, 4)
@@ -102,14 +102,22 @@ _ADMIN_USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _ADMIN_LOCAL = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
 
 
-def validate_admin(value: Any, flag: str = "--admin") -> str:
+def validate_admin(value: Any, flag: str = "--admin", real_host: bool = False) -> str:
     """Who reads root's mail: a local user name or one plain address — never a list, a command
-    (`|…`), a file or an include, which would land in the aliases as such."""
+    (`|…`), a file or an include, which would land in the aliases as such. On a real host a name
+    must be a person's account smtpd delivers to, or root's mail (postmaster's, abuse's) bounces;
+    in a sandbox (--root) it is a name there."""
     text = str(value)
     refuse_injection(text, flag)
     if _ADMIN_USER.match(text):
         if text == "root":
             raise MailsetupError(f"{flag}: smtpd never delivers to root; name a person")
+        problem = account_problem(text) if real_host else None
+        if problem:
+            raise MailsetupError(
+                f"{flag}: {text!r} {problem}, so smtpd would not deliver root's mail to it; name a person's "
+                "account (uid from UID_MIN on, with a home) or an address such as you@example.org"
+            )
         return text
     local, sep, domain = text.partition("@")
     if sep and _ADMIN_LOCAL.match(local) and not local.startswith(".") and ".." not in local:

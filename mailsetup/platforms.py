@@ -6,6 +6,9 @@ Facts come from each OS's packaging (see shared/reference/opensmtpd.md, "Per-OS 
 from __future__ import annotations
 
 import platform
+import pwd
+import re
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -143,6 +146,21 @@ def detect_os(os_release: Path = Path("/etc/os-release"), system: str | None = N
     return None
 
 
+def restart_command(layout: Layout, systemd: Path = Path("/run/systemd/system"),
+                    initd: Path = Path("/etc/init.d")) -> str:
+    """How to restart smtpd on this host: the layout's command, unless it names systemctl on a host
+    that does not run systemd (a container, a sysvinit Debian): then the init script, through
+    `service` where there is one, or else what to do by hand."""
+    if not layout.restart.startswith("systemctl ") or systemd.is_dir():  # sd_booted()'s own test
+        return layout.restart
+    name = layout.restart.split()[-1]
+    if (initd / name).exists():
+        if shutil.which("service") or Path("/usr/sbin/service").exists():
+            return f"service {name} restart"
+        return f"{initd / name} restart"
+    return "no systemd and no init script for smtpd here: stop the running smtpd, then start it with `smtpd`"
+
+
 def sandboxed(layout: Layout, root: Path | None) -> Layout:
     """The same layout with every path under `root` (for a sandbox a normal user can write)."""
     if root is None:
@@ -161,3 +179,40 @@ def sandboxed(layout: Layout, root: Path | None) -> Layout:
         home_dir=under(layout.home_dir),
         spool=under(layout.spool),
     )
+
+
+# --- accounts smtpd delivers to -----------------------------------------------------------------
+
+_ACCOUNT_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+
+
+def uid_min(login_defs: Path = Path("/etc/login.defs")) -> int:
+    """The first uid of a person's account on this host (UID_MIN, 1000 by default)."""
+    try:
+        m = re.search(r"^\s*UID_MIN\s+(\d+)", login_defs.read_text(), re.M)
+    except OSError:
+        m = None
+    return int(m.group(1)) if m else 1000
+
+
+def account_problem(name: str, first_uid: int | None = None) -> str | None:
+    """Why `name` is not a person's account on this host that gets mail, or None when it is: a uid
+    from UID_MIN on (not nobody) and a home that exists — never a system account, whose 'home' may
+    be /dev or /usr/sbin, and never root (smtpd does not deliver to root)."""
+    if not _ACCOUNT_NAME.match(name):
+        return "is not a user name"
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return "is not an account on this host"
+    first = uid_min() if first_uid is None else first_uid
+    if not first <= pw.pw_uid < 65534:
+        return f"is a system account (uid {pw.pw_uid}; people's accounts start at {first})"
+    if not Path(pw.pw_dir).is_dir():
+        return f"has no home directory ({pw.pw_dir} does not exist)"
+    return None
+
+
+def person_account(name: str, first_uid: int | None = None) -> bool:
+    """The one rule for which local users get mail on a real host (the MTA's policy and --admin)."""
+    return account_problem(name, first_uid) is None

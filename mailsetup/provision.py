@@ -66,9 +66,14 @@ def _aliases_source(setup: MailSetup, admin: str | None) -> tuple[str, str]:
     current = Path(setup.layout.aliases)
     if current.exists():
         try:
-            return current.read_text(encoding="utf-8"), str(current)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MailsetupError(f"{current}: cannot read the existing aliases file: {exc}") from None
+            data = current.read_bytes()
+        except OSError as exc:
+            raise MailsetupError(f"{current}: cannot read the existing aliases file: {exc.strerror}") from None
+        try:
+            return data.decode("utf-8"), str(current)
+        except UnicodeDecodeError as exc:  # where, never which byte: the file is not ours to quote
+            line = data[: exc.start].count(b"\n") + 1
+            raise MailsetupError(f"{current}:{line}: not UTF-8 text") from None
     return default_aliases_text(setup, admin), "(default aliases)"
 
 
@@ -229,8 +234,8 @@ def build_plan(setup: MailSetup, admin: str | None = None, raw: dict | None = No
 
     `new_user` is (name, bcrypt hash) of a login to add.
     """
-    if admin is not None:
-        admin = validate_admin(admin)
+    if admin is not None:  # before anything is generated or written
+        admin = validate_admin(admin, real_host=setup.root is None)
     prov = Provisioning(setup=setup, plan=Plan(), aliases_format="db")
     _plan_tls(setup, prov, rotate_cert, key_type_chosen="key_type" in (raw or {}))
     queue_key = _plan_queue_key(setup, prov, rotate_queue_key)
@@ -296,17 +301,45 @@ def apply_and_verify(prov: Provisioning) -> tuple[list[Applied], ConfigVerdict]:
     if verdict.ran and not verdict.ok:
         undo_applied(results)
         raise MailsetupError(
-            f"smtpd -n refused the new configuration, so every file was put back: {verdict.text}",
+            f"smtpd -n refused the new configuration, so every file was put back: {verdict.text}"
+            + _version_mismatch(prov.setup),
             exit_code=1,
         )
     return results, verdict
 
 
+def _version_mismatch(setup: MailSetup) -> str:
+    """Why smtpd -n may refuse: the file was rendered for another smtpd than the one installed."""
+    found = smtpd_version()
+    if found is None or (found[0], found[1]) == setup.smtpd_version:
+        return ""
+    wanted = f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}"
+    return (f" (it was rendered for smtpd {wanted} but the installed smtpd is {found[0]}.{found[1]}; "
+            "leave out the smtpd version you gave (--smtpd-version, or in --answers) to render for the "
+            "installed one)")
+
+
 def next_steps(setup: MailSetup) -> list[str]:
-    return [
-        "Publish DNS: "
-        f"{setup.domain}. IN MX 10 {setup.hostname}.   and an A/AAAA record for {setup.hostname}",
-        f"Restart OpenSMTPD: {setup.layout.restart}",
-        "After editing aliases: mailsetup aliases "
-        f"{setup.layout.aliases} --out {setup.layout.aliases_db} && smtpctl update table aliases",
+    """What the person does next, fitted to where the files went: a sandbox gets how to run smtpd on
+    it; a real host gets the restart command of its service manager (see platforms.restart_command)."""
+    from mailsetup.platforms import restart_command
+
+    layout = setup.layout
+    root_arg = f" --root {setup.root}" if setup.root else ""
+    steps = [
+        f"Publish DNS: {setup.domain}. IN MX 10 {setup.hostname}.   and A/AAAA records for the addresses smtpd "
+        f"listens on (mailsetup dns{root_arg} --ip PUBLIC_ADDRESS prints them all)",
     ]
+    if setup.root is not None:
+        ports = " and ".join(str(p) for p in sorted({lst.port for lst in setup.listeners}))
+        steps += [
+            f"Try it with the real smtpd on loopback: mailsetup smoke{root_arg} --engine opensmtpd",
+            f"Run smtpd on this sandbox (as root, in the foreground; it takes ports {ports} and "
+            f"/var/spool/smtpd): smtpd -d -f {layout.smtpd_conf}",
+            f"On the {layout.title} host itself: {layout.restart}",
+        ]
+    else:
+        steps.append(f"Restart OpenSMTPD: {restart_command(layout)}")
+    steps.append("After editing aliases: mailsetup aliases "
+                 f"{layout.aliases} --out {layout.aliases_db} && smtpctl update table aliases")
+    return steps

@@ -36,8 +36,6 @@ def print_plan(prov, show_diff: bool) -> None:
         typer.echo(
             f"  {_style(f'{state:<9}', _STATE_COLOR[state])} {change.mode:04o}  {change.path}  ({change.reason})"
         )
-    for warning in prov.warnings:
-        typer.echo(_style(f"warning: {warning}", "yellow"), err=True)
     if show_diff:
         for change in prov.plan.changes:
             if change.state() == "unchanged":
@@ -73,6 +71,16 @@ def print_next_steps(setup: MailSetup) -> None:
         typer.echo(f"  {step}")
 
 
+def print_warnings(warnings: list[str]) -> None:
+    """The warnings of a run, together and last, where a person reads them (and once more just before
+    a question that depends on them)."""
+    if not warnings:
+        return
+    typer.echo(_style("Warnings:", "yellow", bold=True), err=True)
+    for warning in warnings:
+        typer.echo(_style(f"  ! {warning}", "yellow"), err=True)
+
+
 def print_smoke(sr) -> None:
     typer.echo("Smoke test (on loopback, with the set-up's own files):")
     for c in sr.checks:
@@ -96,10 +104,13 @@ def print_doctor(findings) -> None:
                       "red" if fails else "green"))
 
 
-def print_dns(setup: MailSetup, records, ptr: list[str], have_ips: bool, comparisons) -> None:
+def print_dns(setup: MailSetup, records, ptr: list[str], have_ips: bool, comparisons,
+              left_out: list[str] = ()) -> None:
     typer.echo(f"; zone-file snippet for {setup.domain}")
     for r in records:
         typer.echo(r.zone_line())
+    for why in left_out:  # a zone-file comment: the snippet can still be pasted as it is
+        typer.echo(f"; {why}")
     if not have_ips:
         typer.echo(f"{setup.hostname + '.':<32} 3600 IN A     <this host's public IPv4: pass --ip>")
     typer.echo("")

@@ -89,7 +89,7 @@ def ask_missing(answers: dict[str, Any], given: set[str], change_all: bool = Fal
         out["admin"] = _ask(questionary.text(
             "Who reads root's, postmaster's and abuse's mail? A local user or an address (--admin):",
             default=str(out.get("admin") or out.get("user") or ""),
-            validate=_validator(validate_admin),
+            validate=_validator(lambda t: validate_admin(t, real_host=not out.get("root"))),
         ))
     if "user" not in given and not out.get("user") and not out.get("_users_exist"):
         from mailsetup.credentials import validate_username

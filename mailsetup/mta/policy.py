@@ -7,7 +7,6 @@ for authenticated or local senders) and testable without sockets.
 from __future__ import annotations
 
 import ipaddress
-import pwd
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from mailsetup import aliases as aliases_mod
 from mailsetup.aliases import split_value, target_kind
 from mailsetup.model import MailSetup
+from mailsetup.platforms import person_account, uid_min
 
 MAX_ALIAS_DEPTH = 20
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
@@ -200,31 +200,13 @@ class Policy:
 _USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
 
-def uid_min(login_defs: Path = Path("/etc/login.defs")) -> int:
-    """The first uid of a person's account on this host (UID_MIN, 1000 by default)."""
-    try:
-        m = re.search(r"^\s*UID_MIN\s+(\d+)", login_defs.read_text(), re.M)
-    except OSError:
-        m = None
-    return int(m.group(1)) if m else 1000
-
-
 def local_user_check(setup: MailSetup, aliases: dict[str, str], creds: dict[str, str]) -> Callable[[str], bool]:
-    """Who counts as a local user. On a real host: a person's account (uid from UID_MIN on, not
-    nobody) whose home exists — never a system account, whose 'home' may be /dev or /usr/sbin. In a
-    sandbox: a login, or a plain name an alias points at, or a home already made there."""
+    """Who counts as a local user. On a real host: a person's account (platforms.person_account, the
+    rule --admin is held to as well). In a sandbox: a login, or a plain name an alias points at, or a
+    home already made there."""
     if setup.root is None:
-        first = uid_min()
-
-        def system_user(name: str) -> bool:
-            if not _USERNAME.match(name):
-                return False
-            try:
-                pw = pwd.getpwnam(name)
-            except KeyError:
-                return False
-            return first <= pw.pw_uid < 65534 and Path(pw.pw_dir).is_dir()
-        return system_user
+        first = uid_min()  # read once, not per recipient
+        return lambda name: person_account(name, first)
     home = Path(setup.layout.home_dir)
     named: set[str] = set(creds)
     for value in aliases.values():
