@@ -274,6 +274,38 @@ def make_dirs(directory: Path, private: bool = False) -> None:
     os.close(fd)
 
 
+def make_users_dirs(parent: Path, path: Sequence[str], leaves: Sequence[str], owner: tuple[int, int]) -> None:
+    """parent/path[0]/path[1]…, each then each of `leaves` in the last, made (0700) for `owner` and
+    given to them. The user owns what is below `parent`: each level is opened with O_NOFOLLOW and
+    given away with fchown, so a link they put there is refused, never followed."""
+    fd, _ = _open_dir(parent, "write in", parent)
+    inside = Path(parent)
+    try:
+        for i, name in enumerate([*path, *leaves]):
+            where = inside / name
+            if i < len(path):
+                inside = where
+            parent_fd = fd
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+            except FileExistsError:
+                pass
+            try:
+                child = os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=parent_fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _refuse("write in", where, "it is not a folder but a link or a file") from None
+                raise OSError(exc.errno, exc.strerror, str(where)) from None
+            os.fchown(child, *owner)
+            if i < len(path):
+                os.close(parent_fd)
+                fd = child
+            else:
+                os.close(child)
+    finally:
+        os.close(fd)
+
+
 def _open_existing(dir_fd: int, name: str, verb: str, target: Path) -> tuple[int, os.stat_result] | None:
     """An fd of the file `name` in the directory and its stat; None when there is none. As root a
     link, another user's file or one others can write is refused."""

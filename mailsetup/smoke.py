@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mailsetup import credentials as creds_mod
 from mailsetup.errors import MailsetupError
-from mailsetup.files import read_secret, write_atomic
+from mailsetup.files import make_dirs, make_users_dirs, read_secret, write_atomic
 from mailsetup.model import MailSetup
 
 RELAY_TRICKS = (
@@ -231,10 +231,8 @@ class _OpenSmtpd:
             return
         pw = pwd.getpwnam(user)
         home = Path(self.setup.layout.home_dir)
-        home.mkdir(mode=0o755, parents=True, exist_ok=True)
-        for d in (home / user, home / user / "Maildir", *(home / user / "Maildir" / x for x in ("tmp", "new", "cur"))):
-            d.mkdir(mode=0o700, exist_ok=True)
-            os.chown(d, pw.pw_uid, pw.pw_gid)
+        make_dirs(home)
+        make_users_dirs(home, [user, "Maildir"], ["tmp", "new", "cur"], (pw.pw_uid, pw.pw_gid))
 
     def stop(self) -> None:
         if self.real is not None:

@@ -325,3 +325,33 @@ def test_a_normal_user_still_writes_through_their_own_symlink():
         assert proc.returncode == 0, proc.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(not shutil.which("smtpd") and not Path("/usr/sbin/smtpd").exists(), reason="needs OpenSMTPD")
+def test_the_real_smtpd_smoke_never_gives_a_folder_of_roots_to_the_user_through_a_link():
+    """In a sandbox, the smoke test hands the alias target a Maildir; a link they put in its place
+    must not make root give away (or fill) the folder it points to."""
+    import tempfile
+
+    from test_real_smtpd import ensure_system_user
+
+    base = Path(tempfile.mkdtemp(prefix="mailsetup-real-", dir="/tmp"))
+    try:
+        base.chmod(0o755)  # smtpd's unprivileged processes must reach aliases.db
+        ensure_system_user("alice")
+        alice = pwd.getpwnam("alice")
+        root = base / "root"
+        assert run_cli(*init_args(root, "--no-smoke")).code == 0
+        victim = base / "victim"
+        victim.mkdir(mode=0o700)
+        home = root / "home/alice"
+        home.mkdir(parents=True)
+        os.chown(home, alice.pw_uid, alice.pw_gid)
+        (home / "Maildir").symlink_to(victim)
+        os.lchown(home / "Maildir", alice.pw_uid, alice.pw_gid)
+        r = run_cli("smoke", "--root", root, "--engine", "opensmtpd")
+        assert r.code == 1
+        assert f"refusing to write in {home / 'Maildir'}: it is not a folder but a link or a file" in r.out
+        assert victim.stat().st_uid == 0 and list(victim.iterdir()) == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
