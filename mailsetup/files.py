@@ -157,13 +157,16 @@ def _absolute(path: Path) -> Path:
     return path if path.is_absolute() else Path.cwd() / path
 
 
+def _writers(mode: int) -> str:
+    return "group and others" if mode & 0o022 == 0o022 else "group" if mode & 0o020 else "others"
+
+
 def _dir_problem(st: os.stat_result) -> str | None:
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid != 0:
         return f"is owned by uid {st.st_uid} ({_SWAP})"
     if mode & 0o022 and not mode & stat.S_ISVTX:
-        who = "group and others" if mode & 0o022 == 0o022 else "group" if mode & 0o020 else "others"
-        return f"is writable by {who} (mode {mode:04o}; {_SWAP})"
+        return f"is writable by {_writers(mode)} (mode {mode:04o}; {_SWAP})"
     return None
 
 
@@ -176,7 +179,8 @@ def _file_problem(st: os.stat_result, whose: str = "it") -> str | None:
     if st.st_uid != 0:
         return f"{whose} is owned by uid {st.st_uid} (a user other than root could have written it)"
     if mode & 0o022:
-        return f"{whose} is writable by others (mode {mode:04o}; a user other than root could have written it)"
+        return (f"{whose} is writable by {_writers(mode)} (mode {mode:04o}; a user other than root could have "
+                "written it)")
     return None
 
 
