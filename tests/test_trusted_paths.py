@@ -355,3 +355,45 @@ def test_the_real_smtpd_smoke_never_gives_a_folder_of_roots_to_the_user_through_
         assert victim.stat().st_uid == 0 and list(victim.iterdir()) == []
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- the real host's paths (no --root), in a private mount namespace over a throwaway /etc -------
+
+
+def on_this_host(tmp_path: Path, prepare: str, *args: object) -> tuple[subprocess.CompletedProcess, Path]:
+    """`mailsetup ARGS` as root with /etc an overlay whose writes land in tmp_path/upper, after the
+    shell commands `prepare` ran in it: the machine's own /etc never changes."""
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    script = ('mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc || exit 99; '
+              + prepare + '; shift 2; exec "$@"')
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                           str(upper), str(work), MAILSETUP, *map(str, args)],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, NO_COLOR="1"),
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode == 99:
+        pytest.skip("no overlay mounts here: " + proc.stderr.strip())
+    return proc, upper
+
+
+HOST_INIT = ("init", "--yes", "--domain", "example.test", "--os", "debian", "--admin", "alice", "--no-smoke")
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare")
+def test_on_this_host_a_key_folder_a_user_owns_is_refused(tmp_path: Path):
+    proc, upper = on_this_host(tmp_path, "mkdir -p /etc/ssl/private && chown nobody /etc/ssl/private", *HOST_INIT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == ("mailsetup: error: refusing to write /etc/ssl/private/mail.example.test.key: "
+                                   f"/etc/ssl/private is owned by uid {NOBODY.pw_uid} {SWAP}")
+    written = sorted(str(p.relative_to(upper)) for p in upper.rglob("*"))
+    assert written == ["ssl", "ssl/private"], written  # only what the test itself changed
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare")
+def test_on_this_host_roots_own_tree_is_written(tmp_path: Path):
+    proc, upper = on_this_host(tmp_path, "true", *HOST_INIT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    key = upper / "ssl/private/mail.example.test.key"
+    assert key.stat().st_uid == 0 and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert (upper / "mailsetup/queue.key").exists() and (upper / "smtpd.conf").exists()
