@@ -48,6 +48,8 @@ Hostname = Annotated[
 OsName = Annotated[
     str | None, typer.Option("--os", help="Target OS layout: debian, rhel, alpine, arch, freebsd, openbsd.")
 ]
+
+
 def _root_path(text: str) -> Path:
     # Path("") is ".": an empty --root (an unset shell variable) must not quietly mean this directory.
     if not text:
