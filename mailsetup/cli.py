@@ -48,8 +48,19 @@ Hostname = Annotated[
 OsName = Annotated[
     str | None, typer.Option("--os", help="Target OS layout: debian, rhel, alpine, arch, freebsd, openbsd.")
 ]
+
+
+def _root_path(text: str) -> Path:
+    # Path("") is ".": an empty --root (an unset shell variable) must not quietly mean this directory.
+    if not text:
+        raise MailsetupError("--root: a path is required (a sandbox folder; leave --root out for this host)")
+    return Path(text)
+
+
 Root = Annotated[
-    Path | None, typer.Option("--root", help="Prefix every path with DIR (a sandbox; no system files touched).")
+    Path | None,
+    typer.Option("--root", parser=_root_path, metavar="DIR",
+                 help="Prefix every path with DIR (a sandbox; no system files touched)."),
 ]
 AliasesFile = Annotated[Path | None, typer.Option("--aliases", help="An aliases(5) file to install.")]
 Admin = Annotated[

@@ -51,8 +51,11 @@ def parse_credentials(text: str, source: str) -> list[Credential]:
 
 
 def read_credentials(path: Path) -> list[Credential]:
+    from mailsetup.files import read_secret
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # As root, only a table no other user could have added a login to.
+        text = read_secret(Path(path)).decode("utf-8")
     except FileNotFoundError:
         return []
     except (OSError, UnicodeDecodeError) as exc:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mailsetup.errors import MailsetupError
+from mailsetup.files import read_secret
 from mailsetup.model import MailSetup
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -62,6 +63,7 @@ class Doctor:
             return WARN, "OpenSMTPD is not installed here, so smtpd -n cannot judge smtpd.conf"
         if os.geteuid() != 0:
             return WARN, "smtpd -n needs root (it checks the key's owner); run doctor as root"
+        read_secret(self.conf)  # smtpd -n runs as root: only on a file no other user can steer
         result = check_config(self.conf)
         if result.ok:
             return OK, f"smtpd -n -f {self.conf}: configuration OK"
@@ -127,7 +129,7 @@ class Doctor:
         if not self.setup.queue.encryption:
             return WARN, "queue encryption is off: queued mail sits on disk in the clear"
         key = queuekey.read_queue_key(Path(self.setup.queue.key_file))
-        m = re.search(r"^queue encryption (?:key )?(\S+)", self.conf.read_text(), re.M)
+        m = re.search(r"^queue encryption (?:key )?(\S+)", read_secret(self.conf).decode(), re.M)
         if not m:
             return FAIL, f"{self.conf} has no queue encryption line, but the set-up wants one"
         if m.group(1) != key:
@@ -256,7 +258,7 @@ class Doctor:
     def open_relay(self) -> tuple[str, str]:
         from mailsetup.opensmtpd import open_relay_rules
 
-        findings = open_relay_rules(self.conf.read_text())
+        findings = open_relay_rules(read_secret(self.conf).decode())
         if findings:
             f = findings[0]
             return FAIL, f"{self.conf}:{f.line}: `{f.text}` {f.why}"

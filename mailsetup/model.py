@@ -271,6 +271,8 @@ def build_setup(raw: Mapping[str, Any]) -> MailSetup:
     hostname = validate_dns_name(hostname_raw, "--hostname")
 
     root: Path | None = None
+    if raw.get("root") is not None and not str(raw["root"]):
+        raise MailsetupError("--root: a path is required (a sandbox folder; leave --root out for this host)")
     if raw.get("root"):
         root_text = str(_user_path(raw["root"], "--root").absolute())
         validate_path(root_text, "--root")

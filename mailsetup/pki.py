@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mailsetup.errors import MailsetupError
+from mailsetup.files import read_secret
 
 KEY_MODE = 0o600
 CERT_MODE = 0o644
@@ -108,7 +109,7 @@ def _describe_key(pub) -> str:
 
 def load_cert(path: Path, flag: str = "--cert") -> x509.Certificate:
     try:
-        data = Path(path).read_bytes()
+        data = read_secret(Path(path))  # smtpd will serve it: as root, only a certificate no user can swap
     except OSError as exc:
         raise MailsetupError(f"{flag}: cannot read {path}: {exc.strerror}") from None
     try:
@@ -119,7 +120,7 @@ def load_cert(path: Path, flag: str = "--cert") -> x509.Certificate:
 
 def load_key(path: Path, flag: str = "--key"):
     try:
-        data = Path(path).read_bytes()
+        data = read_secret(Path(path))
     except OSError as exc:
         raise MailsetupError(f"{flag}: cannot read {path}: {exc.strerror}") from None
     try:

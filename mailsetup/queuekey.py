@@ -39,8 +39,10 @@ def queue_key_file_bytes(key: str) -> bytes:
 
 
 def read_queue_key(path: Path) -> str:
+    from mailsetup.files import read_secret
+
     try:
-        text = Path(path).read_text(encoding="ascii", errors="strict")
+        text = read_secret(Path(path)).decode("ascii", errors="strict")
     except FileNotFoundError:
         raise MailsetupError(f"{path}: the queue key file does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:

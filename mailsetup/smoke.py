@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mailsetup import credentials as creds_mod
 from mailsetup.errors import MailsetupError
-from mailsetup.files import write_atomic
+from mailsetup.files import make_dirs, make_users_dirs, read_secret, write_atomic
 from mailsetup.model import MailSetup
 
 RELAY_TRICKS = (
@@ -201,7 +201,7 @@ class _OpenSmtpd:
         smtp = self.ports_wanted[0] or _free_port()
         sub = self.ports_wanted[1] or _free_port()
         _check_reachable_by_smtpd(Path(self.setup.layout.aliases_db))
-        conf = derive_config(Path(self.setup.layout.smtpd_conf).read_text(), self.setup.hostname, smtp, sub,
+        conf = derive_config(read_secret(Path(self.setup.layout.smtpd_conf)).decode(), self.setup.hostname, smtp, sub,
                              self.sink.port)
         aliases = aliases_mod.read_aliases_db(Path(self.setup.layout.aliases_db))
 
@@ -232,10 +232,8 @@ class _OpenSmtpd:
             return
         pw = pwd.getpwnam(user)
         home = Path(self.setup.layout.home_dir)
-        home.mkdir(mode=0o755, parents=True, exist_ok=True)
-        for d in (home / user, home / user / "Maildir", *(home / user / "Maildir" / x for x in ("tmp", "new", "cur"))):
-            d.mkdir(mode=0o700, exist_ok=True)
-            os.chown(d, pw.pw_uid, pw.pw_gid)
+        make_dirs(home)
+        make_users_dirs(home, [user, "Maildir"], ["tmp", "new", "cur"], (pw.pw_uid, pw.pw_gid))
 
     def stop(self) -> None:
         if self.real is not None:
@@ -262,7 +260,7 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
     report = SmokeReport()
     creds_path = Path(setup.layout.credentials)
     stale = _forget_interrupted_runs(setup, creds_path)
-    original_creds = creds_path.read_bytes() if creds_path.exists() else None
+    original_creds = read_secret(creds_path) if creds_path.exists() else None
     creds_mode = (creds_path.stat().st_mode & 0o7777) if creds_path.exists() else creds_mod.CREDS_MODE
     user = f"mailsetup-smoke-{secrets.token_hex(3)}"
     password = secrets.token_urlsafe(18)
@@ -320,7 +318,7 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
         tls = _client_tls(setup)
 
         def certificate() -> str:
-            cert_der = ssl.PEM_cert_to_DER_cert(Path(setup.tls.cert).read_text())
+            cert_der = ssl.PEM_cert_to_DER_cert(read_secret(Path(setup.tls.cert)).decode())
             with _Client(smtp, setup.hostname, "smoke.invalid") as c:
                 c.ehlo()
                 assert c.has_extn("starttls"), "port 25 does not offer STARTTLS"

@@ -94,9 +94,9 @@ def test_private_files_are_never_readable_by_others_not_even_before_rename(tmp_p
     seen: list[int] = []
     real_replace = os.replace
 
-    def watching_replace(src, dst):
-        seen.append(stat.S_IMODE(os.stat(src).st_mode))
-        return real_replace(src, dst)
+    def watching_replace(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
+        seen.append(stat.S_IMODE(os.stat(src, dir_fd=src_dir_fd).st_mode))
+        return real_replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
     monkeypatch.setattr(os, "replace", watching_replace)
     old = os.umask(0)  # the most careless umask a user could have

@@ -111,24 +111,29 @@ def test_diff_never_shows_secrets(tmp_path: Path):
     assert "PRIVATE" not in secret.diff()
 
 
-def test_a_symlinked_file_is_written_through_and_undo_restores_the_target(tmp_path: Path):
+@pytest.mark.skipif(os.geteuid() != 0, reason="the trust rules apply to root")
+def test_as_root_a_symlinked_file_is_refused_not_written_through(tmp_path: Path):
     real = tmp_path / "real"
     real.mkdir()
     (real / "smtpd.conf").write_text("old\n")
     link = tmp_path / "smtpd.conf"
     link.symlink_to(real / "smtpd.conf")
-    results = apply_plan([FileChange(link, b"new\n", 0o600, "conf")])
-    assert link.is_symlink() and (real / "smtpd.conf").read_text() == "new\n"
-    undo_applied(results)
+    with pytest.raises(MailsetupError, match=f"^refusing to write {link}: it is a symbolic link"):
+        apply_plan([FileChange(link, b"new\n", 0o600, "conf")])
     assert link.is_symlink() and (real / "smtpd.conf").read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real", "smtpd.conf"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="keeping another user's ownership needs root")
-def test_replacing_a_file_keeps_its_owner_and_the_backup_does_too(tmp_path: Path):
+@pytest.mark.skipif(os.geteuid() != 0, reason="the trust rules apply to root")
+def test_as_root_another_users_file_is_refused_and_roots_file_keeps_its_group(tmp_path: Path):
     f = tmp_path / "credentials"
     f.write_text("old\n")
     os.chown(f, 65534, 65534)
     f.chmod(0o640)
+    with pytest.raises(MailsetupError, match="it is owned by uid 65534"):
+        apply_plan([FileChange(f, b"new\n", 0o640, "creds")])
+    assert f.read_text() == "old\n" and f.stat().st_uid == 65534
+    os.chown(f, 0, 65534)  # root's, group ssl-cert-like: the group stays
     [applied] = apply_plan([FileChange(f, b"new\n", 0o640, "creds")])
-    assert (f.stat().st_uid, f.stat().st_gid) == (65534, 65534)
-    assert (applied.backup.stat().st_uid, stat.S_IMODE(applied.backup.stat().st_mode)) == (65534, 0o640)
+    assert (f.stat().st_uid, f.stat().st_gid) == (0, 65534)
+    assert (applied.backup.stat().st_gid, stat.S_IMODE(applied.backup.stat().st_mode)) == (65534, 0o640)

@@ -28,7 +28,7 @@ def ensure_maildir(maildir: Path, owner: tuple[int, int] | None = None) -> None:
             continue
         d.mkdir(mode=0o700, parents=owner is None, exist_ok=True)
         if owner is not None:
-            os.chown(d, *owner)
+            os.chown(d, *owner, follow_symlinks=False)  # a link swapped in meanwhile: never its target
     _known.add(maildir)
 
 

@@ -18,7 +18,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailsetup.files import fsync_dir, publish, write_new_file
+from mailsetup.files import fsync_dir, make_dirs, publish, write_new_file
 
 log = logging.getLogger("mailsetup.mta")
 
@@ -46,7 +46,7 @@ class MailQueue:
         self.key = key.encode() if key else None
         self.compression = compression
         for d in (self.dir, self.failed_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_dirs(d, private=True)  # as root, only under directories no other user controls
         self._sweep_temp_files()
 
     def _sweep_temp_files(self) -> None:

@@ -23,6 +23,7 @@ from mailsetup import aliases as aliases_mod
 from mailsetup import credentials as creds_mod
 from mailsetup import queuekey
 from mailsetup.errors import MailsetupError
+from mailsetup.files import read_secret
 from mailsetup.model import MailSetup
 from mailsetup.mta import maildir
 from mailsetup.mta.policy import LOOPBACK, Policy, local_user_check
@@ -67,6 +68,9 @@ def load_tls(setup: MailSetup) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
+        # OpenSSL opens the files by name: as root, first make sure no other user can steer them.
+        read_secret(Path(setup.tls.cert))
+        read_secret(Path(setup.tls.key))
         ctx.load_cert_chain(str(setup.tls.cert), str(setup.tls.key))
     except FileNotFoundError as exc:
         raise MailsetupError(f"{exc.filename}: missing; run `mailsetup init` first", exit_code=1) from None
