@@ -33,6 +33,9 @@ class FileChange:
     # random file id): says whether the file on disk already holds what we would write.
     same_meaning: Callable[[Path], bool] | None = None
     summary: str | None = None  # shown instead of a diff (a PEM certificate says nothing line by line)
+    # (uid, gid) the file is given, e.g. root and the group of smtpd's lookup process, which must
+    # re-read a table; its directory is then made enterable by that group. None: keep/inherit.
+    owner: tuple[int, int] | None = None
 
     def state(self) -> str:
         """'new', 'replaced' or 'unchanged' against what is on disk now."""
@@ -45,7 +48,11 @@ class FileChange:
         if current != self.content and not (self.same_meaning and self._same_meaning()):
             return "replaced"
         try:
-            if stat.S_IMODE(self.path.stat().st_mode) != self.mode:
+            st = self.path.stat()
+            if stat.S_IMODE(st.st_mode) != self.mode:
+                return "replaced"
+            if self.owner is not None and ((st.st_uid, st.st_gid) != self.owner
+                                           or not _group_can_enter(self.path.parent, self.owner[1])):
                 return "replaced"
         except OSError:
             return "replaced"
@@ -196,18 +203,40 @@ def _owner_of(path: Path) -> tuple[int, int] | None:
     return st.st_uid, st.st_gid
 
 
-def write_atomic(path: Path, content: bytes, mode: int) -> None:
+def write_atomic(path: Path, content: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
     """Write `content` to `path` so that readers see the old file or the new one, never a mix:
     a temp file beside it, fsynced, renamed over the target, the directory fsynced. A symlink is
-    written through, and the replaced file's owner is kept."""
+    written through, and the replaced file's owner is kept unless `owner` is given."""
     target = resolve(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    write_new_file(tmp, [content], mode, _owner_of(target))
+    write_new_file(tmp, [content], mode, owner or _owner_of(target))
     try:
         publish(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _group_can_enter(directory: Path, gid: int, st: os.stat_result | None = None) -> bool:
+    st = st or directory.stat()
+    if st.st_mode & 0o001:
+        return True
+    return st.st_gid == gid and bool(st.st_mode & 0o010)
+
+
+def _let_group_enter(directory: Path, gid: int, changed: list[tuple[Path, int, int, int]]) -> None:
+    """Let group `gid` enter a root-owned directory (chgrp + g+x: it may open the files it is
+    given, not list the rest); others gain nothing. Recorded in `changed` for undo."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        st = os.fstat(fd)
+        if _group_can_enter(directory, gid, st) or st.st_uid != 0:
+            return
+        changed.append((directory, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)))
+        os.fchown(fd, 0, gid)
+        os.fchmod(fd, (stat.S_IMODE(st.st_mode) & ~0o070) | 0o010)
+    finally:
+        os.close(fd)
 
 
 def _copy_backup(path: Path) -> Path:
@@ -226,6 +255,7 @@ def apply_plan(plan: Plan | Sequence[FileChange]) -> list[Applied]:
     changes = plan.changes if isinstance(plan, Plan) else list(plan)
     done: list[tuple[Path, Path | None, bool]] = []  # file written, backup, existed
     created_dirs: list[Path] = []
+    opened_dirs: list[tuple[Path, int, int, int]] = []
     results: list[Applied] = []
     try:
         for change in changes:
@@ -235,13 +265,21 @@ def apply_plan(plan: Plan | Sequence[FileChange]) -> list[Applied]:
                 continue
             _make_parents(change.path, created_dirs, change.secret)
             target = resolve(change.path)
+            if change.owner is not None:
+                _let_group_enter(target.parent, change.owner[1], opened_dirs)
             existed = target.exists()
             backup = _copy_backup(target) if existed else None
             done.append((target, backup, existed))
-            write_atomic(target, change.content, change.mode)
+            write_atomic(target, change.content, change.mode, change.owner)
             results.append(Applied(target, state, backup))
     except BaseException as exc:
         _undo(done, created_dirs)
+        for directory, uid, gid, mode in reversed(opened_dirs):
+            try:
+                os.chown(directory, uid, gid)
+                os.chmod(directory, mode)
+            except OSError:
+                pass
         if isinstance(exc, OSError):
             where = exc.filename or "?"
             raise MailsetupError(
