@@ -194,3 +194,24 @@ def test_serve_picks_up_a_user_added_while_it_runs(root: Path):
         assert served.log_text().count(f"loaded {root}/etc/mailsetup/credentials: 1 login(s)") == 2
         assert served.proc.poll() is None
         assert auth_code(root, served.submission, "alice") == 235
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="giving a file a group needs root")
+def test_a_table_is_born_with_its_group_and_a_failed_plan_puts_its_directory_back(tmp_path: Path):
+    from mailsetup.errors import MailsetupError
+    from mailsetup.files import FileChange, apply_plan
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    table = FileChange(state / "credentials", b"bob $2b$10$x\n", 0o640, "creds", secret=True, owner=(0, 65534))
+    blocked = FileChange(tmp_path / "table" / "x", b"y\n", 0o644, "a file under a file: cannot be written")
+    (tmp_path / "table").write_text("")
+    with pytest.raises(MailsetupError):
+        apply_plan([table, blocked])
+    assert not (state / "credentials").exists()
+    assert (state.stat().st_gid, state.stat().st_mode & 0o777) == (0, 0o700)
+    apply_plan([table])
+    st = (state / "credentials").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 65534, 0o640)
+    assert (state.stat().st_gid, state.stat().st_mode & 0o777) == (65534, 0o710)
+    assert table.state() == "unchanged"
