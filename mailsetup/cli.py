@@ -568,6 +568,33 @@ def _credentials_path(root: Path | None, os_name: str | None) -> Path:
     return Path(load_setup(root, os_name).layout.credentials)
 
 
+def _write_credentials(root: Path | None, os_name: str | None, creds: list, done: str) -> None:
+    """Write the table (owner and mode smtpd needs to re-read it), then have a running smtpd that
+    serves this file re-read it, so the change is live without a restart."""
+    from mailsetup import credentials as c
+    from mailsetup.answers import load_setup
+    from mailsetup.files import FileChange, apply_plan
+    from mailsetup.opensmtpd import smtpd_tables_reading, update_table
+    from mailsetup.platforms import LAYOUTS
+
+    layout = load_setup(root, os_name).layout
+    path = Path(layout.credentials)
+    mode, owner = c.table_access(layout.smtpd_user)
+    apply_plan([FileChange(path, c.render_credentials(creds), mode, "credentials", secret=True, owner=owner)])
+    _echo(f"{done} {path}")
+    users = smtpd_tables_reading(path, Path(LAYOUTS[layout.name].smtpd_conf))
+    if not users:
+        _echo(f"no running smtpd here serves {path}; smtpd reads it when it starts", err=True)
+    for user in users:
+        ok, said = update_table(user.table)
+        if not ok:
+            raise MailsetupError(
+                f"the running smtpd (pid {user.pid}) could not re-read {path}: "
+                f"smtpctl update table {user.table}: {said}",
+                hint=f"`mailsetup doctor` says why; or restart smtpd: {layout.restart}", exit_code=1)
+        _echo(f"reloaded table {user.table} of the running smtpd (pid {user.pid}): the change is live")
+
+
 @user_app.command("add")
 def user_add(
     name: Annotated[str, typer.Argument(help="The login (and local user) name.")],
@@ -580,17 +607,14 @@ def user_add(
 ) -> None:
     """Add a user (or change their password). The password is asked twice, hidden, or read from stdin."""
     from mailsetup import credentials as c
-    from mailsetup.files import FileChange, apply_plan
 
     c.validate_username(name)
     path = _credentials_path(root, os_name)
     creds = c.read_credentials(path)
     hashed = c.hash_password(_read_password(password_stdin))
     existed = any(x.user == name for x in creds)
-    apply_plan([FileChange(path, c.render_credentials(c.with_user(creds, name, hashed)), c.CREDS_MODE,
-                           "credentials", secret=True)])
-    _echo(f"{'changed the password of' if existed else 'added'} {name} in {path}")
-    _echo("then, for OpenSMTPD: smtpctl update table creds (or restart it)", err=True)
+    _write_credentials(root, os_name, c.with_user(creds, name, hashed),
+                       f"{'changed the password of' if existed else 'added'} {name} in")
 
 
 @user_app.command("list")
@@ -611,12 +635,10 @@ def user_remove(
 ) -> None:
     """Remove a user's login (their Maildir is left alone)."""
     from mailsetup import credentials as c
-    from mailsetup.files import FileChange, apply_plan
 
     path = _credentials_path(root, os_name)
     remaining = c.without_user(c.read_credentials(path), name)
-    apply_plan([FileChange(path, c.render_credentials(remaining), c.CREDS_MODE, "credentials", secret=True)])
-    _echo(f"removed {name} from {path}")
+    _write_credentials(root, os_name, remaining, f"removed {name} from")
 
 
 def main() -> None:

@@ -1,17 +1,22 @@
 """The credentials table for AUTH: table(5) `user hash` lines, bcrypt hashes smtpd's crypt(3) checks.
 
-Passwords never pass through argv, logs or the answers file; the file is 0600.
+Passwords never pass through argv, logs or the answers file. The file is root:GROUP 0640, GROUP
+being that of smtpd's lookup user, which re-reads it on `smtpctl update table`; 0600 where no such
+user exists (or we are not root). Never world-readable.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mailsetup.errors import MailsetupError
 
-CREDS_MODE = 0o600
+CREDS_MODE = 0o600  # where smtpd's lookup user does not exist here
+CREDS_GROUP_MODE = 0o640  # root writes, smtpd's lookup process (its group) re-reads
 _USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _HASH = re.compile(r"^\$(2[abxy]|6|5)\$\S+$")
 
@@ -25,6 +30,21 @@ def validate_username(name: str, flag: str = "NAME") -> str:
     if name == "root":
         raise MailsetupError(f"{flag}: smtpd never delivers to root; pick a person's user name")
     return name
+
+
+def table_access(lookup_user: str) -> tuple[int, tuple[int, int] | None]:
+    """(mode, owner) for the credentials table: root and the primary group of smtpd's lookup user
+    (`Layout.smtpd_user`), so `smtpctl update table` can re-read it. When that user does not exist
+    on this machine (smtpd not installed, another OS's layout in a sandbox) or we are not root (only
+    root gives a file away), (0600, None): the table stays root's alone and smtpd reads it at start.
+    """
+    if os.geteuid() != 0:
+        return CREDS_MODE, None
+    try:
+        gid = pwd.getpwnam(lookup_user).pw_gid
+    except KeyError:
+        return CREDS_MODE, None
+    return CREDS_GROUP_MODE, (0, gid)
 
 
 @dataclass(frozen=True)

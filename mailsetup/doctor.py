@@ -5,7 +5,9 @@ sentence of why and what to do.
 from __future__ import annotations
 
 import datetime as dt
+import grp
 import os
+import pwd
 import re
 import socket
 import stat
@@ -182,8 +184,41 @@ class Doctor:
                           f"run: mailsetup aliases {self.setup.layout.aliases} && smtpctl update table aliases")
         return OK, f"{len(on_disk)} aliases, in step with {self.setup.layout.aliases}"
 
+    def _lookup_reach(self, path: Path, table: str, fix: str) -> tuple[str, str] | None:
+        """Whether smtpd's lookup process can open the table file `path`, tried as its user; None
+        when that cannot be tried here (not root, or no such user on this machine)."""
+        user = self.setup.layout.smtpd_user
+        tried = readable_as(path, user)
+        if tried is None:
+            return None
+        blocked, why = tried
+        if blocked is None:
+            return OK, f"smtpd's lookup user {user} can open {path} (tried as {user})"
+        if blocked != path:
+            return FAIL, (f"{blocked} ({_mode(blocked):04o}) keeps smtpd's lookup user {user} out, so smtpd cannot "
+                          f"open {path} ('failed to open table {table}'); {fix}")
+        return FAIL, (f"smtpd's lookup user {user} cannot open {path} ({why}): smtpd fails to (re)load it "
+                      f"('failed to open table {table}'); {fix}")
+
+    def credentials_reachable(self) -> tuple[str, str]:
+        from mailsetup import credentials as creds_mod
+
+        path = Path(self.setup.layout.credentials)
+        _, owner = creds_mod.table_access(self.setup.layout.smtpd_user)
+        group = _group_name(owner[1]) if owner else "its group"
+        found = self._lookup_reach(
+            path, "creds", f"`smtpctl update table creds` fails and new logins get 535 until smtpd restarts; "
+            f"re-run `mailsetup init` (it makes the table root:{group} 0640, its directory g+x)")
+        if found is None:
+            return WARN, (f"cannot try as smtpd's lookup user {self.setup.layout.smtpd_user} (no such user here, "
+                          "or doctor is not root), so whether smtpd can re-read the table is not known")
+        return found
+
     def aliases_reachable(self) -> tuple[str, str]:
         db = Path(self.setup.layout.aliases_db)
+        found = self._lookup_reach(db, "aliases", f"chmod 644 {db} and o+x on its directories")
+        if found is not None:
+            return found
         for parent in db.parents:
             if parent.exists() and not parent.stat().st_mode & 0o001:
                 return FAIL, (f"{parent} ({_mode(parent):04o}) keeps smtpd's unprivileged lookup process out, so "
@@ -214,13 +249,18 @@ class Doctor:
         from mailsetup import credentials as creds_mod
 
         path = Path(self.setup.layout.credentials)
-        mode = _mode(path)
+        st = path.stat()
+        mode = stat.S_IMODE(st.st_mode)
         if mode & 0o004:
             return FAIL, f"{path} is world-readable ({mode:04o}): password hashes leak; chmod 600 {path}"
-        if mode & 0o070:
-            return WARN, f"{path} is group-accessible ({mode:04o}); 0600 is enough"
+        _, owner = creds_mod.table_access(self.setup.layout.smtpd_user)
+        if mode & 0o070 and (owner is None or st.st_gid != owner[1]):
+            return WARN, (f"{path} is group-accessible ({mode:04o}) by group {_group_name(st.st_gid)}, "
+                          "not smtpd's; re-run `mailsetup init` to give it the right group")
+        if mode & 0o030:
+            return WARN, f"{path} is group-writable ({mode:04o}); 0640 is enough"
         users = creds_mod.read_credentials(path)
-        return OK, f"{len(users)} login(s), mode {mode:04o}"
+        return OK, f"{len(users)} login(s), mode {mode:04o}, owner {_owner_name(st)}"
 
     def ports(self) -> tuple[str, str]:
         busy = []
@@ -279,6 +319,7 @@ class Doctor:
             ("aliases.db reachable by smtpd", self.aliases_reachable),
             ("postmaster and abuse", self.rfc2142),
             ("credentials table", self.credentials),
+            ("credentials table re-readable by smtpd", self.credentials_reachable),
             ("ports", self.ports),
             ("smtpd version", self.smtpd_version),
         ):
@@ -322,6 +363,71 @@ def _conf_with_key(conf: Path, key: str) -> Path | None:
         if m and m.group(1) == key:
             return path
     return None
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _owner_name(st: os.stat_result) -> str:
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    return f"{user}:{_group_name(st.st_gid)}"
+
+
+def readable_as(path: Path, user: str) -> tuple[Path | None, str] | None:
+    """Try, as `user` (its uid, gid and groups), to enter every directory above `path` and open it.
+
+    (None, "") when it can; (the first path it cannot pass, strerror) when not; None when this
+    cannot be tried here (we are not root, or there is no such user). A child process does the
+    trying, so this one keeps its privileges.
+    """
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    if os.geteuid() != 0:
+        return None
+    path = Path(os.path.abspath(path))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the user, try, report on the pipe, never return
+        code = 0
+        try:
+            os.close(read_end)
+            os.setgroups(os.getgrouplist(user, pw.pw_gid))
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            for d in reversed(path.parents):
+                if not os.access(d, os.X_OK):
+                    os.write(write_end, f"{d}\0{os.strerror(13)}".encode())
+                    code = 1
+                    break
+            else:
+                try:
+                    os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+                except OSError as exc:
+                    os.write(write_end, f"{path}\0{exc.strerror}".encode())
+                    code = 1
+        except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
+            code = 2
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as fh:
+        said = fh.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return None, ""
+    if code != 1 or "\0" not in said:
+        return None
+    where, _, why = said.partition("\0")
+    return Path(where), why
 
 
 def port_owner(port: int) -> tuple[int, str] | None:

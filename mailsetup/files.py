@@ -35,6 +35,9 @@ class FileChange:
     # random file id): says whether the file on disk already holds what we would write.
     same_meaning: Callable[[Path], bool] | None = None
     summary: str | None = None  # shown instead of a diff (a PEM certificate says nothing line by line)
+    # (uid, gid) the file is given, e.g. root and the group of smtpd's lookup process, which must
+    # re-read a table; its directory is then made enterable by that group. None: keep/inherit.
+    owner: tuple[int, int] | None = None
 
     def state(self) -> str:
         """'new', 'replaced' or 'unchanged' against what is on disk now. As root, a file another
@@ -49,6 +52,9 @@ class FileChange:
         if data != self.content and not (self.same_meaning and self._same_meaning()):
             return "replaced"
         if stat.S_IMODE(st.st_mode) != self.mode:
+            return "replaced"
+        if self.owner is not None and ((st.st_uid, st.st_gid) != self.owner
+                                       or not _group_can_enter(self.path.parent, self.owner[1])):
             return "replaced"
         return "unchanged"
 
@@ -476,7 +482,7 @@ def _exists_in(dir_fd: int, name: str) -> bool:
 
 
 def _replace(path: Path, content: bytes, mode: int, backup: bool, created: list[Path] | None = None,
-             private: bool = False) -> tuple[Path, Path | None, bool]:
+             private: bool = False, owner: tuple[int, int] | None = None) -> tuple[Path, Path | None, bool]:
     """Write `content` to `path` atomically (temp file in the same opened directory, fsynced, renamed,
     directory fsynced); returns (file written, backup or None, whether it existed)."""
     target = _target(path)
@@ -495,7 +501,7 @@ def _replace(path: Path, content: bytes, mode: int, backup: bool, created: list[
                 os.close(fd)
         tmp = _tmp_name(target.name)
         try:
-            write_new_file(tmp, [content], mode, _keep_owner(st), dir_fd=dir_fd)
+            write_new_file(tmp, [content], mode, owner or _keep_owner(st), dir_fd=dir_fd)
             os.replace(tmp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -511,10 +517,33 @@ def _replace(path: Path, content: bytes, mode: int, backup: bool, created: list[
         os.close(dir_fd)
 
 
-def write_atomic(path: Path, content: bytes, mode: int) -> None:
+def write_atomic(path: Path, content: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
     """Write `content` to `path` so that readers see the old file or the new one, never a mix. As
-    root, only where no other user can steer the write (see above)."""
-    _replace(path, content, mode, backup=False)
+    root, only where no other user can steer the write (see above). `owner` (uid, gid) is given to
+    the new file; without it a replaced file keeps its group."""
+    _replace(path, content, mode, backup=False, owner=owner)
+
+
+def _group_can_enter(directory: Path, gid: int, st: os.stat_result | None = None) -> bool:
+    st = st or directory.stat()
+    if st.st_mode & 0o001:
+        return True
+    return st.st_gid == gid and bool(st.st_mode & 0o010)
+
+
+def _let_group_enter(directory: Path, gid: int, changed: list[tuple[Path, int, int, int]]) -> None:
+    """Let group `gid` enter a root-owned directory (chgrp + g+x: it may open the files it is
+    given, not list the rest); others gain nothing. Recorded in `changed` for undo."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if _group_can_enter(directory, gid, st) or st.st_uid != 0:
+            return
+        changed.append((directory, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)))
+        os.fchown(fd, 0, gid)
+        os.fchmod(fd, (stat.S_IMODE(st.st_mode) & ~0o070) | 0o010)
+    finally:
+        os.close(fd)
 
 
 def apply_plan(plan: Plan | Sequence[FileChange]) -> list[Applied]:
@@ -522,6 +551,7 @@ def apply_plan(plan: Plan | Sequence[FileChange]) -> list[Applied]:
     changes = plan.changes if isinstance(plan, Plan) else list(plan)
     done: list[tuple[Path, Path | None, bool]] = []  # file written, backup, existed
     created_dirs: list[Path] = []
+    opened_dirs: list[tuple[Path, int, int, int]] = []
     results: list[Applied] = []
     try:
         for change in changes:
@@ -530,11 +560,19 @@ def apply_plan(plan: Plan | Sequence[FileChange]) -> list[Applied]:
                 results.append(Applied(change.path, state, None))
                 continue
             target, backup, existed = _replace(change.path, change.content, change.mode, backup=True,
-                                               created=created_dirs, private=change.secret)
+                                               created=created_dirs, private=change.secret, owner=change.owner)
             done.append((target, backup, existed))
+            if change.owner is not None:
+                _let_group_enter(target.parent, change.owner[1], opened_dirs)
             results.append(Applied(target, state, backup))
     except BaseException as exc:
         _undo(done, created_dirs)
+        for directory, uid, gid, mode in reversed(opened_dirs):
+            try:
+                os.chown(directory, uid, gid)
+                os.chmod(directory, mode)
+            except OSError:
+                pass
         if isinstance(exc, OSError):
             where = exc.filename or "?"
             raise MailsetupError(

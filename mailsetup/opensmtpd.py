@@ -163,3 +163,94 @@ def _open_relay_reason(conds: list[str]) -> str | None:
     if dest[:1] == ["any"] or dest[:2] == ["!", "local"]:
         return f"relays from {' '.join(origin)} to {' '.join(dest)} without authentication: an open relay"
     return None
+
+
+# --- a running smtpd and its tables ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableUser:
+    """A running smtpd whose configuration names a table file: its pid and the table's name."""
+
+    pid: int
+    table: str
+
+
+def _conf_argument(argv: list[str]) -> str | None:
+    """The FILE of `-f FILE` in smtpd's argv (getopt "BdD:hnP:f:FT:v": options may be bundled)."""
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            return None
+        for j, ch in enumerate(arg[1:], 1):
+            if ch in "DPTf":
+                value = arg[j + 1:] or (argv[i + 1] if i + 1 < len(argv) else "")
+                if not arg[j + 1:]:
+                    i += 1
+                if ch == "f":
+                    return value
+                break
+        i += 1
+    return None
+
+
+def table_files(conf_text: str) -> dict[str, str]:
+    """{table name: file path} of the `table NAME file:PATH` (or `table NAME /PATH`) lines."""
+    out = {}
+    for line in conf_text.splitlines():
+        toks = [t.strip('"') for t in _tokens(line)]
+        if len(toks) >= 3 and toks[0] == "table":
+            spec = toks[2]
+            if spec.startswith("file:"):
+                out[toks[1].strip("<>")] = spec[5:]
+            elif spec.startswith("/"):
+                out[toks[1].strip("<>")] = spec
+    return out
+
+
+def smtpd_tables_reading(path: Path, default_conf: Path, proc: Path = Path("/proc")) -> list[TableUser]:
+    """The running smtpd(s) that serve the file `path` as a table, and that table's name.
+
+    Only an smtpd in our own mount namespace counts: it sees the same `path`, and its control socket
+    is the one smtpctl reaches. Its configuration is the `-f` file, else `default_conf` (the OS's).
+    """
+    try:
+        ours = os.readlink(proc / "self/ns/mnt")
+    except OSError:
+        return []
+    wanted = os.path.realpath(path)
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "smtpd" or os.readlink(entry / "ns/mnt") != ours:
+                continue
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if argv[0].startswith("smtpd:"):  # a child process (`smtpd: lookup`...), not the parent
+                continue
+            conf = _conf_argument([a for a in argv if a != ""] or [""]) or str(default_conf)
+            if not os.path.isabs(conf):
+                conf = os.path.join(os.readlink(entry / "cwd"), conf)
+            text = Path(conf).read_text(errors="replace")
+        except OSError:
+            continue
+        for name, file in table_files(text).items():
+            if os.path.realpath(file) == wanted:
+                found.append(TableUser(int(entry.name), name))
+    return found
+
+
+def update_table(name: str) -> tuple[bool, str]:
+    """`smtpctl update table NAME`: smtpd's lookup process re-reads the table. (ok, smtpctl's words)."""
+    smtpctl = find_binary("smtpctl")
+    if not smtpctl:
+        return False, "smtpctl is not installed"
+    try:
+        proc = subprocess.run([smtpctl, "update", "table", name], capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return False, "smtpctl did not answer in 30 s"
+    words = (proc.stdout + proc.stderr).strip().splitlines()
+    return proc.returncode == 0, words[-1] if words else f"exit status {proc.returncode}"

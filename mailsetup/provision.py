@@ -200,17 +200,21 @@ def _plan_aliases(setup: MailSetup, prov: Provisioning, admin: str | None) -> No
 
 
 def _plan_credentials(setup: MailSetup, prov: Provisioning, new_user: tuple[str, str] | None) -> None:
-    """The credentials table: created empty on first run (smtpd -n needs the file), plus a first user."""
+    """The credentials table: created empty on first run (smtpd -n needs the file), plus a first user.
+    A re-run keeps its users and gives it the owner and mode smtpd needs to re-read it."""
     path = Path(setup.layout.credentials)
     users = credentials.read_credentials(path)
+    content = credentials.render_credentials(users)
     if new_user is None:
         if path.exists():
             prov.notes.append(f"{len(users)} mail user(s) in {path}")
-            return
+            content = path.read_bytes()  # as it is, comments and all: only its owner and mode may change
     else:
         users = credentials.with_user(users, *new_user)
-    prov.plan.add(FileChange(path, credentials.render_credentials(users), credentials.CREDS_MODE,
-                             f"credentials table for AUTH, {len(users)} user(s)", secret=True))
+        content = credentials.render_credentials(users)
+    mode, owner = credentials.table_access(setup.layout.smtpd_user)
+    prov.plan.add(FileChange(path, content, mode,
+                             f"credentials table for AUTH, {len(users)} user(s)", secret=True, owner=owner))
 
 
 def recorded_answers(setup: MailSetup, raw: dict, admin: str | None, key_type: str | None = None) -> dict:

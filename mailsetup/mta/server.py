@@ -62,6 +62,36 @@ class Runtime:
     owner: Callable[[str], tuple[int, int] | None]
     options: MtaOptions
     stats: dict = field(default_factory=lambda: {"delivered": 0, "queued": 0, "refused": 0})
+    creds_stamp: tuple | None = None  # of the credentials file loaded: a change means reload
+
+    def reload_credentials(self, force: bool = False) -> bool:
+        """Re-read the credentials table when it changed on disk (or when forced, on SIGHUP), so
+        `mailsetup user add/remove` takes effect without a restart. A table that no longer parses
+        leaves the loaded one in place. True when a new table was loaded."""
+        path = Path(self.setup.layout.credentials)
+        stamp = _stamp(path)
+        if stamp == self.creds_stamp and not force:
+            return False
+        try:
+            creds = {c.user: c.hash for c in creds_mod.read_credentials(path)}
+        except MailsetupError as exc:
+            self.creds_stamp = stamp  # say it once, not on every login
+            log.error("kept the loaded logins: %s", exc.message)
+            return False
+        self.creds, self.creds_stamp = creds, stamp
+        domains = frozenset({self.setup.domain, self.setup.hostname, "localhost"})
+        self.policy = Policy(domains, self.aliases, local_user_check(self.setup, self.aliases, creds),
+                             self.options.local_peers)
+        log.info("loaded %s: %d login(s)", path, len(creds))
+        return True
+
+
+def _stamp(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def load_tls(setup: MailSetup) -> ssl.SSLContext:
@@ -85,6 +115,7 @@ def load_tls(setup: MailSetup) -> ssl.SSLContext:
 def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
     tls = load_tls(setup)
     aliases = aliases_mod.read_aliases_db(Path(setup.layout.aliases_db))
+    creds_stamp = _stamp(Path(setup.layout.credentials))
     creds = {c.user: c.hash for c in creds_mod.read_credentials(Path(setup.layout.credentials))}
     key = queuekey.read_queue_key(Path(setup.queue.key_file)) if setup.queue.encryption else None
     queue = MailQueue(options.queue_dir or Path(setup.layout.queue_dir), key, setup.queue.compression)
@@ -105,7 +136,7 @@ def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
             return pw.pw_uid, pw.pw_gid
         return None
 
-    return Runtime(setup, tls, aliases, creds, queue, policy, home, owner, options)
+    return Runtime(setup, tls, aliases, creds, queue, policy, home, owner, options, creds_stamp=creds_stamp)
 
 
 class Handler:
@@ -229,6 +260,7 @@ def make_authenticator(rt: Runtime):
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         user = auth_data.login.decode("utf-8", "replace")
+        rt.reload_credentials()  # one stat: a login added a moment ago works at once
         ok = creds_mod.check_password(rt.creds, user, auth_data.password)
         log.info("auth %s for %r: %s", mechanism, user, "ok" if ok else "failed")
         return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
@@ -331,11 +363,20 @@ def serve_forever(rt: Runtime, say) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, functools.partial(rt.reload_credentials, True))
+
+        async def watch_credentials() -> None:  # new logins are also local users (RCPT) in a sandbox
+            while True:
+                await asyncio.sleep(2)
+                rt.reload_credentials()
+
+        watcher = asyncio.create_task(watch_credentials())
         relay = f"{opts.relay_host[0]}:{opts.relay_host[1]}" if opts.relay_host else None
         say(f"serving {rt.setup.domain}: smtp {opts.listen}:{mta.ports['smtp']}, "
             f"submission {opts.listen}:{mta.ports['submission']}"
             + (f", relay to {relay}" if relay else ", no relay host (outbound mail stays queued)"))
         await stop.wait()
+        watcher.cancel()
         await mta.stop()
 
     try:
