@@ -79,6 +79,35 @@ def test_init_on_a_real_host_never_follows_the_admins_maildir_link_into_a_folder
     assert victim.stat().st_uid == 0
 
 
+@pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare")
+def test_init_on_a_real_host_is_not_hung_by_a_fifo_in_the_admins_maildir(tmp_path: Path):
+    """The smoke test looks for its message by reading every file in ~alice/Maildir/new as root
+    (`p.read_bytes()` for p in new.iterdir()): alice leaves a FIFO there and root's `mailsetup init`
+    hangs for ever after writing (a link to /dev/zero there eats root's memory instead). Expected: the
+    smoke test ends (a FIFO is not a message) and init exits."""
+    from test_real_smtpd import ensure_system_user
+
+    ensure_system_user("alice")
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    script = ('mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc || exit 99; '
+              'mount -t tmpfs -o mode=0755 tmpfs /home || exit 99; '
+              'mkdir -m 700 /home/alice && chown alice:alice /home/alice && '
+              "runuser -u alice -- sh -c 'mkdir -p ~/Maildir/new ~/Maildir/tmp ~/Maildir/cur && "
+              "mkfifo ~/Maildir/new/fifo' || exit 98; "
+              'shift 2; exec "$@"')
+    try:
+        proc = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(upper), str(work),
+             MAILSETUP, "init", "--yes", "--domain", "example.test", "--os", "debian", "--admin", "alice"],
+            capture_output=True, text=True, timeout=60, env=dict(os.environ, NO_COLOR="1"), stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        pytest.fail("root's `mailsetup init` hung for 60 s on a FIFO alice left in ~/Maildir/new")
+    if proc.returncode in (98, 99):
+        pytest.skip("could not set up the namespace: " + proc.stderr.strip())
+
+
 # --- 2. --aliases and `mailsetup aliases SOURCE` follow a user's link to root's secret ------------
 
 
