@@ -196,20 +196,25 @@ def _limited() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # /dev/zero must not eat the machine
 
 
-@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "huge"])
 def test_aliases_file_that_is_a_fifo_or_a_device_is_one_line_not_a_hang_or_a_traceback(tmp_path: Path, kind: str):
     """A user's --aliases FILE (or `mailsetup aliases FILE`) replaced by a FIFO hangs root's run for
-    ever; a link to /dev/zero reads until MemoryError and prints a traceback (without a memory limit
-    it eats all memory). read_secret opens O_NONBLOCK and refuses what is not a regular file; these
-    reads (aliases._read, provision._aliases_source, answers.load_answers) do not."""
+    ever; a link to /dev/zero, or a sparse 8 GB file (also as --answers), is read whole into memory:
+    MemoryError and a traceback (without a memory limit, all of root's memory). read_secret opens
+    O_NONBLOCK and refuses what is not a regular file; these reads (aliases._read,
+    provision._aliases_source, answers.load_answers) do not, and none bounds the size."""
     bob = users_dir(tmp_path / "bob")
     path = bob / "aliases"
     if kind == "fifo":
         os.mkfifo(path)
-    else:
+    elif kind == "dev-zero":
         path.symlink_to("/dev/zero")
+    else:  # 8 GB that take no disk: read whole into memory (an --answers file too)
+        with open(path, "wb") as f:
+            f.truncate(8 << 30)
     os.lchown(path, NOBODY.pw_uid, NOBODY.pw_gid)
-    for args in (["aliases", path, "--check"], init_args(tmp_path / "root", "--no-smoke", "--aliases", path)):
+    for args in (["aliases", path, "--check"], init_args(tmp_path / "root", "--no-smoke", "--aliases", path),
+                 init_args(tmp_path / "root", "--no-smoke", "--answers", path)):
         try:
             p = subprocess.run([MAILSETUP, *map(str, args)], capture_output=True, text=True, timeout=20,
                                stdin=subprocess.DEVNULL, env=dict(os.environ, NO_COLOR="1"), preexec_fn=_limited)
