@@ -12,6 +12,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -345,3 +346,42 @@ def test_a_file_name_with_a_newline_cannot_add_a_line_to_the_error(tmp_path: Pat
     r = run_cli(*[a.format(p=p, root=tmp_path / "root") for a in args])
     assert r.code == 2
     assert len(r.err_lines) == 1, r.err
+
+
+# --- 8. TMPDIR from a user's environment -----------------------------------------------------------
+
+
+@pytest.mark.skipif(not SMTPD, reason="needs OpenSMTPD")
+def test_root_never_works_in_a_tmpdir_another_user_owns(tmp_path: Path):
+    """tempfile honours TMPDIR, which root inherits from a user's session with `su` (no dash) or
+    pam_tmpdir. The real-smtpd smoke test then makes its working folder — smtpd.conf with the queue
+    key, the spool smtpd runs on, smtpd.log opened by path — inside a folder that user owns: they can
+    rename it and put a link or their own smtpd.conf in its place before `smtpd -d -f` reads it
+    (aliases.py's build/read temp folders likewise). Expected: an untrusted TMPDIR is not used."""
+    import threading
+
+    base = Path(tempfile.mkdtemp(prefix="mailsetup-review-", dir="/tmp"))
+    try:
+        base.chmod(0o755)  # smtpd's unprivileged lookup must reach aliases.db
+        root = base / "root"
+        assert run_cli(*init_args(root, "--no-smoke")).code == 0
+        users_tmp = users_dir(base / "bobs-tmp")
+        seen: set[str] = set()
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                seen.update(os.listdir(users_tmp))
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            run_cli("smoke", "--root", root, "--engine", "opensmtpd", env={"TMPDIR": str(users_tmp)})
+            run_cli(*init_args(root, "--no-smoke", "--rotate-queue-key"), env={"TMPDIR": str(users_tmp)})
+        finally:
+            stop.set()
+            watcher.join()
+        assert seen == set(), f"root worked in {users_tmp}, a folder nobody owns: {sorted(seen)}"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
