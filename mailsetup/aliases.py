@@ -466,9 +466,11 @@ def _value_complaint(value: bytes) -> str:
 
 
 def _read(path: Path, what: str) -> bytes:
-    """The file's bytes, or one line saying why not."""
+    """The file's bytes, or one line saying why not (as root: read as whoever controls the path)."""
+    from mailsetup.files import read_input
+
     try:
-        return path.read_bytes()
+        return read_input(path)
     except FileNotFoundError:
         raise MailsetupError(f"{path}: no such {what}") from None
     except IsADirectoryError:

@@ -44,9 +44,13 @@ def render_answers(answers: Mapping[str, Any]) -> bytes:
     return "".join(lines).encode()
 
 
-def load_answers(path: Path) -> dict[str, Any]:
+def load_answers(path: Path, ours: bool = False) -> dict[str, Any]:
+    """An answers file: `--answers FILE` (read as whoever controls its path), or with `ours` the one
+    the last run wrote, which root acts on and so reads only from a path no other user controls."""
+    from mailsetup.files import read_input, read_secret
+
     try:
-        data = Path(path).read_bytes()
+        data = read_secret(Path(path)) if ours else read_input(Path(path))
     except FileNotFoundError:
         raise MailsetupError(f"{path}: no answers file; run `mailsetup init` first") from None
     except OSError as exc:
@@ -122,7 +126,7 @@ def load_setup(root: Path | None, os_name: str | None = None):
     from mailsetup.model import build_setup
 
     path = find_answers(root.absolute() if root else None, os_name)
-    answers = load_answers(path)
+    answers = load_answers(path, ours=True)
     if root is not None:
         answers["root"] = str(root.absolute())
     try:

@@ -641,19 +641,29 @@ def user_remove(
     _write_credentials(root, os_name, remaining, f"removed {name} from")
 
 
+def _one_line(text: str) -> str:
+    """A message stays one line whatever a name in it holds: control characters are shown escaped, so
+    a file name cannot forge a second line."""
+    return "".join(c if " " <= c != "\x7f" else repr(c)[1:-1] for c in text)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     try:
+        if os.geteuid() == 0 and any(v in os.environ for v in ("TMPDIR", "TEMP", "TMP")):
+            from mailsetup.files import use_trusted_tempdir
+
+            use_trusted_tempdir()  # root inherits a user's TMPDIR through `su` or pam_tmpdir
         app(standalone_mode=True)
     except MailsetupError as exc:
         if debug:
             raise
         if isinstance(exc, Interrupted):
-            _echo(f"mailsetup: {exc.message}", err=True)
+            _echo(f"mailsetup: {_one_line(exc.message)}", err=True)
         else:
-            _echo(f"mailsetup: error: {exc.message}", err=True, fg="red")
+            _echo(f"mailsetup: error: {_one_line(exc.message)}", err=True, fg="red")
         if exc.hint:
-            _echo(f"hint: {exc.hint}", err=True)
+            _echo(f"hint: {_one_line(exc.hint)}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _echo("mailsetup: interrupted; nothing was left half-written.", err=True)

@@ -75,11 +75,16 @@ def read_credentials(path: Path) -> list[Credential]:
 
     try:
         # As root, only a table no other user could have added a login to.
-        text = read_secret(Path(path)).decode("utf-8")
+        data = read_secret(Path(path))
     except FileNotFoundError:
         return []
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MailsetupError(f"{path}: cannot read the credentials table: {exc}") from None
+    except OSError as exc:
+        raise MailsetupError(f"{path}: cannot read the credentials table: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # the place, never the bytes (they are password hashes)
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise MailsetupError(f"{path}:{line}: not UTF-8 text") from None
     return parse_credentials(text, str(path))
 
 

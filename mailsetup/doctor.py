@@ -131,7 +131,7 @@ class Doctor:
         if not self.setup.queue.encryption:
             return WARN, "queue encryption is off: queued mail sits on disk in the clear"
         key = queuekey.read_queue_key(Path(self.setup.queue.key_file))
-        m = re.search(r"^queue encryption (?:key )?(\S+)", read_secret(self.conf).decode(), re.M)
+        m = re.search(queuekey.QUEUE_KEY_LINE + r"(\S+)", read_secret(self.conf).decode())
         if not m:
             return FAIL, f"{self.conf} has no queue encryption line, but the set-up wants one"
         if m.group(1) != key:
@@ -353,11 +353,13 @@ def _kept_keys(key_file: Path) -> list[tuple[Path, str]]:
 
 def _conf_with_key(conf: Path, key: str) -> Path | None:
     """The kept smtpd.conf backup that carries `key`: a ready configuration to drain the old queue with."""
+    from mailsetup import queuekey
+
     for path in sorted(conf.parent.glob(conf.name + ".*.bak"), reverse=True):
         if not _ours(path):
             continue
         try:
-            m = re.search(r"^queue encryption (?:key )?(\S+)", path.read_text(errors="replace"), re.M)
+            m = re.search(queuekey.QUEUE_KEY_LINE + r"(\S+)", path.read_text(errors="replace"))
         except OSError:
             continue
         if m and m.group(1) == key:

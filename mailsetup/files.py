@@ -145,6 +145,7 @@ def fsync_dir(directory: Path) -> None:
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _MAX_LINKS = 40
+_NOBODY = 65534  # read as nobody where anyone may write on the way
 _SWAP = "a user other than root could swap it"
 
 
@@ -403,6 +404,152 @@ def read_secret(path: Path) -> bytes:
         finally:
             os.close(fd)
     raise _refuse("read", path, "too many symbolic links")
+
+
+def use_trusted_tempdir() -> None:
+    """As root, work (smtpd's loopback copy of the config, temporary databases) only in a temporary
+    folder no other user controls: a TMPDIR that fails the checks is replaced by /tmp."""
+    import tempfile
+
+    for candidate in (tempfile.gettempdir(), "/tmp"):
+        try:
+            fd, _ = _walk(Path(candidate), "work in", Path(candidate))
+        except (MailsetupError, OSError):
+            continue
+        os.close(fd)
+        tempfile.tempdir = candidate
+        return
+    raise MailsetupError("no temporary folder that only root controls: /tmp and TMPDIR are not safe to work in")
+
+
+INPUT_LIMIT = 256 << 20  # an aliases file of millions of entries is tens of MiB
+
+
+def read_input(path: Path, limit: int = INPUT_LIMIT) -> bytes:
+    """A file root reads because it was named (`--aliases`, `--answers`, `aliases SOURCE`). A path
+    only root controls is read as root; a path a user controls (a folder, a link or the file is
+    theirs, or anyone may write on the way) is read with that user's privileges, so it can never
+    hand root's secrets to what mailsetup publishes. Only a regular file of at most `limit` bytes:
+    a FIFO, a device or a huge file is refused, never waited on or read whole. OSError as open(2)
+    gives it (FileNotFoundError, IsADirectoryError); MailsetupError for a refusal."""
+    path = Path(path)
+    if not strict():
+        return _read_regular(path, limit)
+    controllers = _controllers(path)
+    if not controllers:
+        data = read_secret(path)
+        if len(data) > limit:
+            raise _refuse("read", path, f"it is larger than {limit >> 20} MiB")
+        return data
+    if len(controllers) > 1:
+        raise _refuse("read", path, f"users {', '.join(map(str, sorted(controllers)))} all control its path")
+    return _read_as(controllers.pop(), path, limit)
+
+
+def _controllers(path: Path) -> set[int]:
+    """The uids other than root that could steer `path`: owners of the folders, links and file on
+    the way, or nobody's uid where a folder is writable by anyone (and not a sticky folder of root's)."""
+    owners: set[int] = set()
+    pending = [p for p in reversed(_absolute(path).parts) if p != "/"]
+    current, links = "/", 0
+    while pending:
+        name = pending.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        here = os.path.join(current, name)
+        try:
+            st = os.lstat(here)
+        except OSError:
+            break  # the read itself says what is missing
+        if st.st_uid != 0:
+            owners.add(st.st_uid)
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_LINKS:
+                raise _refuse("read", path, "too many symbolic links")
+            dest = os.readlink(here)
+            current = "/" if dest.startswith("/") else current
+            pending.extend(p for p in reversed(Path(dest).parts) if p != "/")
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022 and not (st.st_uid == 0 and st.st_mode & stat.S_ISVTX):
+            owners.add(_NOBODY)
+        current = here
+    return owners
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse("read", path, "it is not a regular file")
+        if st.st_size > limit:
+            raise _refuse("read", path, f"it is larger than {limit >> 20} MiB")
+        data = _read_fd_bounded(fd, limit)  # the size may grow while we read
+        if len(data) > limit:
+            raise _refuse("read", path, f"it is larger than {limit >> 20} MiB")
+        return data
+    finally:
+        os.close(fd)
+
+
+def _read_fd_bounded(fd: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size <= limit and (chunk := os.read(fd, 1 << 20)):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_as(uid: int, path: Path, limit: int) -> bytes:
+    """`path` read by a child that has become `uid` (with that user's groups); its bytes or why not."""
+    import pwd
+
+    try:
+        pw = pwd.getpwuid(uid)
+        user, gid = pw.pw_name, pw.pw_gid
+    except KeyError:
+        user, gid = None, _NOBODY
+    data_r, data_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become the user, read, send the bytes or "errno\0message", never return
+        code = 0
+        try:
+            os.close(data_r)
+            os.setgroups(os.getgrouplist(user, gid) if user else [])
+            os.setgid(gid)
+            os.setuid(uid)
+            try:
+                data = _read_regular(path, limit)
+            except OSError as exc:
+                data, code = f"{exc.errno}\0{exc.strerror}".encode(), 1
+            except MailsetupError as exc:
+                data, code = f"0\0{exc.message.rpartition(': ')[2]}".encode(), 1
+            view = memoryview(data)
+            while view:
+                view = view[os.write(data_w, view):]
+        except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
+            code = 2
+        os._exit(code)
+    os.close(data_w)
+    with os.fdopen(data_r, "rb") as fh:
+        data = fh.read(limit + 4096)  # the child sends at most `limit` bytes, or one error
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    who = f"uid {uid}" + (f" ({user})" if user else "")
+    if code == 0:
+        return data
+    if code == 1:
+        num, _, why = data.decode(errors="replace").partition("\0")
+        if num in (str(errno.ENOENT), str(errno.EISDIR), str(errno.ENOTDIR)):
+            raise OSError(int(num), why, str(path))
+        raise _refuse("read", path, f"{who}, who controls its path, cannot read it: {why}")
+    raise _refuse("read", path, f"could not read it as {who}, who controls its path")
 
 
 def write_new_file(path: Path | str, chunks: Sequence[bytes], mode: int, owner: tuple[int, int] | None = None,

@@ -87,7 +87,7 @@ def gather(flags: dict[str, Any], opts: InitOptions, out: Out,
     # re-run that silently forgot the last run's choices would reconfigure the server.
     path = answers_mod.existing_answers(root and root.absolute(), flags.get("os"))
     if path is not None:
-        previous = answers_mod.load_answers(path)
+        previous = answers_mod.load_answers(path, ours=True)
     if opts.answers_file and not opts.answers_file.is_file():
         raise MailsetupError(f"--answers: {opts.answers_file}: no such file")
     from_file = answers_mod.load_answers(opts.answers_file) if opts.answers_file else {}
@@ -303,7 +303,11 @@ def _drain(setup, opts: InitOptions, out: Out) -> None:
     from mailsetup import state
 
     state.drain_opensmtpd(opts.drain_timeout, out.say)
-    left = state.queued_mail(setup)
+    try:  # smtpd is paused from here on: whatever stops us must resume it
+        left = state.queued_mail(setup)
+    except BaseException:
+        state.resume_opensmtpd(out.say)
+        raise
     if left:
         state.resume_opensmtpd(out.say)
         raise MailsetupError(f"not rotating the queue key: still queued after draining: {'; '.join(map(str, left))}",

@@ -14,7 +14,7 @@ from mailsetup import aliases as aliases_mod
 from mailsetup import answers as answers_mod
 from mailsetup import credentials, queuekey
 from mailsetup.errors import MailsetupError
-from mailsetup.files import Applied, FileChange, Plan, apply_plan, undo_applied
+from mailsetup.files import Applied, FileChange, Plan, apply_plan, read_input, undo_applied
 from mailsetup.model import MailSetup, validate_admin
 from mailsetup.opensmtpd import (
     check_config,
@@ -26,7 +26,7 @@ from mailsetup.opensmtpd import (
 from mailsetup.render import render_smtpd_conf
 
 CONF_MODE = 0o600  # it carries the queue key, and smtpd reads it with no secrecy check
-QUEUE_KEY_REDACT = r"(?m)^queue encryption (?:key )?(?P<secret>(?!stdin\b)[^\s-]\S*)"
+QUEUE_KEY_REDACT = queuekey.QUEUE_KEY_LINE + r"(?P<secret>(?!stdin\b)[^\s-]\S*)"
 
 
 @dataclass
@@ -55,7 +55,7 @@ def _aliases_source(setup: MailSetup, admin: str | None) -> tuple[str, str]:
     if setup.aliases_import is not None:
         path = setup.aliases_import
         try:
-            data = path.read_bytes()
+            data = read_input(path)
         except OSError as exc:
             raise MailsetupError(f"--aliases: cannot read {path}: {exc.strerror}") from None
         try:
@@ -66,7 +66,7 @@ def _aliases_source(setup: MailSetup, admin: str | None) -> tuple[str, str]:
     current = Path(setup.layout.aliases)
     if current.exists():
         try:
-            data = current.read_bytes()
+            data = read_input(current)
         except OSError as exc:
             raise MailsetupError(f"{current}: cannot read the existing aliases file: {exc.strerror}") from None
         try:

@@ -15,6 +15,10 @@ KEY_LENGTH = 32  # crypto.c: KEY_SIZE 32; anything else is "invalid key for queu
 KEY_MODE = 0o600
 _PLAIN = re.compile(r"^[A-Za-z0-9]{32}$")
 
+# The `queue encryption` line up to its key, as smtpd takes it: indented, with any blanks between its
+# words, and `key` before the key in the grammar before 6.4 (smtpd -n: configuration OK).
+QUEUE_KEY_LINE = r"(?m)^[ \t]*queue[ \t]+encryption[ \t]+(?:key[ \t]+)?"
+
 
 def generate_queue_key() -> str:
     """16 random bytes as 32 hex characters, like `openssl rand -hex 16`."""
