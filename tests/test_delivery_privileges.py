@@ -269,3 +269,25 @@ def test_a_home_that_is_not_the_users_own_gets_nothing(host: Host):
     assert not (home / "Maildir").exists()
     assert (f"refusing to deliver to /home/dlvother: /home/dlvother is owned by uid 0, not by its user (uid {uid})"
             in host.log_text())
+
+
+def test_the_smoke_test_on_this_host_delivers_the_same_way(host: Host):
+    """`mailsetup smoke` (as `init` runs it) delivers through the same path as serve: the admin's
+    Maildir is theirs, the smoke message is taken out again, and a link in their Maildir fails the
+    inbound check instead of being written through."""
+    r = host.run(MAILSETUP, "smoke")
+    assert r.code == 0, r.out + r.err
+    md = host.home / USER / "Maildir"
+    for d in (md, md / "tmp", md / "new", md / "cur"):
+        assert (d.lstat().st_uid, stat.S_IMODE(d.lstat().st_mode)) == (host.uid, 0o700), d
+    assert list((md / "new").iterdir()) == []  # its own message removed again
+
+    rootonly = root_only_dir(host)
+    (md / "new").rmdir()
+    users_link("/home/rootonly", md / "new", host)
+    r = host.run(MAILSETUP, "smoke")
+    assert r.code == 1, r.out + r.err
+    assert "✗ inbound over STARTTLS through the aliases into Maildir" in r.out
+    assert "451" in r.out and "a local mailbox cannot be written safely" in r.out
+    assert REFUSED.format(user=USER, sub="/new") in r.err
+    assert list(rootonly.iterdir()) == []

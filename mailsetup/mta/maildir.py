@@ -11,10 +11,11 @@ import contextlib
 import itertools
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
-from mailsetup.files import open_home, open_users_dir, publish, publish_in, write_new_file
+from mailsetup.files import open_home, open_users_dir, publish, publish_in, remove_in, write_new_file
 
 _counter = itertools.count()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
@@ -104,3 +105,47 @@ def _deliver_as(maildir: Path, chunks: tuple[bytes, ...], owner: tuple[int, int]
         os.close(tmp_fd)
         os.close(new_fd)
     return maildir / "new" / name
+
+
+def find_delivered(maildir: Path, token: bytes, owner: tuple[int, int] | None = None) -> list[Path]:
+    """The messages in maildir/new that hold `token` (the smoke test's own mail). For a real user
+    read as it was written: through descriptors from their home down, a link in new/ never followed,
+    only their own regular files opened."""
+    if owner is None:
+        new = maildir / "new"
+        return [p for p in new.iterdir() if token in p.read_bytes()] if new.is_dir() else []
+    try:
+        [new_fd] = open_users_maildir(maildir, owner, create=False, subdirs=("new",))
+    except FileNotFoundError:
+        return []
+    found = []
+    try:
+        for name in os.listdir(new_fd):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=new_fd)
+            except OSError:  # a link, or gone meanwhile: not ours
+                continue
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == owner[0] and token in os.read(fd, 1 << 20):
+                    found.append(maildir / "new" / name)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(new_fd)
+    return found
+
+
+def remove_delivered(message: Path, owner: tuple[int, int] | None = None) -> None:
+    """Take a message find_delivered found out of new/ again (by its name in the opened new/)."""
+    if owner is None:
+        message.unlink(missing_ok=True)
+        return
+    try:
+        [new_fd] = open_users_maildir(message.parent.parent, owner, create=False, subdirs=("new",))
+    except FileNotFoundError:
+        return
+    try:
+        remove_in(new_fd, message.name)
+    finally:
+        os.close(new_fd)
