@@ -298,12 +298,12 @@ def make_users_dirs(parent: Path, path: Sequence[str], leaves: Sequence[str], ow
     inside = Path(parent)
     try:
         for name in path:
-            inside = inside / name
             child = open_users_dir(fd, name, owner, inside, "write in")
+            inside = inside / name
             os.close(fd)
             fd = child
         for name in leaves:
-            os.close(open_users_dir(fd, name, owner, inside / name, "write in"))
+            os.close(open_users_dir(fd, name, owner, inside, "write in"))
     finally:
         os.close(fd)
 
@@ -333,9 +333,9 @@ def open_home(home: Path, uid: int, verb: str = "deliver to") -> int:
     return fd
 
 
-def open_users_dir(parent_fd: int, name: str, owner: tuple[int, int], where: Path, verb: str = "deliver to",
+def open_users_dir(parent_fd: int, name: str, owner: tuple[int, int], parent: Path, verb: str = "deliver to",
                    create: bool = True) -> int:
-    """fd of the directory `name` in `parent_fd` (shown as `where`), which belongs to `owner`: made
+    """fd of the directory `name` in `parent_fd` (which is `parent`), which belongs to `owner`: made
     (0700) and given to them when missing (and `create`). A link or a file there is refused, so is a
     directory of anyone else's; a root-owned one is given to them only when nothing is in it (one we
     just made, or an empty one: nothing to gain) or when only root could have put it there."""
@@ -343,19 +343,20 @@ def open_users_dir(parent_fd: int, name: str, owner: tuple[int, int], where: Pat
         fd = os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=parent_fd)
     except FileNotFoundError:
         if not create:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(where)) from None
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(parent / name)) from None
         with contextlib.suppress(FileExistsError):  # made meanwhile: judged below like any other
             os.mkdir(name, 0o700, dir_fd=parent_fd)
-        return open_users_dir(parent_fd, name, owner, where, verb, create=False)
+        return open_users_dir(parent_fd, name, owner, parent, verb, create=False)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise _refuse(verb, where, "it is not a folder but a link or a file") from None
-        raise OSError(exc.errno, exc.strerror, str(where)) from None
+            raise _refuse(verb, parent / name, "it is not a folder but a link or a file") from None
+        raise OSError(exc.errno, exc.strerror, str(parent / name)) from None
     try:
         st = os.fstat(fd)
         if st.st_uid != owner[0]:
             if st.st_uid != 0 or not (_dir_problem(os.fstat(parent_fd)) is None or not os.listdir(fd)):
-                raise _refuse(verb, where, f"it is owned by uid {st.st_uid}, not by its user (uid {owner[0]})")
+                raise _refuse(verb, parent / name,
+                              f"it is owned by uid {st.st_uid}, not by its user (uid {owner[0]})")
             os.fchown(fd, *owner)
     except BaseException:
         os.close(fd)

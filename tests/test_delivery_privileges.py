@@ -291,3 +291,22 @@ def test_the_smoke_test_on_this_host_delivers_the_same_way(host: Host):
     assert "451" in r.out and "a local mailbox cannot be written safely" in r.out
     assert REFUSED.format(user=USER, sub="/new") in r.err
     assert list(rootonly.iterdir()) == []
+
+
+def test_a_home_moved_or_taken_over_while_serving_is_judged_again(host: Host):
+    """serve keeps the user's opened home between messages; a home moved aside and made anew gets
+    the next message, and a home no longer the user's gets none."""
+    home = host.home / USER
+    with host.serve() as srv:
+        assert srv.send(f"{USER}@example.test")[0][0] == 250
+        home.rename(host.home / "moved-aside")
+        home.mkdir(mode=0o700)
+        os.chown(home, host.uid, host.gid)
+        assert srv.send(f"{USER}@example.test")[0][0] == 250
+        assert len(list((host.home / "moved-aside/Maildir/new").iterdir())) == 1
+        assert len(list((home / "Maildir/new").iterdir())) == 1
+        os.chown(home, 0, 0)
+        [(code, _)] = srv.send(f"{USER}@example.test")
+        assert code == 451
+        assert len(list((home / "Maildir/new").iterdir())) == 1
+    assert f"refusing to deliver to /home/{USER}: /home/{USER} is owned by uid 0" in host.log_text()

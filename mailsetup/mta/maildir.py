@@ -12,6 +12,7 @@ import itertools
 import os
 import socket
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -42,13 +43,13 @@ def open_users_maildir(maildir: Path, owner: tuple[int, int], create: bool = Tru
     """fds of maildir/<subdirs>, in that order, for the user `owner`: from their home (maildir's
     parent, which must be theirs) each level is opened with O_NOFOLLOW and must be theirs; what is
     missing is made and given to them by descriptor. The caller closes the fds."""
-    home_fd = open_home(maildir.parent, owner[0])
+    home_fd = _open_home_cached(maildir.parent, owner[0])
     fds: list[int] = []
     try:
-        md_fd = open_users_dir(home_fd, maildir.name, owner, maildir, create=create)
+        md_fd = open_users_dir(home_fd, maildir.name, owner, maildir.parent, create=create)
         try:
             for sub in subdirs:
-                fds.append(open_users_dir(md_fd, sub, owner, maildir / sub, create=create))
+                fds.append(open_users_dir(md_fd, sub, owner, maildir, create=create))
         finally:
             os.close(md_fd)
     except BaseException:
@@ -58,6 +59,39 @@ def open_users_maildir(maildir: Path, owner: tuple[int, int], create: bool = Tru
     finally:
         os.close(home_fd)
     return fds
+
+
+# Homes opened by the checked walk from /, kept: that walk is most of a delivery's syscalls. Each
+# delivery works on its own dup (closing a shared fd another thread is using could hand that number
+# to some other file), and takes it only while the path still leads to that very directory, which
+# still exists and is still the user's. Bounded: every entry holds a descriptor open.
+_homes: dict[Path, tuple[int, int]] = {}  # home -> (fd, uid)
+_homes_lock = threading.Lock()
+_HOMES_KEPT = 256
+
+
+def _open_home_cached(home: Path, uid: int) -> int:
+    with _homes_lock:
+        cached = _homes.get(home)
+        fd = os.dup(cached[0]) if cached and cached[1] == uid else None
+    if fd is not None:
+        try:
+            st = os.fstat(fd)
+            now = os.stat(home)  # reads only: it can confirm the checked directory, never replace it
+            if st.st_uid == uid and st.st_nlink > 0 and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+    fd = open_home(home, uid)
+    with _homes_lock:
+        old = _homes.pop(home, None)
+        if old is not None:
+            os.close(old[0])
+        while len(_homes) >= _HOMES_KEPT:
+            os.close(_homes.pop(next(iter(_homes)))[0])
+        _homes[home] = (os.dup(fd), uid)
+    return fd
 
 
 def unique_name() -> str:
@@ -87,8 +121,8 @@ def deliver(maildir: Path, *chunks: bytes, owner: tuple[int, int] | None = None)
 
 
 def _deliver_as(maildir: Path, chunks: tuple[bytes, ...], owner: tuple[int, int]) -> Path:
-    # Opened afresh for every message (about 20 µs of syscalls against a few ms of fsync): a cached
-    # descriptor would keep delivering into a Maildir the user has since moved away or removed.
+    # Maildir and its folders are opened afresh for every message (a few dozen µs against a few ms
+    # of fsync): a kept descriptor would go on delivering into a Maildir the user has moved away.
     tmp_fd, new_fd, cur_fd = open_users_maildir(maildir, owner)
     os.close(cur_fd)  # only made when missing: readers expect it
     try:
