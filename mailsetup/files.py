@@ -192,11 +192,12 @@ def _file_problem(st: os.stat_result, whose: str = "it") -> str | None:
 
 
 def _walk(directory: Path, verb: str, target: Path, create: bool = False, private: bool = False,
-          created: list[Path] | None = None) -> tuple[int, str]:
+          created: list[Path] | None = None, last_uid: int | None = None) -> tuple[int, str]:
     """(fd, real path) of `directory`, reached from / through directories no other user controls.
 
     Symlinks on the way are followed only when root owns them (in a directory only root can change,
-    only root could have made them); a missing directory is made when `create`."""
+    only root could have made them); a missing directory is made when `create`. With `last_uid`,
+    `directory` itself must instead belong to that user (a home: theirs to change, not root's)."""
     pending = [p for p in reversed(_absolute(directory).parts) if p != "/"]
     stack: list[tuple[str, int]] = []
     try:
@@ -248,7 +249,12 @@ def _walk(directory: Path, verb: str, target: Path, create: bool = False, privat
                 pending.extend(p for p in reversed(Path(dest).parts) if p != "/")
                 continue
             stack.append((here, child))
-            problem = _dir_problem(os.fstat(child))
+            st = os.fstat(child)
+            if last_uid is not None and not pending:
+                problem = (None if st.st_uid == last_uid
+                           else f"is owned by uid {st.st_uid}, not by its user (uid {last_uid})")
+            else:
+                problem = _dir_problem(st)
             if problem:
                 raise _refuse(verb, target, f"{here} {problem}")
         here, fd = stack.pop()
@@ -287,34 +293,87 @@ def make_dirs(directory: Path, private: bool = False) -> None:
 
 def make_users_dirs(parent: Path, path: Sequence[str], leaves: Sequence[str], owner: tuple[int, int]) -> None:
     """parent/path[0]/path[1]…, each then each of `leaves` in the last, made (0700) for `owner` and
-    given to them. The user owns what is below `parent`: each level is opened with O_NOFOLLOW and
-    given away with fchown, so a link they put there is refused, never followed."""
+    given to them, one level at a time by open_users_dir: a link they put there is refused, never
+    followed, and nothing of anyone else's is ever given to them."""
     fd, _ = _open_dir(parent, "write in", parent)
     inside = Path(parent)
     try:
-        for i, name in enumerate([*path, *leaves]):
-            where = inside / name
-            if i < len(path):
-                inside = where
-            parent_fd = fd
-            try:
-                os.mkdir(name, 0o700, dir_fd=parent_fd)
-            except FileExistsError:
-                pass
-            try:
-                child = os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=parent_fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise _refuse("write in", where, "it is not a folder but a link or a file") from None
-                raise OSError(exc.errno, exc.strerror, str(where)) from None
-            os.fchown(child, *owner)
-            if i < len(path):
-                os.close(parent_fd)
-                fd = child
-            else:
-                os.close(child)
+        for name in path:
+            child = open_users_dir(fd, name, owner, inside, "write in")
+            inside = inside / name
+            os.close(fd)
+            fd = child
+        for name in leaves:
+            os.close(open_users_dir(fd, name, owner, inside, "write in"))
     finally:
         os.close(fd)
+
+
+# --- a user's own directories, as root ----------------------------------------------------------
+# Root delivering into a user's home must not be steered by what that user controls (smtpd's
+# mail.maildir runs as the user; we run as root). So no path below the home is ever walked: each
+# level is opened relative to the one above with O_NOFOLLOW|O_DIRECTORY (a link or a file is
+# refused, never followed), must be the user's own, and what root makes there is given away by its
+# descriptor (fchown), never by name: a rename race can swap a name, not an open descriptor.
+
+
+def open_home(home: Path, uid: int, verb: str = "deliver to") -> int:
+    """fd of the home of user `uid`, which must be theirs. As root it is reached from / through
+    directories only root controls (a root-owned link such as /home -> /srv/home is followed)."""
+    if strict():
+        fd, _ = _walk(home, verb, home, last_uid=uid)
+    else:
+        fd = os.open(home, _DIR_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != uid:
+            raise _refuse(verb, home, f"it is owned by uid {st.st_uid}, not by its user (uid {uid})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_users_dir(parent_fd: int, name: str, owner: tuple[int, int], parent: Path, verb: str = "deliver to",
+                   create: bool = True) -> int:
+    """fd of the directory `name` in `parent_fd` (which is `parent`), which belongs to `owner`: made
+    (0700) and given to them when missing (and `create`). A link or a file there is refused, so is a
+    directory of anyone else's; a root-owned one is given to them only when nothing is in it (one we
+    just made, or an empty one: nothing to gain) or when only root could have put it there."""
+    try:
+        fd = os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=parent_fd)
+    except FileNotFoundError:
+        if not create:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(parent / name)) from None
+        with contextlib.suppress(FileExistsError):  # made meanwhile: judged below like any other
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+        return open_users_dir(parent_fd, name, owner, parent, verb, create=False)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _refuse(verb, parent / name, "it is not a folder but a link or a file") from None
+        raise OSError(exc.errno, exc.strerror, str(parent / name)) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != owner[0]:
+            if st.st_uid != 0 or not (_dir_problem(os.fstat(parent_fd)) is None or not os.listdir(fd)):
+                raise _refuse(verb, parent / name,
+                              f"it is owned by uid {st.st_uid}, not by its user (uid {owner[0]})")
+            os.fchown(fd, *owner)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def publish_in(tmp_fd: int, new_fd: int, name: str) -> None:
+    """Move the complete, fsynced file `name` from one opened directory to another, durably."""
+    os.rename(name, name, src_dir_fd=tmp_fd, dst_dir_fd=new_fd)
+    os.fsync(new_fd)
+
+
+def remove_in(dir_fd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
 
 
 def _open_existing(dir_fd: int, name: str, verb: str, target: Path) -> tuple[int, os.stat_result] | None:

@@ -24,6 +24,7 @@ from mailsetup import credentials as creds_mod
 from mailsetup.errors import MailsetupError
 from mailsetup.files import make_dirs, make_users_dirs, read_secret, write_atomic
 from mailsetup.model import MailSetup
+from mailsetup.mta import maildir as maildir_mod
 
 RELAY_TRICKS = (
     "smoke%example.net@{domain}",
@@ -174,6 +175,9 @@ class _Embedded:
     def maildir(self, user: str) -> Path:
         return self.mta.rt.home(user)
 
+    def owner(self, user: str) -> tuple[int, int] | None:
+        return self.mta.rt.owner(user)
+
     def stop(self) -> None:
         if self.mta is not None:
             with contextlib.suppress(Exception):
@@ -224,6 +228,13 @@ class _OpenSmtpd:
             return Path(pwd.getpwnam(user).pw_dir) / "Maildir"
         return Path(self.setup.maildir_for(user))
 
+    def owner(self, user: str) -> tuple[int, int]:
+        """smtpd delivers as the user, in a sandbox too: the Maildir is theirs."""
+        import pwd
+
+        pw = pwd.getpwnam(user)
+        return pw.pw_uid, pw.pw_gid
+
     def prepare_maildir(self, user: str) -> None:
         """smtpd delivers as the user: in a sandbox, give them a Maildir they own."""
         import pwd
@@ -266,7 +277,7 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
     password = secrets.token_urlsafe(18)
     queue_dir = Path(setup.layout.state_dir) / f"smoke-queue-{secrets.token_hex(4)}"
     token = secrets.token_hex(8)
-    delivered: list[Path] = []
+    delivered: list[tuple[Path, tuple[int, int] | None]] = []
     loop = _LoopThread()
     sink = _Sink()
     server: _Embedded | _OpenSmtpd
@@ -357,12 +368,13 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
                 c.send_message(_message(token, rcpt, "stranger@example.net"))
             found = []
             for u in decision.local_users:
-                new = server.maildir(u) / "new"
-                hits = _wait_for(lambda new=new: [p for p in new.iterdir() if token.encode() in p.read_bytes()]
-                                 if new.is_dir() else [], 15)
-                assert hits, f"nothing arrived in {new} for {u} within 15 s"
-                delivered.extend(hits)
-                found.append(f"{u} ({new})")
+                # Read (and later removed) the way it was delivered: as root in a real user's home,
+                # through descriptors, never through a link they put there.
+                md, owner = server.maildir(u), server.owner(u)
+                hits = _wait_for(lambda md=md, owner=owner: maildir_mod.find_delivered(md, token.encode(), owner), 15)
+                assert hits, f"nothing arrived in {md / 'new'} for {u} within 15 s"
+                delivered.extend((p, owner) for p in hits)
+                found.append(f"{u} ({md / 'new'})")
             return f"{rcpt} -> " + ", ".join(found)
 
         report.add("inbound over STARTTLS through the aliases into Maildir", inbound)
@@ -453,8 +465,9 @@ def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, en
         with contextlib.suppress(Exception):
             loop.run(sink.stop())
         loop.close()
-        for p in delivered:
-            p.unlink(missing_ok=True)
+        for p, owner in delivered:
+            with contextlib.suppress(OSError, MailsetupError):
+                maildir_mod.remove_delivered(p, owner)
         shutil.rmtree(queue_dir, ignore_errors=True)
         if original_creds is not None:
             write_atomic(creds_path, original_creds, creds_mode)

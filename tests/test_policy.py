@@ -172,6 +172,7 @@ def test_a_real_users_maildir_and_mail_belong_to_them(tmp_path):
 
     home = tmp_path / "home"
     home.mkdir()
+    os.chown(home, 4242, 4243)  # a real user's home is theirs (another's is refused)
     path = maildir.deliver(home / "Maildir", b"Subject: x\n\nhi\n", owner=(4242, 4243))
     for p in (home / "Maildir", home / "Maildir/new", home / "Maildir/tmp", home / "Maildir/cur", path):
         assert (p.stat().st_uid, p.stat().st_gid) == (4242, 4243), p

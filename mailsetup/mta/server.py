@@ -193,6 +193,12 @@ class Handler:
             # Disk full, permissions: say "later", never lose what we cannot store.
             log.error("%s %s from=<%s> store failed: %s", self.listener, peer, mail_from, exc)
             return f"451 4.3.0 temporary local problem ({exc.strerror or exc}); try again later"
+        except MailsetupError as exc:
+            # A user's Maildir root must not write in (a link, someone else's folder): the reason
+            # is the admin's to read, the sender is told to try later (the user can fix it).
+            log.error("%s %s from=<%s> to=%s not delivered: %s", self.listener, peer, mail_from,
+                      ",".join(envelope.rcpt_tos), exc.message)
+            return "451 4.2.0 a local mailbox cannot be written safely; try again later"
         if relay and self.worker:
             self.worker.wake()
         log.info(
