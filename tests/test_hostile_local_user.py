@@ -1,4 +1,4 @@
-"""Security review of issue 9: what a hostile local user (or a careless admin) can still do to a
+"""What a hostile local user can still try against a root run (found in review of issue 9), each refused."""
 root run of mailsetup. Each test here fails on the code as reviewed, for the reason in its docstring.
 """
 
