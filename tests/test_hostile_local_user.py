@@ -1,6 +1,4 @@
 """What a hostile local user can still try against a root run (found in review of issue 9), each refused."""
-root run of mailsetup. Each test here fails on the code as reviewed, for the reason in its docstring.
-"""
 
 from __future__ import annotations
 
