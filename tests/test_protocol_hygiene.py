@@ -5,11 +5,12 @@ answer and store or relay nothing they refuse."""
 from __future__ import annotations
 
 import base64
+import os
+import pwd
 import shutil
 import socket
 import ssl
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -237,7 +238,10 @@ def test_a_clean_message_is_relayed_by_both(pair: Pair):
 
 
 def _machine_name() -> str:
-    return subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    """What smtpd's <localnames> holds besides localhost: /etc/mailname, else the host's name."""
+    from mailsetup.mta.policy import machine_mailname
+
+    return machine_mailname()
 
 
 @needs_real_smtpd
@@ -249,6 +253,42 @@ def test_strangers_reach_only_the_domains_smtpd_accepts(pair: Pair, domain: str)
     replies = pair.session(EHLO, MAIL, f"RCPT TO:<alice@{domain}>\r\n".encode(), source=STRANGER)
     assert code_class(replies["embedded"][-1]) == code_class(replies["smtpd"][-1]), replies
     assert code_class(replies["smtpd"][-1]) == ("2" if domain == "example.test" else "5"), replies
+
+
+def _where(pair: Pair, sink: Sink, marker: bytes, timeout: float = 15) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(marker in m[2] for m in sink.messages):
+            return "relayed"
+        if any(marker in p.read_bytes() for p in maildir_new(pair.root, "alice")):
+            return "delivered"
+        time.sleep(0.1)
+    return "nowhere"
+
+
+@needs_real_smtpd
+def test_local_clients_mail_for_local_names_is_delivered_like_smtpd(pair: Pair):
+    """From a local client, smtpd delivers @localhost and @MACHINE-NAME itself (`match for local`) and
+    relays @--hostname when that is not the machine's name (measured: it reached the relay host)."""
+    alice = pwd.getpwnam("alice")
+    maildir = pair.root / "home/alice/Maildir"
+    for sub in ("", "tmp", "new", "cur"):  # smtpd delivers as alice
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+        os.chown(maildir / sub, alice.pw_uid, alice.pw_gid)
+    domains = ["localhost", _machine_name(), "mail.example.test"]
+    where: dict[str, dict[str, str]] = {}
+    for (name, port), sink in zip(pair.ports().items(), (pair.sink, pair.smtpd_sink), strict=True):
+        for domain in domains:
+            marker = f"local-names-{name}-{domain}".encode()
+            c = Raw(port)
+            for line in (EHLO, MAIL, f"RCPT TO:<alice@{domain}>\r\n".encode()):
+                assert c.cmd(line).startswith("250"), (name, domain)
+            assert c.cmd(b"DATA\r\n").startswith("354")
+            assert c.cmd(b"Subject: %s\r\n\r\nhi\r\n.\r\n" % marker).startswith("250")
+            c.close()
+            where.setdefault(name, {})[domain] = _where(pair, sink, marker)
+    assert where["smtpd"]["localhost"] == "delivered", where
+    assert where["embedded"] == where["smtpd"], where
 
 
 @needs_real_smtpd

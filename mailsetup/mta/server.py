@@ -275,6 +275,7 @@ class CappedSMTP(SMTP):
             self._smtp_methods[command] = self._clean_args(self._smtp_methods[command], refusal)
 
     def _clean_args(self, method, refusal: str):
+        @functools.wraps(method)  # keeps aiosmtpd's HELP text (__smtp_syntax__)
         async def checked(arg):
             if arg and ("\r" in arg or "\n" in arg or "\x00" in arg):
                 await self.push(refusal)
