@@ -380,8 +380,8 @@ class AuthGuard:
         if len(self.failures) > 10_000 and ip not in self.failures:  # bounded memory under a flood
             self.failures.clear()
         self.failures[ip] = recent
-        # From the 4th failure within the window on, each one adds a quarter second, up to 5 s.
-        return delay + min(self.MAX_EXTRA, 0.25 * max(0, len(recent) - AUTH_FREE_FAILURES))
+        # From the 4th failure within the window on, each one adds half a second, up to 5 s.
+        return delay + min(self.MAX_EXTRA, 0.5 * max(0, len(recent) - AUTH_FREE_FAILURES))
 
 
 def make_authenticator(rt: Runtime):
