@@ -109,7 +109,7 @@ def hash_password(password: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _dummy_hash() -> bytes:
+def dummy_hash() -> bytes:
     """A hash at the cost `hash_password` uses, for logins that have none: an unknown user then
     costs what a wrong password costs, so the answer's timing does not tell which names exist."""
     import bcrypt
@@ -123,12 +123,12 @@ def check_password(creds: list[Credential] | dict[str, str], user: str, password
     table = creds if isinstance(creds, dict) else {c.user: c.hash for c in creds}
     stored = table.get(user)
     if stored is None or not stored.startswith("$2"):
-        bcrypt.checkpw(password[:72], _dummy_hash())  # same work, answer thrown away
+        bcrypt.checkpw(password[:72], dummy_hash())  # same work, answer thrown away
         return False
     try:
         return bcrypt.checkpw(password[:72], stored.encode())
     except ValueError:
-        bcrypt.checkpw(password[:72], _dummy_hash())
+        bcrypt.checkpw(password[:72], dummy_hash())
         return False
 
 

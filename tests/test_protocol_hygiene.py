@@ -430,3 +430,15 @@ def test_auth_guessers_do_not_delay_other_clients(served: Serve):
         for g in guessers:
             g.join(15)
     assert statistics.median(waits) < 0.5, waits
+
+
+def test_the_policy_follows_the_templates_rules_in_order():
+    """Without sockets: `for domain` from anyone, `for local` only from local, then relaying."""
+    from mailsetup.mta.policy import Policy
+
+    p = Policy(frozenset({"example.test"}), {}, lambda u: u == "alice", local_names=frozenset({"localhost", "vm"}))
+    assert p.check_rcpt("alice@example.test", False, "192.0.2.1").local_users == ("alice",)
+    assert p.check_rcpt("alice@localhost", False, "192.0.2.1").code == 550
+    assert p.check_rcpt("alice@vm", False, "127.0.0.1").local_users == ("alice",)
+    # An authenticated stranger is relayed, as `match auth from any for any` does for smtpd.
+    assert p.check_rcpt("alice@localhost", True, "192.0.2.1").relay_to == ("alice@localhost",)

@@ -363,6 +363,7 @@ class AuthGuard:
     def __init__(self, rt: Runtime):
         self.rt = rt
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
+        self.pool.submit(creds_mod.dummy_hash)  # made now, so the first unknown login costs no more
         self.failures: dict[str, list[float]] = {}
 
     async def check(self, login: bytes, password: bytes) -> bool:
