@@ -7,9 +7,11 @@ user exists (or we are not root). Never world-readable.
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,16 +113,27 @@ def hash_password(password: str) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10)).decode()
 
 
+@functools.lru_cache(maxsize=1)
+def dummy_hash() -> bytes:
+    """A hash at the cost `hash_password` uses, for logins that have none: an unknown user then
+    costs what a wrong password costs, so the answer's timing does not tell which names exist."""
+    import bcrypt
+
+    return bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(rounds=10))
+
+
 def check_password(creds: list[Credential] | dict[str, str], user: str, password: bytes) -> bool:
     import bcrypt
 
     table = creds if isinstance(creds, dict) else {c.user: c.hash for c in creds}
     stored = table.get(user)
     if stored is None or not stored.startswith("$2"):
+        bcrypt.checkpw(password[:72], dummy_hash())  # same work, answer thrown away
         return False
     try:
         return bcrypt.checkpw(password[:72], stored.encode())
     except ValueError:
+        bcrypt.checkpw(password[:72], dummy_hash())
         return False
 
 

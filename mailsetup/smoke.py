@@ -199,7 +199,7 @@ class _OpenSmtpd:
         import pwd
 
         from mailsetup import aliases as aliases_mod
-        from mailsetup.mta.policy import Policy
+        from mailsetup.mta.policy import policy_for
         from mailsetup.realsmtpd import RealSmtpd, derive_config
 
         smtp = self.ports_wanted[0] or _free_port()
@@ -215,7 +215,7 @@ class _OpenSmtpd:
             except KeyError:
                 return False
 
-        self.policy = Policy(frozenset({self.setup.domain, self.setup.hostname, "localhost"}), aliases, system_user)
+        self.policy = policy_for(self.setup, aliases, system_user)
         self.real = RealSmtpd(self.smtpd, conf, (smtp, sub)).start()
         self.ports = {"smtp": smtp, "submission": sub}
         where = "a private spool" if self.real.isolated else "the system spool"

@@ -214,11 +214,13 @@ def test_120_concurrent_connections_are_all_served(root: Path, served: Serve):
 def test_connection_cap_answers_421(root: Path):
     with Serve(root, "--max-connections", "3") as s:
         time.sleep(0.3)  # let the start-up probes' connections close
-        held = [socket.create_connection(("127.0.0.1", s.smtp)) for _ in range(3)]
+        # From three addresses: one address alone may hold only half the slots.
+        held = [socket.create_connection(("127.0.0.1", s.smtp), source_address=(f"127.0.0.{i}", 0))
+                for i in (1, 2, 3)]
         try:
             for h in held:
                 assert h.recv(100).startswith(b"220")
-            extra = socket.create_connection(("127.0.0.1", s.smtp))
+            extra = socket.create_connection(("127.0.0.1", s.smtp), source_address=("127.0.0.4", 0))
             assert extra.recv(100).startswith(b"421")
             extra.close()
         finally:

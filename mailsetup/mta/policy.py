@@ -6,8 +6,10 @@ for authenticated or local senders) and testable without sockets.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,9 @@ from mailsetup.platforms import person_account, uid_min
 
 MAX_ALIAS_DEPTH = 20
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
+# smtpd's limit on recipients per transaction (SMTP_LIMIT_RCPT): the 1001st is answered
+# `451 4.5.3 Too many recipients` (measured on 7.4).
+MAX_RECIPIENTS = 1000
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class Policy:
     is_local_user: Callable[[str], bool]
     local_peers: frozenset[str] = LOOPBACK  # smtpd's `from local`; empty = treat everyone as remote
     relay_rule: str = "auth-or-local"
+    local_names: frozenset[str] = frozenset()  # smtpd's `for local`, matched only `from local`
     _cache: dict = field(default_factory=dict, repr=False)
 
     def peer_is_local(self, peer_ip: str | None) -> bool:
@@ -118,7 +124,11 @@ class Policy:
         if isinstance(parts, Decision):
             return parts
         local, domain = parts
+        # The template's rules in their order: `from any for domain D`, then `match for local` (no
+        # `from`: smtpd reads it as `from local`), then relaying for authenticated or local senders.
         if domain == "" or domain in self.domains:
+            return self._local(local, address)
+        if domain in self.local_names and self.peer_is_local(peer_ip):
             return self._local(local, address)
         if self.may_relay(authenticated, peer_ip):
             return Decision(250, "2.1.5 ok, will relay", relay_to=(f"{local}@{domain}",))
@@ -185,7 +195,7 @@ class Policy:
                     skipped.append(target)
                     continue
                 t_local, t_domain = parts
-                if t_domain in self.domains:
+                if t_domain in self.domains or t_domain in self.local_names:  # expansion is from local
                     err = self._expand(t_local.lower(), users, relay, skipped, seen, depth + 1)
                 else:
                     relay.append(f"{t_local}@{t_domain}")  # forwarding the admin configured
@@ -195,6 +205,38 @@ class Policy:
             if err and err.code != 550:
                 return err
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def machine_mailname() -> str:
+    """The name smtpd's `for local` knows this machine by: /etc/mailname, else the host name
+    canonicalised through the resolver (smtpd's getmailname())."""
+    try:
+        with open("/etc/mailname", encoding="ascii", errors="replace") as fh:
+            name = fh.readline().strip()
+        if name:
+            return name.lower()
+    except OSError:
+        pass
+    host = socket.gethostname()
+    try:
+        canon = socket.getaddrinfo(host, None, flags=socket.AI_CANONNAME)[0][3]
+    except (OSError, IndexError):
+        canon = ""
+    return (canon or host).lower()
+
+
+def local_names() -> frozenset[str]:
+    """smtpd's <localnames> table behind `match for local`: localhost, the machine's mail name and
+    its loopback address literals. Measured on 7.4 from a remote peer: only the `for domain` domain
+    is accepted; --hostname is local only when it is the machine's own name."""
+    return frozenset({"localhost", machine_mailname(), "[127.0.0.1]", "[ipv6:::1]"})
+
+
+def policy_for(setup: MailSetup, aliases: Mapping[str, str], is_local_user: Callable[[str], bool],
+               local_peers: frozenset[str] = LOOPBACK) -> Policy:
+    """The one Policy for a set-up, from the same model as the template's match rules."""
+    return Policy(frozenset({setup.domain}), aliases, is_local_user, local_peers, local_names=local_names())
 
 
 _USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")

@@ -11,9 +11,11 @@ import functools
 import logging
 import os
 import pwd
+import random
 import ssl
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from mailsetup.errors import MailsetupError
 from mailsetup.files import read_secret
 from mailsetup.model import MailSetup
 from mailsetup.mta import maildir
-from mailsetup.mta.policy import LOOPBACK, Policy, local_user_check
+from mailsetup.mta.policy import LOOPBACK, MAX_RECIPIENTS, Policy, local_user_check, policy_for
 from mailsetup.mta.queue import MailQueue, RelayWorker
 
 log = logging.getLogger("mailsetup.mta")
@@ -79,9 +81,8 @@ class Runtime:
             log.error("kept the loaded logins: %s", exc.message)
             return False
         self.creds, self.creds_stamp = creds, stamp
-        domains = frozenset({self.setup.domain, self.setup.hostname, "localhost"})
-        self.policy = Policy(domains, self.aliases, local_user_check(self.setup, self.aliases, creds),
-                             self.options.local_peers)
+        self.policy = policy_for(self.setup, self.aliases, local_user_check(self.setup, self.aliases, creds),
+                                 self.options.local_peers)
         log.info("loaded %s: %d login(s)", path, len(creds))
         return True
 
@@ -119,8 +120,7 @@ def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
     creds = {c.user: c.hash for c in creds_mod.read_credentials(Path(setup.layout.credentials))}
     key = queuekey.read_queue_key(Path(setup.queue.key_file)) if setup.queue.encryption else None
     queue = MailQueue(options.queue_dir or Path(setup.layout.queue_dir), key, setup.queue.compression)
-    domains = frozenset({setup.domain, setup.hostname, "localhost"})
-    policy = Policy(domains, aliases, local_user_check(setup, aliases, creds), options.local_peers)
+    policy = policy_for(setup, aliases, local_user_check(setup, aliases, creds), options.local_peers)
 
     @functools.lru_cache(maxsize=4096)
     def home(user: str) -> Path:
@@ -149,6 +149,8 @@ class Handler:
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         peer = session.peer[0] if isinstance(session.peer, tuple) else None
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:  # smtpd's answer to the 1001st, measured on 7.4
+            return "451 4.5.3 too many recipients"
         decision = self.rt.policy.check_rcpt(address, bool(session.authenticated), peer)
         if not decision.accepted:
             self.rt.stats["refused"] += 1
@@ -183,7 +185,7 @@ class Handler:
         decisions = getattr(envelope, "decisions", [])
         users = tuple(dict.fromkeys(u for d in decisions for u in d.local_users))
         relay = tuple(dict.fromkeys(a for d in decisions for a in d.relay_to))
-        body = envelope.original_content or b""
+        body = normalise_line_ends(envelope.original_content or b"")
         message = self._received(server, session, envelope) + body
         mail_from = envelope.mail_from or ""
         peer = session.peer[0] if isinstance(session.peer, tuple) else "?"
@@ -223,30 +225,84 @@ class Handler:
         return None
 
 
+def normalise_line_ends(data: bytes) -> bytes:
+    """Every line end CRLF: a bare LF or CR becomes CRLF, as smtpd 7.4 does with a bare LF (measured:
+    it relays `hi\nthere` as `hi\r\nthere`; a bare CR it passes on unchanged, which we do not). So
+    no end-of-data look-alike (`\n.\n`, `\r.\r`) is stored, or relayed to a next hop that splits
+    lines its own way; the relay client dot-stuffs the lines that now start with a dot. Works on a
+    whole message or on any run of CRLF-ended lines (a DATA path that streams can call it per line)."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
+        return data  # the usual case: nothing to do, no copy
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+# Command arguments that would carry a line break or a NUL into what we store or relay (a HELO name
+# lands in the Received header): smtpd 7.4 answers 501 for HELO/EHLO and 5xx for MAIL/RCPT.
+_ARG_REFUSALS = {
+    "HELO": "501 5.5.4 invalid domain name",
+    "EHLO": "501 5.5.4 invalid domain name",
+    "MAIL": "553 5.1.0 sender address syntax error",
+    "RCPT": "501 5.1.3 recipient address syntax error",
+}
+
+# Then 421 and hang up (smtpd 7.4 answers 535 for ever; we stop sooner). Not fewer: a client with a
+# wrong password often tries it with each mechanism offered (smtplib: PLAIN, then LOGIN).
+AUTH_FAILURES_PER_SESSION = 5
+AUTH_FREE_FAILURES = 3  # per address within AuthGuard.WINDOW; each one beyond waits longer
+AUTH_DELAY = (0.17, 1.0)  # smtpd pauses a failed AUTH 0.15-1 s at random (measured on 7.4)
+
+
 class _Counter:
     def __init__(self) -> None:
         self.active = 0
         self.live: set[SMTP] = set()  # to hang up on at stop
+        self.per_peer: dict[str, int] = {}
 
 
 class CappedSMTP(SMTP):
-    """aiosmtpd's SMTP with a cap on concurrent connections (421 beyond it)."""
+    """aiosmtpd's SMTP with a cap on concurrent connections, in all and per client address (421
+    beyond either), command arguments kept free of line breaks and NULs, and AUTH that is checked off
+    the event loop and slowed down after a failure."""
 
-    def __init__(self, handler, counter: _Counter, cap: int, **kwargs):
+    def __init__(self, handler, counter: _Counter, cap: int, *, guard: AuthGuard | None = None, **kwargs):
         super().__init__(handler, **kwargs)
         self._counter = counter
         self._cap = cap
+        # One address holds at most half the slots (Postfix's smtpd_client_connection_count_limit
+        # is half its process limit too), so a single client cannot lock everyone else out.
+        self._per_peer_cap = max(1, cap // 2)
+        self._peer_ip: str | None = None
         self._counted = False
         self._refused = False
+        self._guard = guard
+        self._auth_failures = 0
+        for command, refusal in _ARG_REFUSALS.items():
+            self._smtp_methods[command] = self._clean_args(self._smtp_methods[command], refusal)
+
+    def _clean_args(self, method, refusal: str):
+        @functools.wraps(method)  # keeps aiosmtpd's HELP text (__smtp_syntax__)
+        async def checked(arg):
+            if arg and ("\r" in arg or "\n" in arg or "\x00" in arg):
+                await self.push(refusal)
+                return
+            await method(arg)
+        return checked
 
     def connection_made(self, transport):
         if not self._counted and not self._refused:
-            if self._counter.active >= self._cap:
+            peer = transport.get_extra_info("peername")
+            ip = peer[0] if isinstance(peer, tuple) else None
+            if self._counter.active >= self._cap or (
+                    ip is not None and self._counter.per_peer.get(ip, 0) >= self._per_peer_cap):
                 self._refused = True
                 transport.write(b"421 4.7.0 too many connections, try again later\r\n")
                 transport.close()
                 return
             self._counter.active += 1
+            if ip is not None:
+                self._counter.per_peer[ip] = self._counter.per_peer.get(ip, 0) + 1
+                self._peer_ip = ip
             self._counted = True
             self._counter.live.add(self)
         super().connection_made(transport)
@@ -256,20 +312,91 @@ class CappedSMTP(SMTP):
             return
         if self._counted:
             self._counter.active -= 1
+            if self._peer_ip is not None:
+                left = self._counter.per_peer.get(self._peer_ip, 1) - 1
+                if left > 0:
+                    self._counter.per_peer[self._peer_ip] = left
+                else:
+                    self._counter.per_peer.pop(self._peer_ip, None)
             self._counted = False
             self._counter.live.discard(self)
         super().connection_lost(exc)
+
+    # --- AUTH: aiosmtpd decodes PLAIN / LOGIN and calls the authenticator synchronously, on the event
+    # loop. Here the authenticator only hands the login over; bcrypt runs in the guard's threads.
+
+    async def auth_PLAIN(self, _, args):
+        return await self._checked_auth("PLAIN", await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _, args):
+        return await self._checked_auth("LOGIN", await super().auth_LOGIN(_, args))
+
+    async def _checked_auth(self, mechanism: str, result: AuthResult) -> AuthResult:
+        if self._guard is None or not isinstance(result.auth_data, _PendingLogin):
+            return result
+        login = result.auth_data.login
+        ok = await self._guard.check(login.login, login.password)
+        user = login.login.decode("utf-8", "replace")
+        log.info("auth %s for %r from %s: %s", mechanism, user, self._peer_ip, "ok" if ok else "failed")
+        if ok:
+            return AuthResult(success=True, handled=False, auth_data=user)
+        self._auth_failures += 1
+        await asyncio.sleep(self._guard.failure_delay(self._peer_ip))
+        if self._auth_failures >= AUTH_FAILURES_PER_SESSION:
+            return AuthResult(success=False, handled=False,
+                              message="421 4.7.0 too many failed authentications; closing")
+        return AuthResult(success=False, handled=False, message="535 5.7.8 authentication failed")
+
+    async def smtp_AUTH(self, arg):
+        await super().smtp_AUTH(arg)
+        if self._auth_failures >= AUTH_FAILURES_PER_SESSION and self.transport is not None:
+            self.transport.close()
+
+
+@dataclass(frozen=True)
+class _PendingLogin:
+    login: LoginPassword
+
+
+class AuthGuard:
+    """Checks logins in a small thread pool (bcrypt costs ~50 ms of CPU: on the event loop, 16
+    guessers made every other client wait seconds for its greeting) and decides how long a failure
+    waits: smtpd's random pause, longer for an address that keeps failing."""
+
+    WINDOW = 600.0  # seconds a failure counts against its address
+    MAX_EXTRA = 5.0
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
+        self.pool.submit(creds_mod.dummy_hash)  # made now, so the first unknown login costs no more
+        self.failures: dict[str, list[float]] = {}
+
+    async def check(self, login: bytes, password: bytes) -> bool:
+        self.rt.reload_credentials()  # one stat: a login added a moment ago works at once
+        user = login.decode("utf-8", "replace")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, creds_mod.check_password, self.rt.creds, user, password)
+
+    def failure_delay(self, ip: str | None) -> float:
+        delay = random.uniform(*AUTH_DELAY)  # noqa: S311 - jitter, not a secret
+        if ip is None:
+            return delay
+        now = time.monotonic()
+        recent = [t for t in self.failures.get(ip, []) if now - t < self.WINDOW][-50:] + [now]
+        if len(self.failures) > 10_000 and ip not in self.failures:  # bounded memory under a flood
+            self.failures.clear()
+        self.failures[ip] = recent
+        # From the 4th failure within the window on, each one adds half a second, up to 5 s.
+        return delay + min(self.MAX_EXTRA, 0.5 * max(0, len(recent) - AUTH_FREE_FAILURES))
 
 
 def make_authenticator(rt: Runtime):
     def authenticator(server, session, envelope, mechanism, auth_data):
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
-        user = auth_data.login.decode("utf-8", "replace")
-        rt.reload_credentials()  # one stat: a login added a moment ago works at once
-        ok = creds_mod.check_password(rt.creds, user, auth_data.password)
-        log.info("auth %s for %r: %s", mechanism, user, "ok" if ok else "failed")
-        return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
+        # Checked by CappedSMTP off the event loop; a failure's reply is its to delay.
+        return AuthResult(success=False, handled=False, auth_data=_PendingLogin(auth_data))
     return authenticator
 
 
@@ -284,6 +411,7 @@ class EmbeddedMta:
         self._worker_task: asyncio.Task | None = None
         self.ports: dict[str, int] = {}
         self._counter = _Counter()
+        self.guard = AuthGuard(rt)
 
     def _factory(self, listener: str):
         rt = self.rt
@@ -293,7 +421,7 @@ class EmbeddedMta:
 
         def build():
             return CappedSMTP(
-                handler, self._counter, rt.options.max_connections,
+                handler, self._counter, rt.options.max_connections, guard=self.guard,
                 hostname=rt.setup.hostname,
                 tls_context=rt.tls,
                 require_starttls=submission,  # submission: TLS before anything else
@@ -338,6 +466,7 @@ class EmbeddedMta:
         for server in self.servers:
             await server.wait_closed()
         self.servers = []
+        self.guard.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def serve_forever(rt: Runtime, say) -> None:
