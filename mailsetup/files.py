@@ -405,10 +405,11 @@ def read_secret(path: Path) -> bytes:
     raise _refuse("read", path, "too many symbolic links")
 
 
-def write_new_file(path: Path | str, chunks: Sequence[bytes], mode: int, owner: tuple[int, int] | None = None,
+def write_new_file(path: Path | str, chunks: Iterable[bytes], mode: int, owner: tuple[int, int] | None = None,
                    dir_fd: int | None = None) -> None:
-    """Create `path` (it must not exist; a name in `dir_fd` when given) holding `chunks`, fsynced;
-    removed again if anything fails.
+    """Create `path` (it must not exist; a name in `dir_fd` when given) holding `chunks` (written one
+    by one as they come: a stream of a big message is never joined in memory), fsynced; removed
+    again if anything fails.
 
     It is born private (O_EXCL, owner-only) and widened to `mode` only once complete, so a secret is
     never readable by others, not even for a moment.
@@ -418,9 +419,10 @@ def write_new_file(path: Path | str, chunks: Sequence[bytes], mode: int, owner: 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _NOFOLLOW, mode & 0o700,
                  dir_fd=dir_fd)
     try:
-        data = memoryview(b"".join(chunks)) if len(chunks) != 1 else memoryview(chunks[0])
-        while data:
-            data = data[os.write(fd, data):]
+        for chunk in chunks:
+            data = memoryview(chunk)
+            while data:
+                data = data[os.write(fd, data):]
         if owner is not None:
             os.fchown(fd, *owner)
         os.fchmod(fd, mode)  # the final mode, once the content is complete

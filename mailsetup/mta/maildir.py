@@ -9,6 +9,7 @@ import itertools
 import os
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from mailsetup.files import publish, write_new_file
@@ -41,13 +42,19 @@ def deliver(maildir: Path, *chunks: bytes, owner: tuple[int, int] | None = None)
     """Put the message (the chunks, in order) into maildir/new durably; returns its path.
 
     Raises OSError (disk full, permissions) with nothing left in new/."""
+    return deliver_chunks(maildir, chunks, owner=owner)
+
+
+def deliver_chunks(maildir: Path, chunks: Iterable[bytes], owner: tuple[int, int] | None = None) -> Path:
+    """deliver() from a stream of chunks (a big message read from its spool file piece by piece),
+    each written as it comes, so the message is never whole in memory."""
     if maildir not in _known:  # three mkdirs per message cost more than they are worth
         ensure_maildir(maildir, owner)
     name = unique_name()
     tmp = maildir / "tmp" / name
     try:
         write_new_file(tmp, chunks, 0o600, owner)
-    except FileNotFoundError:  # removed under us since we last looked: make it again
+    except FileNotFoundError:  # removed under us since we last looked (raised by the open, before any chunk is read)
         ensure_maildir(maildir, owner)
         write_new_file(tmp, chunks, 0o600, owner)
     final = maildir / "new" / name
