@@ -36,6 +36,7 @@ DOMAIN = "example.test"
 RCPT = f"postmaster@{DOMAIN}"  # postmaster -> root -> (bench | msbench) through the aliases
 SENDER = "sender@client.example.net"
 HOST = "127.0.0.1"
+PLAIN_SIZE_LIMIT = 35 * 1024 * 1024  # as mailsetup's default (aiosmtpd's own is 32 MiB)
 
 
 class BenchError(Exception):
@@ -99,7 +100,8 @@ def run_plain_server(port: int, maildir: Path) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         handler = Handler()
-        server = await loop.create_server(lambda: SMTP(handler, hostname="plain.example.test"), HOST, port,
+        server = await loop.create_server(lambda: SMTP(handler, hostname="plain.example.test",
+                                                                  data_size_limit=PLAIN_SIZE_LIMIT), HOST, port,
                                           reuse_address=True)
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

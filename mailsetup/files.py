@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -125,11 +126,64 @@ class Applied:
 
 
 def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Make what was done in `directory` so far durable. Concurrent callers (the MTA's delivery
+    threads, each after its rename) share one fsync: a group commit."""
+    def sync() -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _group_commit(str(directory), sync)
+
+
+def fsync_dir_fd(dir_fd: int) -> None:
+    """fsync_dir() for a directory opened already, shared with concurrent callers the same way."""
+    st = os.fstat(dir_fd)
+    _group_commit((st.st_dev, st.st_ino), lambda: os.fsync(dir_fd))
+
+
+class _Commits:
+    """The fsyncs of one directory, one at a time. A caller needs one that starts after it arrives
+    (its rename is then covered); whoever arrives while none runs starts it for all waiting, so N
+    concurrent deliveries into one Maildir cost one directory fsync instead of N."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.started = 0  # fsyncs started; they run one at a time, so they also end in order
+        self.done = 0  # fsyncs ended
+        self.failed: dict[int, BaseException] = {}  # number -> what that fsync raised
+
+
+_commits: dict[object, _Commits] = {}
+_commits_lock = threading.Lock()
+
+
+def _group_commit(key: object, sync: Callable[[], None]) -> None:
+    with _commits_lock:
+        group = _commits.get(key) or _commits.setdefault(key, _Commits())
+    with group.cond:
+        ticket = group.started  # the first fsync to start from now on covers this caller
+        while group.done <= ticket:
+            if group.started > group.done:  # one is running: it may have begun before our rename
+                group.cond.wait()
+                continue
+            number = group.started  # == ticket: nothing ran since we arrived
+            group.started += 1
+            group.cond.release()
+            try:
+                sync()
+            except BaseException as exc:  # noqa: BLE001 - handed to every caller this fsync covers
+                group.failed[number] = exc
+                while len(group.failed) > 64:
+                    group.failed.pop(min(group.failed))
+            finally:
+                group.cond.acquire()
+                group.done += 1
+                group.cond.notify_all()
+        error = group.failed.get(ticket)
+    if error is not None:
+        raise error
 
 
 # --- paths root can trust ---------------------------------------------------------------------
