@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import smtplib
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,165 @@ def test_a_34_mb_message_is_streamed_byte_exact_to_the_maildir_and_the_relay(roo
     # streaming, one such message took it up by ~170 MB).
     grown_mib = (peak_kib - start_kib) / 1024
     assert grown_mib < SIZE / 2**20 / 2, f"peak RSS {peak_kib / 1024:.0f} MiB, {grown_mib:.0f} MiB over the start"
+
+
+def _talk(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(data)
+
+
+def _replies(reader, n: int) -> list[bytes]:
+    out = []
+    while len(out) < n:
+        line = reader.readline()
+        assert line, f"connection closed after {out}"
+        if line[3:4] != b"-":
+            out.append(line)
+    return out
+
+
+def test_data_edges_match_aiosmtpd(root: Path):
+    """The streaming DATA reader keeps aiosmtpd's rules: the end-of-data dot split over packets,
+    commands pipelined right after it, a line longer than 1001 bytes (500) and dots unstuffed."""
+    with Serve(root, remote=False) as served, socket.create_connection(("127.0.0.1", served.smtp), 10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        _talk(sock, b"EHLO client.example.net\r\n")
+        _replies(reader, 1)
+
+        # 1. The final ".\r\n" arrives in pieces, with a dot-stuffed line just before it.
+        _talk(sock, b"MAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        assert [r[:3] for r in _replies(reader, 3)] == [b"250", b"250", b"354"]
+        _talk(sock, b"Subject: split-end\r\n\r\n..dot\r\n.")
+        time.sleep(0.2)
+        _talk(sock, b"\r")
+        time.sleep(0.2)
+        _talk(sock, b"\n")
+        assert _replies(reader, 1)[0].startswith(b"250 ")
+
+        # 2. Everything in one packet, pipelined: the next transaction's commands follow the dot.
+        _talk(sock, b"MAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        assert [r[:3] for r in _replies(reader, 3)] == [b"250", b"250", b"354"]
+        _talk(sock, b"Subject: pipelined\r\n\r\nbody\r\n.\r\n"
+                    b"MAIL FROM:<b@example.net>\r\nRCPT TO:<alice@example.test>\r\n")
+        assert [r[:3] for r in _replies(reader, 3)] == [b"250", b"250", b"250"]
+
+        # 3. A line of 1000 characters (1002 with its CRLF) is refused with 500; the session goes on.
+        _talk(sock, b"DATA\r\n")
+        assert _replies(reader, 1)[0].startswith(b"354")
+        _talk(sock, b"Subject: too-long\r\n\r\n" + b"y" * 1000 + b"\r\nafter\r\n.\r\n")
+        assert _replies(reader, 1)[0].startswith(b"500 ")
+        _talk(sock, b"QUIT\r\n")
+        assert _replies(reader, 1)[0].startswith(b"221")
+
+    stored = {}
+    for path in maildir_new(root, "alice"):
+        data = path.read_bytes()
+        stored[data.split(b"Subject: ")[1].split(b"\n")[0]] = data
+    assert stored[b"split-end"].endswith(b"Subject: split-end\n\n.dot\n")
+    assert stored[b"pipelined"].endswith(b"Subject: pipelined\n\nbody\n")
+    assert b"too-long" not in stored
+
+
+def _reference(stream: bytes, size_limit: int, line_limit: int):
+    """aiosmtpd's DATA rules on a whole stream: (state, content, what follows the end)."""
+    at = 0
+    content, state, received = [], "ok", 0
+    while True:
+        end = stream.index(b"\r\n", at) + 2
+        line = stream[at:end]
+        at = end
+        if line == b".\r\n":
+            return state, b"".join(content), stream[at:]
+        received += len(line)
+        if state == "ok" and len(line) > line_limit:
+            state = "too long"
+        if state == "ok" and received > size_limit:
+            state = "too much"
+        content.append(line[1:] if line.startswith(b".") else line)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_streamed_data_reader_agrees_with_aiosmtpds_rules(seed: int):
+    import asyncio
+    import random
+
+    from mailsetup.mta.data import DataState, receive_data
+
+    rnd = random.Random(seed)
+    pieces = [b".", b"..", b"\r\n", b"\r", b"\n", b"a", b"x" * 300, b"\r\n.\r", b".\r\n.", b"\xff"]
+    lines = []
+    for _ in range(rnd.randint(0, 60)):
+        lines.append(b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 5))).replace(b"\r\n", b"") + b"\r\n")
+    body = b"".join(ln for ln in lines if ln != b".\r\n")
+    stream = body + b".\r\nQUIT\r\n"
+    size_limit = rnd.choice([0, 200, 2000, 10**6])
+    line_limit = 1001
+    want_state, want_content, want_rest = _reference(stream, size_limit or 10**9, line_limit)
+
+    async def run():
+        reader = asyncio.StreamReader(limit=line_limit)
+
+        async def feed() -> None:
+            at = 0
+            while at < len(stream):  # in random pieces, as TCP may deliver them
+                n = rnd.randint(1, 700)
+                reader.feed_data(stream[at:at + n])
+                at += n
+                await asyncio.sleep(0)
+            reader.feed_eof()
+
+        got = []
+
+        async def store(block: bytes) -> None:
+            got.append(block)
+
+        feeder = asyncio.create_task(feed())
+        state = await receive_data(reader, store, size_limit, line_limit)
+        await feeder
+        return state, b"".join(got), await reader.read()
+
+    state, content, rest = asyncio.run(run())
+    names = {DataState.NOMINAL: "ok", DataState.TOO_LONG: "too long", DataState.TOO_MUCH: "too much"}
+    assert rest == want_rest
+    if want_state == "ok":
+        assert names[state] == "ok" and content == want_content
+    else:  # a message both too big and with a long line may be refused for either
+        assert names[state] != "ok"
+
+
+def test_queue_files_of_the_earlier_format_still_relay_and_a_tampered_segment_is_set_aside(tmp_path: Path):
+    from mailsetup import queuekey
+    from mailsetup.mta.queue import SEGMENT, MailQueue
+
+    root = provision(tmp_path / "root")
+    queue_dir = root / "etc/mailsetup/queue"
+    key = queuekey.read_queue_key(root / "etc/mailsetup/queue.key")
+    queue = MailQueue(queue_dir, key, compression=True)
+    # A message queued by an earlier version: MSQ1, the whole payload sealed at once.
+    old_id = "18e0000000000000aaaa0001"
+    old = queue.encode(old_id, "alice@example.test", ("friend@example.net",), b"Subject: from-msq1\r\n\r\nhi\r\n")
+    (queue_dir / old_id).write_bytes(old)
+    # A message in the streamed format over several segments, one of them altered on disk.
+    import random
+
+    hexed = random.Random(1).randbytes(4 * SEGMENT).hex().encode()  # compresses to about half: 4+ segments
+    noise = b"".join(hexed[i:i + 76] + b"\r\n" for i in range(0, len(hexed), 76))
+    bad_id = queue.put_chunks("alice@example.test", ("friend@example.net",), [b"Subject: tampered\r\n\r\n", noise])
+    data = bytearray((queue_dir / bad_id).read_bytes())
+    data[len(data) // 2] ^= 1
+    (queue_dir / bad_id).write_bytes(bytes(data))
+    good_id = queue.put_chunks("alice@example.test", ("friend@example.net",), [b"Subject: streamed\r\n\r\n", noise])
+
+    with Sink() as sink, Serve(root, relay_port=sink.port) as served:
+        sink.wait_for(2)
+        deadline = time.monotonic() + 10
+        while not (queue_dir / "failed" / bad_id).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = served.log_text()
+    subjects = sorted(m[2].split(b"\r\n")[0] for m in sink.messages)
+    assert subjects == [b"Subject: from-msq1", b"Subject: streamed"]
+    assert [m[2] for m in sink.messages if m[2].startswith(b"Subject: streamed")] == [
+        b"Subject: streamed\r\n\r\n" + noise]
+    assert (queue_dir / "failed" / bad_id).exists()
+    assert f"{bad_id}: does not decrypt with this queue key" in log
+    assert not (queue_dir / old_id).exists() and not (queue_dir / good_id).exists()

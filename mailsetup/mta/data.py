@@ -126,7 +126,8 @@ async def receive_data(reader: asyncio.StreamReader, store: Callable, size_limit
         if end >= 0:
             block, pending = buf[:end], b""
         else:
-            cut = buf.rfind(b"\r\n") + 2  # 0 when no line is complete yet
+            last_crlf = buf.rfind(b"\r\n")
+            cut = last_crlf + 2 if last_crlf >= 0 else 0  # 0: no line is complete yet
             block, pending = buf[:cut], buf[cut:]
         if block:
             received += len(block)

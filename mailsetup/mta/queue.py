@@ -157,7 +157,7 @@ class MailQueue:
             if magic[:4] == MAGIC:  # the one-piece format of earlier versions
                 mail = self.decode(qid, magic + fh.read())
                 fh.close()
-                return {"from": mail.mail_from, "rcpts": list(mail.rcpts)}, iter((mail.message,))
+                return {"from": mail.mail_from, "rcpts": list(mail.rcpts)}, _one(mail.message)
             if magic[:4] != MAGIC2 or len(magic) < 5:
                 raise QueueError(f"{qid}: not a queue file")
             plain = self._plain_stream(qid, magic[4], self._segments(qid, magic[4], fh.read))
@@ -251,6 +251,10 @@ class MailQueue:
     def fail(self, qid: str) -> None:
         publish(self.path(qid), self.failed_dir / qid)
         fsync_dir(self.dir)
+
+
+def _one(message: bytes) -> Iterator[bytes]:
+    yield message  # a generator, like the streamed body: it has close()
 
 
 class PermanentFailure(Exception):
@@ -392,7 +396,7 @@ class RelayWorker:
             try:
                 await asyncio.to_thread(send_via, host, port, self.helo, mail)
             except (QueueError, ValueError) as exc:  # found while streaming it: the relay got no dot
-                log.error("queue %s: %s; moved to failed/", qid, exc)
+                log.error("%s; moved to failed/", exc)
                 self.queue.fail(qid)
                 self._next.pop(qid, None)
                 continue
