@@ -234,3 +234,57 @@ def test_queue_files_of_the_earlier_format_still_relay_and_a_tampered_segment_is
     assert (queue_dir / "failed" / bad_id).exists()
     assert f"{bad_id}: does not decrypt with this queue key" in log
     assert not (queue_dir / old_id).exists() and not (queue_dir / good_id).exists()
+
+
+def test_concurrent_deliveries_share_a_directory_fsync_that_starts_after_each_arrives():
+    """Group commit: 16 threads that each need the directory durable after their rename get it
+    from fewer fsyncs, and none returns before an fsync that began after it asked; a failed fsync
+    reaches every caller it was meant to cover."""
+    import threading
+
+    from mailsetup import files
+
+    starts: list[float] = []
+    lock = threading.Lock()
+
+    def slow_sync() -> None:
+        with lock:
+            starts.append(time.monotonic())
+        time.sleep(0.02)
+
+    covered: list[tuple[float, float]] = []
+
+    def caller() -> None:
+        asked = time.monotonic()
+        files._group_commit("test-dir", slow_sync)
+        with lock:
+            covered.append((asked, time.monotonic()))
+
+    threads = [threading.Thread(target=caller) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(covered) == 16
+    assert len(starts) < 16
+    for asked, returned in covered:  # some fsync started after the ask and before the return
+        assert any(asked <= s and s + 0.02 <= returned for s in starts)
+
+    def failing() -> None:
+        time.sleep(0.02)
+        raise OSError(5, "Input/output error")
+
+    errors: list[BaseException] = []
+
+    def failing_caller() -> None:
+        try:
+            files._group_commit("test-dir-2", failing)
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=failing_caller) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 4
