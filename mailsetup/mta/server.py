@@ -225,7 +225,8 @@ class Handler:
         local_copy = body.replace(b"\r\n", b"\n") if users else b""
         for user in users:
             header = f"Return-Path: <{mail_from}>\nDelivered-To: {user}\n".encode()
-            maildir.deliver(self.rt.home(user), header, local_copy, owner=self.rt.owner(user))
+            # One write, not two: every syscall in a delivery thread is a GIL hand-off.
+            maildir.deliver(self.rt.home(user), header + local_copy, owner=self.rt.owner(user))
             self.rt.stats["delivered"] += 1
         if relay:
             qid = self.rt.queue.put(mail_from, relay, body)
@@ -412,6 +413,7 @@ def serve_forever(rt: Runtime, say) -> None:
             return record
 
     logging.basicConfig(level=logging.INFO, handlers=[_Enqueue(log_queue)])
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False  # unused by the format
     listener.start()
     opts = rt.options
 
