@@ -224,7 +224,11 @@ def test_queue_files_of_the_earlier_format_still_relay_and_a_tampered_segment_is
     with Sink() as sink, Serve(root, relay_port=sink.port) as served:
         sink.wait_for(2)
         deadline = time.monotonic() + 10
-        while not (queue_dir / "failed" / bad_id).exists() and time.monotonic() < deadline:
+
+        def settled() -> bool:  # a relayed file is removed just after the relay's 250
+            return ((queue_dir / "failed" / bad_id).exists() and not (queue_dir / old_id).exists()
+                    and not (queue_dir / good_id).exists())
+        while not settled() and time.monotonic() < deadline:
             time.sleep(0.05)
         log = served.log_text()
     subjects = sorted(m[2].split(b"\r\n")[0] for m in sink.messages)
