@@ -435,7 +435,15 @@ def report(runs: dict[str, list[Result]]) -> None:
     if ours:
         for key, label in (("plain", "ours/plain"), ("smtpd", "ours/smtpd")):
             if key in results:
-                print(f"{label:<11} {ours.rate / results[key].rate:.2f}x msg/s")
+                line = f"{label:<11} {ours.rate / results[key].rate:.2f}x msg/s"
+                pairs = list(zip(runs["ours"], runs[key], strict=False))
+                if len(pairs) > 1:
+                    # Each round's servers ran back to back: on a machine whose load drifts, the
+                    # ratio within a round is steadier than the ratio of the two medians.
+                    ratios = sorted(o.rate / p.rate for o, p in pairs)
+                    line += (f"  (within each round: median {ratios[len(ratios) // 2]:.2f}x, "
+                             f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
+                print(line)
     for key, label in (("ours", "mailsetup serve"), ("plain", "the plain server")):
         peaks = [r.peak_rss_kib for r in runs.get(key, []) if r.peak_rss_kib]
         if peaks:
