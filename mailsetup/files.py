@@ -171,14 +171,17 @@ def _group_commit(key: object, sync: Callable[[], None]) -> None:
             number = group.started  # == ticket: nothing ran since we arrived
             group.started += 1
             group.cond.release()
+            error: BaseException | None = None
             try:
                 sync()
             except BaseException as exc:  # noqa: BLE001 - handed to every caller this fsync covers
-                group.failed[number] = exc
-                while len(group.failed) > 64:
-                    group.failed.pop(min(group.failed))
+                error = exc
             finally:
                 group.cond.acquire()
+                if error is not None:
+                    group.failed[number] = error
+                    while len(group.failed) > 64:
+                        group.failed.pop(min(group.failed))
                 group.done += 1
                 group.cond.notify_all()
         error = group.failed.get(ticket)

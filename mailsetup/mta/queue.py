@@ -1,7 +1,8 @@
 """The durable outbound queue and the relay worker.
 
 Each message is one file, compressed then encrypted with AES-256-GCM under the queue key (OpenSMTPD's
-order), fsynced before the sender hears 250; the worker relays, retries with backoff, and picks the
+order), written and read a 64 KiB segment at a time (a big message is never whole in memory),
+fsynced before the sender hears 250; the worker relays, retries with backoff, and picks the
 whole queue up again after a restart.
 """
 
