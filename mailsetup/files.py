@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -125,11 +126,67 @@ class Applied:
 
 
 def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Make what was done in `directory` so far durable. Concurrent callers (the MTA's delivery
+    threads, each after its rename) share one fsync: a group commit."""
+    def sync() -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _group_commit(str(directory), sync)
+
+
+def fsync_dir_fd(dir_fd: int) -> None:
+    """fsync_dir() for a directory opened already, shared with concurrent callers the same way."""
+    st = os.fstat(dir_fd)
+    _group_commit((st.st_dev, st.st_ino), lambda: os.fsync(dir_fd))
+
+
+class _Commits:
+    """The fsyncs of one directory, one at a time. A caller needs one that starts after it arrives
+    (its rename is then covered); whoever arrives while none runs starts it for all waiting, so N
+    concurrent deliveries into one Maildir cost one directory fsync instead of N."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.started = 0  # fsyncs started; they run one at a time, so they also end in order
+        self.done = 0  # fsyncs ended
+        self.failed: dict[int, BaseException] = {}  # number -> what that fsync raised
+
+
+_commits: dict[object, _Commits] = {}
+_commits_lock = threading.Lock()
+
+
+def _group_commit(key: object, sync: Callable[[], None]) -> None:
+    with _commits_lock:
+        group = _commits.get(key) or _commits.setdefault(key, _Commits())
+    with group.cond:
+        ticket = group.started  # the first fsync to start from now on covers this caller
+        while group.done <= ticket:
+            if group.started > group.done:  # one is running: it may have begun before our rename
+                group.cond.wait()
+                continue
+            number = group.started  # == ticket: nothing ran since we arrived
+            group.started += 1
+            group.cond.release()
+            error: BaseException | None = None
+            try:
+                sync()
+            except BaseException as exc:  # noqa: BLE001 - handed to every caller this fsync covers
+                error = exc
+            finally:
+                group.cond.acquire()
+                if error is not None:
+                    group.failed[number] = error
+                    while len(group.failed) > 64:
+                        group.failed.pop(min(group.failed))
+                group.done += 1
+                group.cond.notify_all()
+        error = group.failed.get(ticket)
+    if error is not None:
+        raise error
 
 
 # --- paths root can trust ---------------------------------------------------------------------
@@ -613,10 +670,11 @@ def _read_as(uid: int, path: Path, limit: int) -> bytes:
     raise _refuse("read", path, f"could not read it as {who}, who controls its path")
 
 
-def write_new_file(path: Path | str, chunks: Sequence[bytes], mode: int, owner: tuple[int, int] | None = None,
+def write_new_file(path: Path | str, chunks: Iterable[bytes], mode: int, owner: tuple[int, int] | None = None,
                    dir_fd: int | None = None) -> None:
-    """Create `path` (it must not exist; a name in `dir_fd` when given) holding `chunks`, fsynced;
-    removed again if anything fails.
+    """Create `path` (it must not exist; a name in `dir_fd` when given) holding `chunks` (written one
+    by one as they come: a stream of a big message is never joined in memory), fsynced; removed
+    again if anything fails.
 
     It is born private (O_EXCL, owner-only) and widened to `mode` only once complete, so a secret is
     never readable by others, not even for a moment.
@@ -626,9 +684,10 @@ def write_new_file(path: Path | str, chunks: Sequence[bytes], mode: int, owner: 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _NOFOLLOW, mode & 0o700,
                  dir_fd=dir_fd)
     try:
-        data = memoryview(b"".join(chunks)) if len(chunks) != 1 else memoryview(chunks[0])
-        while data:
-            data = data[os.write(fd, data):]
+        for chunk in chunks:
+            data = memoryview(chunk)
+            while data:
+                data = data[os.write(fd, data):]
         if owner is not None:
             os.fchown(fd, *owner)
         os.fchmod(fd, mode)  # the final mode, once the content is complete

@@ -106,7 +106,8 @@ class Serve:
 class Sink:
     """A plain aiosmtpd server in a thread that keeps what it is sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, data_size_limit: int = 33554432) -> None:  # aiosmtpd's default: 32 MiB
+        self.data_size_limit = data_size_limit
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -122,7 +123,8 @@ class Sink:
         self.thread.start()
 
         async def start():
-            return await self.loop.create_server(lambda: SMTP(self, hostname="sink.invalid"), "127.0.0.1", 0)
+            return await self.loop.create_server(
+                lambda: SMTP(self, hostname="sink.invalid", data_size_limit=self.data_size_limit), "127.0.0.1", 0)
 
         self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
         self.port = self.server.sockets[0].getsockname()[1]

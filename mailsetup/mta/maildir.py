@@ -14,6 +14,7 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from mailsetup.files import open_home, open_users_dir, publish, publish_in, remove_in, write_new_file
@@ -104,6 +105,12 @@ def deliver(maildir: Path, *chunks: bytes, owner: tuple[int, int] | None = None)
 
     Raises OSError (disk full, permissions) with nothing left in new/, and MailsetupError when a real
     user's Maildir is not safe for root to write in (a link, someone else's folder)."""
+    return deliver_chunks(maildir, chunks, owner=owner)
+
+
+def deliver_chunks(maildir: Path, chunks: Iterable[bytes], owner: tuple[int, int] | None = None) -> Path:
+    """deliver() from a stream of chunks (a big message read from its spool file piece by piece),
+    each written as it comes, so the message is never whole in memory."""
     if owner is not None:
         return _deliver_as(maildir, chunks, owner)
     if maildir not in _known:  # three mkdirs per message cost more than they are worth
@@ -112,7 +119,7 @@ def deliver(maildir: Path, *chunks: bytes, owner: tuple[int, int] | None = None)
     tmp = maildir / "tmp" / name
     try:
         write_new_file(tmp, chunks, 0o600)
-    except FileNotFoundError:  # removed under us since we last looked: make it again
+    except FileNotFoundError:  # removed under us since we last looked (raised by the open, before any chunk is read)
         ensure_maildir(maildir)
         write_new_file(tmp, chunks, 0o600)
     final = maildir / "new" / name
@@ -120,7 +127,7 @@ def deliver(maildir: Path, *chunks: bytes, owner: tuple[int, int] | None = None)
     return final
 
 
-def _deliver_as(maildir: Path, chunks: tuple[bytes, ...], owner: tuple[int, int]) -> Path:
+def _deliver_as(maildir: Path, chunks: Iterable[bytes], owner: tuple[int, int]) -> Path:
     # Maildir and its folders are opened afresh for every message (a few dozen µs against a few ms
     # of fsync): a kept descriptor would go on delivering into a Maildir the user has moved away.
     tmp_fd, new_fd, cur_fd = open_users_maildir(maildir, owner)

@@ -1,13 +1,15 @@
 """The durable outbound queue and the relay worker.
 
 Each message is one file, compressed then encrypted with AES-256-GCM under the queue key (OpenSMTPD's
-order), fsynced before the sender hears 250; the worker relays, retries with backoff, and picks the
+order), written and read a 64 KiB segment at a time (a big message is never whole in memory),
+fsynced before the sender hears 250; the worker relays, retries with backoff, and picks the
 whole queue up again after a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import secrets
@@ -15,6 +17,7 @@ import smtplib
 import ssl
 import time
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +25,16 @@ from mailsetup.files import fsync_dir, make_dirs, publish, write_new_file
 
 log = logging.getLogger("mailsetup.mta")
 
-MAGIC = b"MSQ1"
+MAGIC = b"MSQ1"  # one piece: MAGIC, flags, then [nonce] + the whole (compressed) payload sealed at once
+MAGIC2 = b"MSQ2"  # streamed, written since: MAGIC2, flags, then segments (below)
 FLAG_COMPRESSED = 1
 FLAG_ENCRYPTED = 2
+# MSQ2 segments: a 4-byte big-endian length (top bit: the last segment) then that many bytes: the
+# next SEGMENT bytes of the (compressed) payload, or when encrypted a fresh 12-byte nonce and their
+# AES-256-GCM seal, with the queue id, the segment's number and the last-segment bit as associated
+# data, so segments cannot be dropped, reordered, cut short or moved to another file.
+SEGMENT = 64 * 1024
+_LAST = 0x80000000
 
 
 @dataclass(frozen=True)
@@ -32,7 +42,7 @@ class QueuedMail:
     id: str
     mail_from: str
     rcpts: tuple[str, ...]
-    message: bytes
+    message: bytes  # or, from RelayWorker, an iterator of chunks read from the queue file
 
 
 class QueueError(Exception):
@@ -72,6 +82,127 @@ class MailQueue:
             flags |= FLAG_ENCRYPTED
         return MAGIC + bytes([flags]) + payload
 
+    def _aad(self, qid: str, index: int, last: bool) -> bytes:
+        return MAGIC2 + qid.encode() + index.to_bytes(8, "big") + (b"\1" if last else b"\0")
+
+    def encode_stream(self, qid: str, mail_from: str, rcpts: tuple[str, ...],
+                      chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """The MSQ2 file for a message given as a stream of chunks, produced piece by piece (a
+        35 MB message is compressed and sealed SEGMENT bytes at a time, never held whole)."""
+        head = json.dumps({"from": mail_from, "rcpts": list(rcpts), "queued": time.time()}).encode()
+        flags = (FLAG_COMPRESSED if self.compression else 0) | (FLAG_ENCRYPTED if self.key else 0)
+        yield MAGIC2 + bytes([flags])
+        squeeze = zlib.compressobj(6) if self.compression else None
+        aead = self._aead() if self.key else None
+        pending = bytearray()
+        index = 0
+
+        def seal(piece: bytes, last: bool) -> bytes:
+            if aead is not None:
+                nonce = secrets.token_bytes(12)
+                piece = nonce + aead.encrypt(nonce, piece, self._aad(qid, index, last))
+            return (len(piece) | (_LAST if last else 0)).to_bytes(4, "big") + piece
+
+        for chunk in itertools.chain((head + b"\n",), chunks):
+            pending += squeeze.compress(chunk) if squeeze else chunk
+            while len(pending) > SEGMENT:  # more than one segment: this one is not the last
+                yield seal(bytes(pending[:SEGMENT]), False)
+                del pending[:SEGMENT]
+                index += 1
+        if squeeze:
+            pending += squeeze.flush()
+        while len(pending) > SEGMENT:
+            yield seal(bytes(pending[:SEGMENT]), False)
+            del pending[:SEGMENT]
+            index += 1
+        yield seal(bytes(pending), True)
+
+    def _segments(self, qid: str, flags: int, read: Callable[[int], bytes]) -> Iterator[bytes]:
+        """The payload of an MSQ2 file (after its 5-byte header), segment by segment, checked."""
+        aead = None
+        if flags & FLAG_ENCRYPTED:
+            if not self.key:
+                raise QueueError(f"{qid}: encrypted, but no queue key is configured")
+            aead = self._aead()
+        from cryptography.exceptions import InvalidTag
+
+        index = 0
+        while True:
+            word = read(4)
+            if len(word) < 4:
+                raise QueueError(f"{qid}: cut short (segment {index} missing)")
+            size = int.from_bytes(word, "big")
+            last, size = bool(size & _LAST), size & ~_LAST
+            piece = read(size)
+            if len(piece) < size:
+                raise QueueError(f"{qid}: cut short in segment {index}")
+            if aead is not None:
+                try:
+                    piece = aead.decrypt(piece[:12], piece[12:], self._aad(qid, index, last))
+                except InvalidTag:
+                    raise QueueError(f"{qid}: does not decrypt with this queue key (was the key rotated?)") from None
+            yield piece
+            if last:
+                if read(1):
+                    raise QueueError(f"{qid}: data after the last segment")
+                return
+            index += 1
+
+    def open(self, qid: str) -> tuple[dict, Iterator[bytes]]:
+        """A queued message's envelope and its content as a stream of chunks, read, decrypted and
+        decompressed a segment at a time (the relay sends a 35 MB message without holding it).
+        The file is read as the stream is consumed; reading it to the end closes it."""
+        fh = self.path(qid).open("rb")
+        try:
+            magic = fh.read(5)
+            if magic[:4] == MAGIC:  # the one-piece format of earlier versions
+                mail = self.decode(qid, magic + fh.read())
+                fh.close()
+                return {"from": mail.mail_from, "rcpts": list(mail.rcpts)}, _one(mail.message)
+            if magic[:4] != MAGIC2 or len(magic) < 5:
+                raise QueueError(f"{qid}: not a queue file")
+            plain = self._plain_stream(qid, magic[4], self._segments(qid, magic[4], fh.read))
+            head = bytearray()
+            for piece in plain:
+                head += piece
+                if b"\n" in head:
+                    break
+            line, sep, rest = bytes(head).partition(b"\n")
+            if not sep:
+                raise QueueError(f"{qid}: no envelope")
+            meta = json.loads(line)
+        except BaseException:
+            fh.close()
+            raise
+
+        def body() -> Iterator[bytes]:
+            with fh:
+                if rest:
+                    yield rest
+                yield from plain
+        return meta, body()
+
+    @staticmethod
+    def _plain_stream(qid: str, flags: int, segments: Iterator[bytes]) -> Iterator[bytes]:
+        if not flags & FLAG_COMPRESSED:
+            yield from segments
+            return
+        unsqueeze = zlib.decompressobj()
+        try:
+            for piece in segments:
+                # At most 2*SEGMENT bytes out per step: a segment of a repetitive message can
+                # inflate a thousandfold.
+                while piece:
+                    out = unsqueeze.decompress(piece, SEGMENT * 2)
+                    piece = unsqueeze.unconsumed_tail
+                    if out:
+                        yield out
+            tail = unsqueeze.flush()
+        except zlib.error as exc:
+            raise QueueError(f"{qid}: does not decompress ({exc})") from None
+        if tail:
+            yield tail
+
     def decode(self, qid: str, data: bytes) -> QueuedMail:
         if data[:4] != MAGIC or len(data) < 5:
             raise QueueError(f"{qid}: not a queue file")
@@ -93,10 +224,13 @@ class MailQueue:
 
     def put(self, mail_from: str, rcpts: tuple[str, ...], message: bytes) -> str:
         """Store durably; when this returns, a crash cannot lose the message."""
+        return self.put_chunks(mail_from, rcpts, (message,))
+
+    def put_chunks(self, mail_from: str, rcpts: tuple[str, ...], chunks: Iterable[bytes]) -> str:
+        """put() from a stream of chunks, compressed, sealed and written as they come."""
         qid = f"{time.time_ns():x}{secrets.token_hex(4)}"
-        data = self.encode(qid, mail_from, rcpts, message)
         tmp = self.dir / f".{qid}.tmp"
-        write_new_file(tmp, [data], 0o600)
+        write_new_file(tmp, self.encode_stream(qid, mail_from, rcpts, chunks), 0o600)
         publish(tmp, self.dir / qid)
         return qid
 
@@ -107,7 +241,9 @@ class MailQueue:
         return self.dir / qid
 
     def load(self, qid: str) -> QueuedMail:
-        return self.decode(qid, self.path(qid).read_bytes())
+        """The whole message in memory (the relay uses open() instead)."""
+        meta, body = self.open(qid)
+        return QueuedMail(qid, meta["from"], tuple(meta["rcpts"]), b"".join(body))
 
     def remove(self, qid: str) -> None:
         self.path(qid).unlink(missing_ok=True)
@@ -118,12 +254,18 @@ class MailQueue:
         fsync_dir(self.dir)
 
 
+def _one(message: bytes) -> Iterator[bytes]:
+    yield message  # a generator, like the streamed body: it has close()
+
+
 class PermanentFailure(Exception):
     pass
 
 
 def send_via(host: str, port: int, helo: str, mail: QueuedMail, timeout: float = 30) -> None:
-    """One SMTP delivery to the relay host; PermanentFailure on 5xx, other exceptions are temporary."""
+    """One SMTP delivery to the relay host; PermanentFailure on 5xx, other exceptions are temporary.
+    The content (mail.message: bytes, or an iterable of chunks) is sent as it is read."""
+    chunks = (mail.message,) if isinstance(mail.message, bytes | bytearray) else mail.message
     with smtplib.SMTP(host, port, local_hostname=helo, timeout=timeout) as client:
         client.ehlo()
         if client.has_extn("starttls"):
@@ -134,7 +276,7 @@ def send_via(host: str, port: int, helo: str, mail: QueuedMail, timeout: float =
             client.starttls(context=ctx)
             client.ehlo()
         try:
-            refused = client.sendmail(mail.mail_from, list(mail.rcpts), mail.message)
+            refused = _transaction(client, mail.mail_from, list(mail.rcpts), chunks)
         except smtplib.SMTPRecipientsRefused as exc:
             codes = {code for code, _ in exc.recipients.values()}
             if all(500 <= c < 600 for c in codes):
@@ -146,6 +288,60 @@ def send_via(host: str, port: int, helo: str, mail: QueuedMail, timeout: float =
             raise
         if refused:
             log.warning("relay %s: some recipients refused: %s", mail.id, refused)
+
+
+def _transaction(client: smtplib.SMTP, mail_from: str, rcpts: list[str], chunks: Iterable[bytes]) -> dict:
+    """smtplib's sendmail() for a message given as a stream: the same replies and exceptions, the
+    same dot-stuffing (a dot after any LF) and final CRLF, but chunk by chunk."""
+    code, resp = client.mail(mail_from)
+    if code != 250:
+        _rset(client, code)
+        raise smtplib.SMTPSenderRefused(code, resp, mail_from)
+    refused = {}
+    for rcpt in rcpts:
+        code, resp = client.rcpt(rcpt)
+        if code not in (250, 251):
+            refused[rcpt] = (code, resp)
+        if code == 421:
+            client.close()
+            raise smtplib.SMTPRecipientsRefused(refused)
+    if len(refused) == len(rcpts):
+        _rset(client, code)
+        raise smtplib.SMTPRecipientsRefused(refused)
+    code, resp = client.docmd("data")
+    if code != 354:
+        _rset(client, code)
+        raise smtplib.SMTPDataError(code, resp)
+    tail = b""  # the last two bytes sent; the message starts at a line start
+    try:
+        for chunk in chunks:
+            if not chunk:
+                continue
+            stuffed = chunk.replace(b"\n.", b"\n..")
+            if (not tail or tail.endswith(b"\n")) and chunk.startswith(b"."):
+                stuffed = b"." + stuffed
+            client.send(stuffed)
+            tail = chunk[-2:] if len(chunk) > 1 else tail[-1:] + chunk
+    except BaseException:
+        # The relay must never see a lone dot after part of a message: hang up without QUIT.
+        client.close()
+        raise
+    client.send(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
+    code, resp = client.getreply()
+    if code != 250:
+        _rset(client, code)
+        raise smtplib.SMTPDataError(code, resp)
+    return refused
+
+
+def _rset(client: smtplib.SMTP, code: int) -> None:
+    if code == 421:
+        client.close()
+    else:
+        try:
+            client.rset()
+        except smtplib.SMTPServerDisconnected:
+            pass
 
 
 class RelayWorker:
@@ -191,14 +387,20 @@ class RelayWorker:
             if due > now:
                 continue
             try:
-                mail = self.queue.load(qid)
-            except (QueueError, OSError, ValueError) as exc:
+                meta, body = self.queue.open(qid)
+                mail = QueuedMail(qid, meta["from"], tuple(meta["rcpts"]), body)
+            except (QueueError, OSError, ValueError, KeyError) as exc:
                 log.error("queue %s: %s; moved to failed/", qid, exc)
                 self.queue.fail(qid)
                 continue
             host, port = self.relay_host
             try:
                 await asyncio.to_thread(send_via, host, port, self.helo, mail)
+            except (QueueError, ValueError) as exc:  # found while streaming it: the relay got no dot
+                log.error("%s; moved to failed/", exc)
+                self.queue.fail(qid)
+                self._next.pop(qid, None)
+                continue
             except PermanentFailure as exc:
                 log.error("relay %s to %s: refused for good (%s); moved to failed/", qid, mail.rcpts, exc)
                 self.queue.fail(qid)
@@ -211,3 +413,5 @@ class RelayWorker:
                 self._next.pop(qid, None)
                 self.relayed += 1
                 log.info("relay %s: delivered to %s:%d for %s", qid, host, port, ",".join(mail.rcpts))
+            finally:
+                body.close()  # the queue file, when not read to its end

@@ -8,18 +8,19 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
+import itertools
 import logging
 import os
 import pwd
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
 
 from mailsetup import aliases as aliases_mod
 from mailsetup import credentials as creds_mod
@@ -28,6 +29,7 @@ from mailsetup.errors import MailsetupError
 from mailsetup.files import read_secret
 from mailsetup.model import MailSetup
 from mailsetup.mta import maildir
+from mailsetup.mta.data import DataState, Spool, lf_chunks, normalise_line_ends, receive_data
 from mailsetup.mta.policy import LOOPBACK, MAX_RECIPIENTS, Policy, local_user_check, policy_for
 from mailsetup.mta.queue import MailQueue, RelayWorker
 
@@ -185,12 +187,12 @@ class Handler:
         decisions = getattr(envelope, "decisions", [])
         users = tuple(dict.fromkeys(u for d in decisions for u in d.local_users))
         relay = tuple(dict.fromkeys(a for d in decisions for a in d.relay_to))
-        body = normalise_line_ends(envelope.original_content or b"")
-        message = self._received(server, session, envelope) + body
+        spool: Spool = envelope.spool  # the message as received (CappedSMTP.smtp_DATA)
+        received = self._received(server, session, envelope)
         mail_from = envelope.mail_from or ""
         peer = session.peer[0] if isinstance(session.peer, tuple) else "?"
         try:
-            qid = await asyncio.to_thread(self._store, mail_from, users, relay, message)
+            qid = await asyncio.to_thread(self._store, mail_from, users, relay, received, spool)
         except OSError as exc:
             # Disk full, permissions: say "later", never lose what we cannot store.
             log.error("%s %s from=<%s> store failed: %s", self.listener, peer, mail_from, exc)
@@ -206,35 +208,39 @@ class Handler:
         log.info(
             "%s %s tls=%s auth=%s from=<%s> to=%s size=%d local=%s relay=%s id=%s %.1fms",
             self.listener, peer, "yes" if session.ssl else "no", session.auth_data or "-",
-            mail_from, ",".join(envelope.rcpt_tos), len(body), ",".join(users) or "-",
+            mail_from, ",".join(envelope.rcpt_tos), spool.size, ",".join(users) or "-",
             ",".join(relay) or "-", qid or "-", (time.monotonic() - started) * 1000,
         )
         return f"250 2.0.0 Ok: {'queued as ' + qid if qid else 'delivered'}"
 
-    def _store(self, mail_from: str, users: tuple[str, ...], relay: tuple[str, ...], message: bytes) -> str | None:
+    def _store(self, mail_from: str, users: tuple[str, ...], relay: tuple[str, ...], received: bytes,
+               spool: Spool) -> str | None:
         # Maildir readers (mutt, Dovecot) expect Unix line ends, as smtpd's own maildir delivery writes.
-        local_copy = message.replace(b"\r\n", b"\n") if users else b""
+        if spool.in_file:  # a big message: streamed from its spool file, a chunk at a time, per copy
+            def message() -> Iterator[bytes]:
+                return itertools.chain((received,), spool.chunks())
+            for user in users:
+                header = f"Return-Path: <{mail_from}>\nDelivered-To: {user}\n".encode()
+                maildir.deliver_chunks(self.rt.home(user), itertools.chain((header,), lf_chunks(message())),
+                                       owner=self.rt.owner(user))
+                self.rt.stats["delivered"] += 1
+            if relay:
+                qid = self.rt.queue.put_chunks(mail_from, relay, message())
+                self.rt.stats["queued"] += 1
+                return qid
+            return None
+        body = received + spool.getvalue()
+        local_copy = body.replace(b"\r\n", b"\n") if users else b""
         for user in users:
             header = f"Return-Path: <{mail_from}>\nDelivered-To: {user}\n".encode()
-            maildir.deliver(self.rt.home(user), header, local_copy, owner=self.rt.owner(user))
+            # One write, not two: every syscall in a delivery thread is a GIL hand-off.
+            maildir.deliver(self.rt.home(user), header + local_copy, owner=self.rt.owner(user))
             self.rt.stats["delivered"] += 1
         if relay:
-            qid = self.rt.queue.put(mail_from, relay, message)
+            qid = self.rt.queue.put(mail_from, relay, body)
             self.rt.stats["queued"] += 1
             return qid
         return None
-
-
-def normalise_line_ends(data: bytes) -> bytes:
-    """Every line end CRLF: a bare LF or CR becomes CRLF, as smtpd 7.4 does with a bare LF (measured:
-    it relays `hi\nthere` as `hi\r\nthere`; a bare CR it passes on unchanged, which we do not). So
-    no end-of-data look-alike (`\n.\n`, `\r.\r`) is stored, or relayed to a next hop that splits
-    lines its own way; the relay client dot-stuffs the lines that now start with a dot. Works on a
-    whole message or on any run of CRLF-ended lines (a DATA path that streams can call it per line)."""
-    crlf = data.count(b"\r\n")
-    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
-        return data  # the usual case: nothing to do, no copy
-    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
 # Command arguments that would carry a line break or a NUL into what we store or relay (a HELO name
@@ -265,8 +271,10 @@ class CappedSMTP(SMTP):
     beyond either), command arguments kept free of line breaks and NULs, and AUTH that is checked off
     the event loop and slowed down after a failure."""
 
-    def __init__(self, handler, counter: _Counter, cap: int, *, guard: AuthGuard | None = None, **kwargs):
+    def __init__(self, handler, counter: _Counter, cap: int, spool_dir: Path | None = None, *,
+                 guard: AuthGuard | None = None, **kwargs):
         super().__init__(handler, **kwargs)
+        self._spool_dir = spool_dir  # where a big message waits while it arrives (private)
         self._counter = counter
         self._cap = cap
         # One address holds at most half the slots (Postfix's smtpd_client_connection_count_limit
@@ -353,6 +361,48 @@ class CappedSMTP(SMTP):
             self.transport.close()
 
 
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's smtp_DATA, but the message goes to a Spool as it arrives instead of being
+        collected in memory (several copies of it: 8 parallel 34 MB messages took 800 MB). The
+        handler finds it as envelope.spool; envelope.content and original_content stay None."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        spool = Spool(self._spool_dir)
+        try:
+            try:
+                state = await receive_data(self._reader, lambda block: spool.write(normalise_line_ends(block)),
+                                           self.data_size_limit, self.line_length_limit)
+            except asyncio.CancelledError:
+                log.info("connection lost during DATA")
+                self._writer.close()
+                raise
+            if state is None:  # the client hung up before the end
+                return
+            if state is DataState.TOO_LONG:
+                await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+            elif state is DataState.TOO_MUCH:
+                await self.push("552 Error: Too much mail data")
+            if state is not DataState.NOMINAL:
+                self._set_post_data_state()
+                return
+            await spool.finish()
+            self.envelope.spool = spool
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            spool.close()
+
+
 @dataclass(frozen=True)
 class _PendingLogin:
     login: LoginPassword
@@ -421,7 +471,7 @@ class EmbeddedMta:
 
         def build():
             return CappedSMTP(
-                handler, self._counter, rt.options.max_connections, guard=self.guard,
+                handler, self._counter, rt.options.max_connections, rt.queue.dir, guard=self.guard,
                 hostname=rt.setup.hostname,
                 tls_context=rt.tls,
                 require_starttls=submission,  # submission: TLS before anything else
@@ -488,6 +538,7 @@ def serve_forever(rt: Runtime, say) -> None:
             return record
 
     logging.basicConfig(level=logging.INFO, handlers=[_Enqueue(log_queue)])
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False  # unused by the format
     listener.start()
     opts = rt.options
 
