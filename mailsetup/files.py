@@ -425,7 +425,7 @@ def open_users_dir(parent_fd: int, name: str, owner: tuple[int, int], parent: Pa
 def publish_in(tmp_fd: int, new_fd: int, name: str) -> None:
     """Move the complete, fsynced file `name` from one opened directory to another, durably."""
     os.rename(name, name, src_dir_fd=tmp_fd, dst_dir_fd=new_fd)
-    os.fsync(new_fd)
+    fsync_dir_fd(new_fd)  # shared with concurrent deliveries into the same folder
 
 
 def remove_in(dir_fd: int, name: str) -> None:
