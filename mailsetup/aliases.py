@@ -670,8 +670,12 @@ def build_aliases_db(entries: Iterable[AliasEntry]) -> bytes:
         return Path(base + ".db").read_bytes()
 
 
-def build_aliases_db_with_makemap(text: str) -> bytes:
-    """The aliases.db bytes made by the real `makemap -t aliases` from the aliases source text."""
+def build_aliases_db_with_makemap(text: str, entries: Iterable[AliasEntry] | None = None) -> bytes:
+    """The aliases.db bytes made by the real `makemap -t aliases` from the aliases source text.
+
+    `entries`: what our parser made of the text for the target smtpd; the db must hold exactly that,
+    else the installed makemap reads the file by other rules (another version) and it is refused.
+    """
     makemap = _makemap_path()
     if makemap is None:
         raise DbmUnavailable(
@@ -693,6 +697,14 @@ def build_aliases_db_with_makemap(text: str) -> bytes:
         if result.returncode != 0:
             detail = result.stderr.strip().replace(tmp + "/", "").replace("makemap: ", "", 1)
             raise MailsetupError(detail or f"makemap failed with exit code {result.returncode}")
+        if entries is not None:
+            made = _read_with_makemap(Path("aliases.db"), source + ".db")
+            if made != {e.name.encode(): e.value.encode() for e in entries}:
+                raise MailsetupError(
+                    "the installed makemap reads the aliases differently from the target smtpd version "
+                    "(OpenSMTPD 7.5 changed the aliases syntax)",
+                    hint="pass --smtpd-version with the installed version",
+                )
         return Path(source + ".db").read_bytes()
 
 

@@ -20,6 +20,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -601,9 +602,11 @@ DELIVERY_ALIASES = (
 
 @needs_smtpd
 @pytest.mark.skipif(os.geteuid() != 0, reason="the smtpd daemon must start as root")
-@pytest.mark.parametrize("kind", ["db", "file"])
+@pytest.mark.parametrize("kind", ["db", "makemap", "file"])
 def test_smtpd_delivers_through_our_table_and_refuses_what_we_predict(kind):
-    entries = parse_aliases(DELIVERY_ALIASES)
+    # db: our dbm.ndbm writes it (Debian 13: Python 3.13's Berkeley DB 5.3 read by smtpd 7.6);
+    # makemap: the fallback path, the installed makemap after our check
+    entries = parse_aliases(DELIVERY_ALIASES, smtpd_version=INSTALLED)
     if kind == "db" and db_backend() != "dbm":
         pytest.skip("this Python's dbm.ndbm is not Berkeley DB")
     # not tmp_path: smtpd delivers as "nobody", who cannot enter pytest's 0700 directories
@@ -617,12 +620,17 @@ def test_smtpd_delivers_through_our_table_and_refuses_what_we_predict(kind):
         if kind == "db":
             table = work / "aliases.db"
             table.write_bytes(build_aliases_db(entries))
+        elif kind == "makemap":
+            if MAKEMAP is None:
+                pytest.skip("needs OpenSMTPD's makemap")
+            table = work / "aliases.db"
+            table.write_bytes(build_aliases_db_with_makemap(DELIVERY_ALIASES, entries))
         else:
             table = work / "aliases"
             table.write_bytes(render_file_table(entries))
         port = _free_port()
         conf = work / "smtpd.conf"
-        conf.write_text(_config(f"{kind}:{table}", port, str(maildir)))
+        conf.write_text(_config(f"{'file' if kind == 'file' else 'db'}:{table}", port, str(maildir)))
         log = (work / "log").open("w")
         proc = subprocess.Popen([SMTPD, "-d", "-f", str(conf)], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
@@ -910,3 +918,59 @@ def test_fast_path_fails_a_long_bad_line_quickly(target, syntax):
     assert _simple(text, syntax) is None
     assert time.perf_counter() - start < 1
     assert _simple(text.replace(" bad", ""), syntax) is not None
+
+
+# ------------------------------------------------------------------ per-version CLI and makemap path
+
+# The other side of 7.5's change from the installed smtpd: its rules differ from the installed makemap's.
+OTHER = "7.6" if INSTALLED < aliases.TABLE_LINE_SYNTAX else "7.4"
+
+
+@pytest.mark.parametrize(
+    ("version", "code", "line"),
+    [("7.4", 0, "aliases: 1 aliases, OK"),
+     ("7.6", 2, "mailsetup: error: {path}:2: invalid entry: the destination is not a user, address, /file, "
+                "|command, :include:/file or error:NNN text (OpenSMTPD 7.5 and later have no comments after "
+                "an entry: '#' is only a comment first on a line)")],
+)
+def test_aliases_command_checks_with_the_given_versions_rules(tmp_path, version, code, line):
+    source = tmp_path / "aliases"
+    source.write_text("# the team\nteam: alice # and more soon\n")
+    r = run_cli("aliases", "--check", "--smtpd-version", version, source)
+    assert r.code == code, r.err
+    assert (r.out.strip() if code == 0 else r.err.strip()) == line.format(path=source).replace(
+        "aliases: 1", f"{source}: 1")
+
+
+# Hides dbm.ndbm from the mailsetup process it is put in front of, as on a Python built without it.
+_NO_NDBM = "import sys\nsys.modules['dbm.ndbm'] = None\n"
+
+
+@needs_makemap
+def test_aliases_command_without_dbm_builds_with_makemap(tmp_path):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(_NO_NDBM)
+    source = tmp_path / "aliases"
+    text = ACCEPTED["many-kinds"].decode() + "Root: alice\nteam: alice, bob   \n"
+    source.write_text(text)
+    r = run_cli("aliases", source, env={"PYTHONPATH": str(hide)})
+    assert r.code == 0, r.err
+    assert "using makemap" in r.err
+    assert db_dump_records(tmp_path / "aliases.db") == our_records(parse_aliases(text, smtpd_version=INSTALLED))
+
+
+@needs_makemap
+def test_makemap_path_refuses_a_file_the_installed_makemap_reads_otherwise(tmp_path):
+    # trailing blanks: 7.4 keeps them in the value, 7.5+ trims them -- both accept the file
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(_NO_NDBM)
+    source = tmp_path / "aliases"
+    source.write_text("root: alice   \n")
+    r = run_cli("aliases", "--smtpd-version", OTHER, source, env={"PYTHONPATH": str(hide)})
+    assert r.code == 2
+    errors = [line for line in r.err_lines if line.startswith("mailsetup: error:")]
+    assert errors == ["mailsetup: error: the installed makemap reads the aliases differently from the target "
+                      "smtpd version (OpenSMTPD 7.5 changed the aliases syntax)"]
+    assert not (tmp_path / "aliases.db").exists()
