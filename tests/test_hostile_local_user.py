@@ -121,8 +121,21 @@ while not [f for f in os.listdir(new) if f != "precious"]:
     time.sleep(0.005)
 mail = [f for f in os.listdir(new) if f != "precious"][0]
 data = open(os.path.join(new, mail), "rb").read()
-with open(os.path.join(new, "precious"), "wb") as fifo:  # opens once root's probe reads it
-    fifo.write(data)
+# opens once root's probe reads it; not a blocking open, which would wait forever (and the test's
+# `wait` with it) when the probe, as it should, never reads a FIFO
+fd = None
+while fd is None:
+    try:
+        fd = os.open(os.path.join(new, "precious"), os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        if time.time() > deadline:
+            sys.exit("root never opened the FIFO")
+        time.sleep(0.005)
+try:
+    os.write(fd, data)
+except OSError:
+    pass  # the reader is gone already: go on with the swap all the same
+os.close(fd)
 time.sleep(0.2)
 os.rename(new, new + ".old")
 os.symlink(victim, new)
