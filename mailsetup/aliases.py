@@ -1,12 +1,17 @@
-"""aliases(5): parse exactly as OpenSMTPD 7.4's `makemap -t aliases` does, then write the aliases.db
-(Berkeley DB hash via dbm.ndbm, or the real makemap), read one back, or render a `file:` table instead.
+"""aliases(5): parse exactly as the target OpenSMTPD's `makemap -t aliases` does (7.4's rules, or
+7.5's and later, which differ), then write the aliases.db (Berkeley DB hash via dbm.ndbm, or the real
+makemap), read one back, or render a `file:` table instead.
 """
 
 # Behaviour mirrored from OpenSMTPD 7.4.0p1 (Debian 12's bookworm-backports), read in its makemap.c,
 # openbsd-compat/fparseln.c, to.c (text_to_expandnode), expand.c (expand_line), table_db.c and
 # table_static.c, and checked byte for byte against the real makemap in tests/test_aliases.py.
-# OpenSMTPD >= 7.5 replaced fparseln with parse_table_line: no continuation lines, no inline comments,
-# trailing blanks trimmed, only one ':' after the name skipped -- a file may parse differently there.
+# OpenSMTPD >= 7.5 replaced fparseln with parse_table_line (smtpd's util.c; makemap.c parse_map): no
+# continuation lines, no inline comments, no backslash escapes, blanks trimmed at both ends of a line,
+# and only ONE separator (' ', tab or ':') skipped after the name, then blanks and tabs; a name that
+# starts with '[' runs to the first ']'. The same file may mean something else there, or be refused:
+# parse_aliases takes the target version. Checked against 7.6.0p1's makemap (Debian 13) in
+# tests/test_aliases.py, which runs on both Debian 12 and Debian 13 roots.
 #
 # Lookup semantics (aliases.c aliases_get, table.c table_lookup): the recipient's local part is
 # lower-cased (ASCII only), looked up as-is, then, if it holds the subaddress delimiter '+', cut at the
@@ -305,12 +310,29 @@ def _expand_like_smtpd(value: bytes) -> tuple[list[bytes], str | None]:
     return targets, None
 
 
-def parse_aliases(text: str, source: str = "aliases") -> list[AliasEntry]:
-    """Parse aliases(5) text as `makemap -t aliases` does; refuse what it refuses, naming source:LINE."""
+# The first OpenSMTPD whose makemap reads tables with parse_table_line instead of fparseln.
+TABLE_LINE_SYNTAX = (7, 5)
+# What parse_aliases follows when no version is given: Debian 12's bookworm-backports OpenSMTPD.
+DEFAULT_SYNTAX = (7, 4)
+
+
+def _pick(smtpd_version: tuple[int, ...]):
+    """(fast-path pattern, exact parser) for the makemap of that version."""
+    if tuple(smtpd_version[:2]) >= TABLE_LINE_SYNTAX:
+        return _SIMPLE_LINE_75, _parse_bytes_75
+    return _SIMPLE_LINE, _parse_bytes
+
+
+def parse_aliases(
+    text: str, source: str = "aliases", smtpd_version: tuple[int, ...] = DEFAULT_SYNTAX
+) -> list[AliasEntry]:
+    """Parse aliases(5) text as that smtpd version's `makemap -t aliases` does; refuse what it refuses,
+    naming source:LINE."""
     data = _encode_checked(text, source)
+    pattern, exact = _pick(smtpd_version)
     with _gc_paused():
-        entries = _parse_simple(text)
-        return entries if entries is not None else _parse_bytes(data, source)
+        entries = _parse_simple(text, pattern)
+        return entries if entries is not None else exact(data, source)
 
 
 def _encode_checked(text: str, source: str) -> bytes:
@@ -355,6 +377,56 @@ def _parse_bytes(data: bytes, source: str) -> list[AliasEntry]:
         seen[key] = first
         entries.append(AliasEntry(name=key.decode(), value=value.decode(), line=first))
     return entries
+
+
+def _parse_bytes_75(data: bytes, source: str) -> list[AliasEntry]:
+    """OpenSMTPD >= 7.5: parse_table_line then add_mapentry, one physical line at a time."""
+    entries: list[AliasEntry] = []
+    seen: dict[bytes, int] = {}
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # getline: a final '\n' ends the last line, it does not start one
+    for lineno, line in enumerate(lines, 1):
+        rest = line.lstrip(_C_SPACE)
+        if not rest or rest[0] == 0 or rest[0] == 0x23:
+            continue  # blank (a NUL ends the C string), or a comment: '#' first, nowhere else
+        # trailing blanks are trimmed from the end of the whole line, before the C string ends at a NUL
+        rest = rest.rstrip(_C_SPACE).split(b"\0", 1)[0]
+        where = f"{source}:{lineno}"
+        if rest[0] == 0x5B:
+            cut = rest.find(b"]")
+            if cut < 0:
+                raise MailsetupError(f"{where}: invalid entry: a name that starts with '[' needs its ']'")
+            cut += 1
+        else:
+            found = _NAME_END.search(rest)
+            cut = found.start() if found else len(rest)
+        # one separator byte (whatever follows a ']'), then blanks and tabs only
+        value = rest[cut + 1 :].lstrip(b" \t")
+        if not value:
+            raise MailsetupError(f"{where}: invalid entry: nothing after the name")
+        key = _ascii_lower(rest[:cut])
+        if key in seen:
+            raise MailsetupError(
+                f"{where}: duplicate entry: the same name as line {seen[key]} "
+                "(names are compared case-insensitively)"
+            )
+        if not _makemap_accepts_value(value):
+            raise MailsetupError(f"{where}: invalid entry: {_value_complaint(value)}{_hint_75(rest, cut, value)}")
+        seen[key] = lineno
+        entries.append(AliasEntry(name=key.decode(), value=value.decode(), line=lineno))
+    return entries
+
+
+def _hint_75(rest: bytes, cut: int, value: bytes) -> str:
+    """Why a line older OpenSMTPD accepted may be refused by 7.5 and later (never quoting the file)."""
+    if b"#" in value:
+        return " (OpenSMTPD 7.5 and later have no comments after an entry: '#' is only a comment first on a line)"
+    if value.endswith((b",", b"\\")):
+        return " (OpenSMTPD 7.5 and later do not continue an entry on the next line)"
+    if value[:1] == b":" or (cut < len(rest) and rest[cut] != 0x3A and b":" in value):
+        return " (a name ends at the first blank or ':', and only one separator is skipped after it)"
+    return ""
 
 
 # ------------------------------------------------------------------------------ fast path
@@ -412,13 +484,23 @@ _SIMPLE_LINE = re.compile(
 )
 
 
-def _parse_simple(text: str) -> list[AliasEntry] | None:
+# The same for OpenSMTPD >= 7.5: one separator byte then blanks and tabs, no comment after an entry,
+# trailing blanks trimmed (outside the value group); a name starting with '[' goes the exact way.
+_SIMPLE_LINE_75 = re.compile(
+    r"\n(?:[ \t]*([^\s:#\[]+)[ \t:][ \t]*"
+    rf"((?:{_SIMPLE_TARGET})(?:[ \t]*,[ \t]*(?:{_SIMPLE_TARGET}))*)[ \t\r\f\v]*"
+    r"|[ \t\r\f\v]*(?:#[^\n]*)?)(?=\n)",
+    re.ASCII,
+)
+
+
+def _parse_simple(text: str, pattern: re.Pattern[str] = _SIMPLE_LINE) -> list[AliasEntry] | None:
     """The entries, when every line of `text` is blank, a comment or a plain entry and no name repeats;
     else None (then only the exact parser may answer)."""
     if "\\" in text or "\0" in text:
         return None  # escapes, continuation lines and NUL cuts are the exact parser's
     padded = "\n" + text + ("\n" if text and not text.endswith("\n") else "")
-    rows = _SIMPLE_LINE.findall(padded)
+    rows = pattern.findall(padded)
     if len(rows) != padded.count("\n") - 1:
         return None  # some line is not of the plain shape
     del padded
@@ -479,8 +561,9 @@ def _read(path: Path, what: str) -> bytes:
         raise MailsetupError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def parse_aliases_file(path: Path) -> list[AliasEntry]:
-    """Read and parse an aliases file; any problem (missing, unreadable, not UTF-8) is one line."""
+def parse_aliases_file(path: Path, smtpd_version: tuple[int, ...] = DEFAULT_SYNTAX) -> list[AliasEntry]:
+    """Read and parse an aliases file as that smtpd version's makemap does; any problem (missing,
+    unreadable, not UTF-8) is one line."""
     path = Path(path)
     data = _read(path, "aliases file")
     try:
@@ -490,9 +573,10 @@ def parse_aliases_file(path: Path) -> list[AliasEntry]:
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise MailsetupError(f"{path}:{line}: not valid UTF-8 (column {column}); save the file as UTF-8") from None
     del data  # the text is all the fast path needs; the exact path re-encodes it
+    pattern, exact = _pick(smtpd_version)
     with _gc_paused():
-        entries = _parse_simple(text)
-        return entries if entries is not None else _parse_bytes(text.encode(), str(path))
+        entries = _parse_simple(text, pattern)
+        return entries if entries is not None else exact(text.encode(), str(path))
 
 
 # ------------------------------------------------------------------------------------- checks
@@ -586,8 +670,12 @@ def build_aliases_db(entries: Iterable[AliasEntry]) -> bytes:
         return Path(base + ".db").read_bytes()
 
 
-def build_aliases_db_with_makemap(text: str) -> bytes:
-    """The aliases.db bytes made by the real `makemap -t aliases` from the aliases source text."""
+def build_aliases_db_with_makemap(text: str, entries: Iterable[AliasEntry] | None = None) -> bytes:
+    """The aliases.db bytes made by the real `makemap -t aliases` from the aliases source text.
+
+    `entries`: what our parser made of the text for the target smtpd; the db must hold exactly that,
+    else the installed makemap reads the file by other rules (another version) and it is refused.
+    """
     makemap = _makemap_path()
     if makemap is None:
         raise DbmUnavailable(
@@ -609,6 +697,14 @@ def build_aliases_db_with_makemap(text: str) -> bytes:
         if result.returncode != 0:
             detail = result.stderr.strip().replace(tmp + "/", "").replace("makemap: ", "", 1)
             raise MailsetupError(detail or f"makemap failed with exit code {result.returncode}")
+        if entries is not None:
+            made = _read_with_makemap(Path("aliases.db"), source + ".db")
+            if made != {e.name.encode(): e.value.encode() for e in entries}:
+                raise MailsetupError(
+                    "the installed makemap reads the aliases differently from the target smtpd version "
+                    "(OpenSMTPD 7.5 changed the aliases syntax)",
+                    hint="pass --smtpd-version with the installed version",
+                )
         return Path(source + ".db").read_bytes()
 
 

@@ -336,13 +336,18 @@ def aliases_cmd(
     source: Annotated[Path, typer.Argument(help="The aliases(5) file.")],
     out: Annotated[Path | None, typer.Option("--out", help="The database (default: SOURCE.db).")] = None,
     check: Annotated[bool, typer.Option("--check", help="Only validate; write nothing.")] = False,
+    smtpd_version: SmtpdVersion = None,
     debug: Debug = False,
 ) -> None:
     """Validate an aliases file and build aliases.db the way `makemap -t aliases` does."""
     from mailsetup import aliases as aliases_mod
     from mailsetup.files import FileChange, apply_plan
+    from mailsetup.model import DEFAULT_SMTPD_VERSION, parse_version
 
-    entries = aliases_mod.parse_aliases_file(source)
+    # 7.5 and later read aliases differently: follow the smtpd that will read this db
+    found = _detect_smtpd_version(smtpd_version)
+    version = parse_version(found) if found else DEFAULT_SMTPD_VERSION
+    entries = aliases_mod.parse_aliases_file(source, version)
     for name in aliases_mod.missing_rfc2142(entries):
         _echo(f"warning: {source}: no {name} alias (RFC 2142 wants {name}@ to reach a person)", err=True,
               fg="yellow")
@@ -355,7 +360,7 @@ def aliases_cmd(
         db = aliases_mod.build_aliases_db(entries)
     elif backend == "makemap":
         _echo("note: this Python's dbm cannot write Berkeley DB; using makemap", err=True)
-        db = aliases_mod.build_aliases_db_with_makemap(source.read_text(encoding="utf-8"))
+        db = aliases_mod.build_aliases_db_with_makemap(source.read_text(encoding="utf-8"), entries)
     else:
         raise MailsetupError(
             "no Berkeley DB writer here (Python's dbm.ndbm or makemap): use `table aliases "

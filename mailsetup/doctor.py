@@ -175,7 +175,7 @@ class Doctor:
 
         db = Path(self.setup.layout.aliases_db)
         on_disk = aliases_mod.read_aliases_db(db)
-        source = aliases_mod.parse_aliases_file(Path(self.setup.layout.aliases))
+        source = aliases_mod.parse_aliases_file(Path(self.setup.layout.aliases), self.setup.smtpd_version)
         wanted = {e.name: e.value for e in source}
         if on_disk != wanted:
             changed = sorted(set(on_disk.items()) ^ set(wanted.items()))
@@ -285,7 +285,7 @@ class Doctor:
         found = smtpd_version()
         if found is None:
             return WARN, ("OpenSMTPD is not installed here (apt-get install opensmtpd; on Debian 12 from "
-                          "bookworm-backports)")
+                          "bookworm-backports, Debian 13 has 7.6)")
         defect = tls_defect((found[0], found[1]), openssl_major())
         if defect:
             return FAIL, defect
@@ -293,6 +293,14 @@ class Doctor:
         if (found[0], found[1]) < (6, 4) <= wanted or wanted < (6, 4) <= (found[0], found[1]):
             return FAIL, (f"smtpd.conf is written for {wanted[0]}.{wanted[1]}'s grammar but {found[2]} is installed; "
                           f"re-run init with --smtpd-version {found[0]}.{found[1]}")
+        from mailsetup.aliases import TABLE_LINE_SYNTAX
+
+        if ((found[0], found[1]) >= TABLE_LINE_SYNTAX) != (wanted >= TABLE_LINE_SYNTAX):
+            # 7.5 changed how makemap and smtpd read aliases (no continuation lines, no comment after
+            # an entry): the file was checked under the other rules
+            return WARN, (f"the aliases were checked for {wanted[0]}.{wanted[1]}'s makemap but {found[2]} is "
+                          f"installed, which reads aliases differently; re-run init with --smtpd-version "
+                          f"{found[0]}.{found[1]}")
         return OK, f"OpenSMTPD {found[2]}"
 
     def open_relay(self) -> tuple[str, str]:

@@ -158,10 +158,11 @@ def _with_admin(text: str, entries: list, admin: str, prov: Provisioning) -> str
 
 def _plan_aliases(setup: MailSetup, prov: Provisioning, admin: str | None) -> None:
     text, source = _aliases_source(setup, admin)
-    entries = aliases_mod.parse_aliases(text, source)
+    # the target smtpd's makemap rules: 7.5 and later read the same file differently
+    entries = aliases_mod.parse_aliases(text, source, setup.smtpd_version)
     if admin:
         text = _with_admin(text, entries, admin, prov)
-        entries = aliases_mod.parse_aliases(text, source)
+        entries = aliases_mod.parse_aliases(text, source, setup.smtpd_version)
     missing = aliases_mod.missing_rfc2142(entries)
     if missing:
         prov.warnings.append(
@@ -172,7 +173,7 @@ def _plan_aliases(setup: MailSetup, prov: Provisioning, admin: str | None) -> No
             text += "\n"
         text += "# added by mailsetup: RFC 2142 wants these to reach a person\n"
         text += "".join(f"{name}: root\n" for name in missing)
-        entries = aliases_mod.parse_aliases(text, source)
+        entries = aliases_mod.parse_aliases(text, source, setup.smtpd_version)
     if not any(e.name == "root" for e in entries):
         raise MailsetupError(
             "missing --admin: nobody would read root's mail (smtpd never delivers to root, so mail to "
@@ -186,7 +187,7 @@ def _plan_aliases(setup: MailSetup, prov: Provisioning, admin: str | None) -> No
         db = aliases_mod.build_aliases_db(entries)
     elif backend == "makemap":
         prov.warnings.append("this Python's dbm cannot write Berkeley DB; built aliases.db with makemap")
-        db = aliases_mod.build_aliases_db_with_makemap(text)
+        db = aliases_mod.build_aliases_db_with_makemap(text, entries)
     else:
         prov.aliases_format = "file"
         prov.warnings.append(

@@ -64,7 +64,7 @@ def read_state(setup: MailSetup) -> ExistingState:
     except MailsetupError:
         users = 0
     try:
-        n_aliases = len(aliases_mod.parse_aliases_file(Path(setup.layout.aliases)))
+        n_aliases = len(aliases_mod.parse_aliases_file(Path(setup.layout.aliases), setup.smtpd_version))
     except MailsetupError:
         n_aliases = 0
     return ExistingState(subject, expires, days_left, key_type, age, users, n_aliases)

@@ -1,6 +1,8 @@
-"""aliases: our parser and db writer against the real makemap, db_dump and smtpd (OpenSMTPD 7.4.0p1).
+"""aliases: our parser and db writer against the real makemap, db_dump and smtpd.
 
-Every expectation here was measured on the real tools; the matrix runs them again on each test run.
+Every expectation here was measured on the real tools (OpenSMTPD 7.4.0p1 on Debian 12, 7.6.0p1 on
+Debian 13); the matrix runs them again on each test run, and on each root the installed makemap
+decides which semantics the parser must follow (scripts/test runs the suite on both roots).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,10 +41,15 @@ from mailsetup.aliases import (
     target_kind,
 )
 from mailsetup.errors import MailsetupError
+from mailsetup.opensmtpd import smtpd_version
 
 MAKEMAP = shutil.which("makemap") or shutil.which("makemap", path="/usr/sbin")
 DB_DUMP = shutil.which("db_dump")
 SMTPD = shutil.which("smtpd") or shutil.which("smtpd", path="/usr/sbin")
+
+_FOUND = smtpd_version(SMTPD) if SMTPD else None
+# The installed makemap's rules: the same package as smtpd, whose `smtpd -h` names the version.
+INSTALLED = (_FOUND[0], _FOUND[1]) if _FOUND else aliases.DEFAULT_SYNTAX
 
 needs_makemap = pytest.mark.skipif(
     MAKEMAP is None or DB_DUMP is None, reason="needs OpenSMTPD's makemap and db_dump (db-util)"
@@ -99,7 +107,7 @@ def physical_lines(data: bytes) -> int:
     return data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
 
 
-# Inputs makemap 7.4.0p1 accepts; what it stores is compared record for record with ours.
+# Inputs makemap 7.4.0p1 accepts (7.6 refuses some; the installed makemap decides which the test expects).
 ACCEPTED = {
     "comment-only": b"# only a comment\n",
     "empty-file": b"",
@@ -160,7 +168,7 @@ ACCEPTED = {
     "escaped-comma-in-pipe": b"a: |/bin/echo a\\,b\n",
 }
 
-# Inputs makemap refuses; we must refuse them naming the same line.
+# Inputs makemap 7.4.0p1 refuses (7.6 accepts some).
 REFUSED = {
     "continued-with-comma": b"a: b,\n  c\n",
     "comment-ends-continuation": b"a: b, \\\n# comment\n c\n",
@@ -201,42 +209,115 @@ REFUSED = {
 }
 
 
+# Inputs where OpenSMTPD >= 7.5's parse_table_line differs from 7.4's fparseln (measured on 7.6.0p1).
+TABLE_LINE = {
+    "bracket-name": b"[a b]: c\n",
+    "bracket-name-unclosed": b"[a b: c\n",
+    "bracket-then-any-separator": b"[a]xb: c\n",
+    "bracket-at-end": b"[a]\n",
+    "colon-then-tab-colon": b"a:\t:b\n",
+    "space-colon": b"a :b\n",
+    "nul-after-blank": b"a: b \x00c\n",
+    "blank-nul-line": b"   \x00 x\n",
+    "cr-in-value-then-blank": b"a: b\r \n",
+    "hash-after-name": b"a# b: c\n",
+    "indented-comment-tab": b"\t# c\na: b\n",
+    "backslash-at-end-7x": b"a: |/bin/x \\\n",
+    "value-vertical-tab-lead": b"a:\vb\n",
+}
+EVERY_INPUT = {**ACCEPTED, **REFUSED, **TABLE_LINE}
+
+
 # ----------------------------------------------------------------------- parser vs real makemap
 
 
-@needs_makemap
-@pytest.mark.parametrize("data", ACCEPTED.values(), ids=ACCEPTED.keys())
-def test_entries_match_what_makemap_stores(data, tmp_path):
+def assert_agrees_with_makemap(data: bytes, source: str = "/etc/aliases") -> None:
+    """Our parser, following the installed smtpd's version, stores what the installed makemap stores,
+    or refuses what it refuses naming the same line, in one line that never quotes the file."""
     rc, stderr, expected = run_makemap(data)
-    assert rc == 0, stderr
-    entries = parse_aliases(data.decode())
-    assert our_records(entries) == expected
+    try:
+        entries = parse_aliases(data.decode(), source=source, smtpd_version=INSTALLED)
+    except MailsetupError as err:
+        assert rc == 1, f"we refused what makemap {INSTALLED} stored: {err}"
+        makemap_line = int(stderr.split("aliases:")[1].split(":")[0])
+        # makemap counts one line past EOF when a continuation runs into the end; we name the last real one
+        line = min(makemap_line, physical_lines(data))
+        assert str(err).startswith(f"{source}:{line}: ")
+        assert "\n" not in str(err)
+        kind = "duplicate entry" if "duplicate" in stderr else "invalid entry"
+        assert kind in str(err)
+    else:
+        assert rc == 0, f"we accepted what makemap {INSTALLED} refused: {stderr}"
+        assert our_records(entries) == expected
+
+
+@needs_makemap
+@pytest.mark.parametrize("data", EVERY_INPUT.values(), ids=EVERY_INPUT.keys())
+def test_parser_agrees_with_the_installed_makemap(data):
+    assert_agrees_with_makemap(data)
 
 
 @needs_makemap
 @needs_dbm
-@pytest.mark.parametrize("data", ACCEPTED.values(), ids=ACCEPTED.keys())
+@pytest.mark.parametrize("data", EVERY_INPUT.values(), ids=EVERY_INPUT.keys())
 def test_our_db_dumps_identically_to_makemaps(data, tmp_path):
-    _rc, _stderr, expected = run_makemap(data)
+    rc, _stderr, expected = run_makemap(data)
+    if rc != 0:
+        return  # refused: nothing to compare (the test above checks that we refuse it too)
     ours = tmp_path / "aliases.db"
-    ours.write_bytes(build_aliases_db(parse_aliases(data.decode())))
+    ours.write_bytes(build_aliases_db(parse_aliases(data.decode(), smtpd_version=INSTALLED)))
     assert db_dump_records(ours) == expected
 
 
-@needs_makemap
-@pytest.mark.parametrize("data", REFUSED.values(), ids=REFUSED.keys())
-def test_refuses_what_makemap_refuses_naming_the_line(data):
-    rc, stderr, _ = run_makemap(data)
-    assert rc == 1
-    makemap_line = int(stderr.split("aliases:")[1].split(":")[0])
-    with pytest.raises(MailsetupError) as err:
-        parse_aliases(data.decode(), source="/etc/aliases")
-    # makemap counts one line past EOF when a continuation runs into the end; we name the last real one
-    line = min(makemap_line, physical_lines(data))
-    assert str(err.value).startswith(f"/etc/aliases:{line}: ")
-    assert "\n" not in str(err.value)
-    kind = "duplicate entry" if "duplicate" in stderr else "invalid entry"
-    assert kind in str(err.value)
+def test_the_7_4_inputs_keep_their_7_4_meaning():
+    # pinned without makemap, so both versions' rules are checked on either root
+    for data in ACCEPTED.values():
+        parse_aliases(data.decode(), smtpd_version=(7, 4))
+    for data in REFUSED.values():
+        with pytest.raises(MailsetupError):
+            parse_aliases(data.decode(), smtpd_version=(7, 4))
+
+
+# What makemap 7.6.0p1 does with inputs whose meaning changed in 7.5: the records it stores, or the line
+# of its "invalid entry" (measured in a Debian 13 root).
+MEASURED_7_6 = {
+    "continuation-line": 1,
+    "inline-comment": 1,
+    "double-colon": 1,
+    "tab-before-colon": 1,
+    "colon-before-value": 1,
+    "comment-ends-continuation": 1,
+    "continuation-joins-next-entry": 1,
+    "trailing-spaces-kept": [(b"a\0", b"b\0")],
+    "crlf": [(b"a\0", b"b\0"), (b"b\0", b"c\0")],
+    "form-feed-in-value": [(b"a\0", b"b\0")],
+    "escaped-hash-then-words": 1,
+    "double-backslash-user": 1,
+    "escaped-hash-in-pipe": [(b"a\0", b"|/bin/x \\#c\0")],
+    "bracket-name": [(b"[a b]\0", b"c\0")],
+    "bracket-name-unclosed": 1,
+    "nul-after-blank": [(b"a\0", b"b \0")],
+    "continued-with-comma": 1,
+    "cr-only-name": 1,
+}
+
+
+@pytest.mark.parametrize("name", MEASURED_7_6)
+def test_7_6_rules_match_what_makemap_7_6_did(name):
+    data = EVERY_INPUT[name]
+    expected = MEASURED_7_6[name]
+    if isinstance(expected, int):
+        with pytest.raises(MailsetupError, match=rf"^aliases:{expected}: (invalid|duplicate) entry"):
+            parse_aliases(data.decode(), smtpd_version=(7, 6))
+    else:
+        assert our_records(parse_aliases(data.decode(), smtpd_version=(7, 6))) == expected
+
+
+def test_7_6_errors_say_why_an_old_file_no_longer_works():
+    with pytest.raises(MailsetupError, match=r"^aliases:1: invalid entry: .*no comments after an entry"):
+        parse_aliases("a: b # the team\n", smtpd_version=(7, 6))
+    with pytest.raises(MailsetupError, match=r"^aliases:1: invalid entry: .*do not continue an entry"):
+        parse_aliases("team: alice,\\\n  bob\n", smtpd_version=(7, 6))
 
 
 def test_duplicate_message_names_both_lines_and_case_rule():
@@ -442,9 +523,10 @@ def test_backend_falls_back_to_makemap_which_builds_the_same_records(monkeypatch
     text = ACCEPTED["many-kinds"].decode() + "Root: alice\n"
     path = tmp_path / "aliases.db"
     path.write_bytes(build_aliases_db_with_makemap(text))
-    assert db_dump_records(path) == our_records(parse_aliases(text))
+    entries = parse_aliases(text, smtpd_version=INSTALLED)
+    assert db_dump_records(path) == our_records(entries)
     # and without dbm the reader goes through `makemap -U`
-    assert read_aliases_db(path) == {e.name: e.value for e in parse_aliases(text)}
+    assert read_aliases_db(path) == {e.name: e.value for e in entries}
 
 
 @needs_makemap
@@ -520,9 +602,11 @@ DELIVERY_ALIASES = (
 
 @needs_smtpd
 @pytest.mark.skipif(os.geteuid() != 0, reason="the smtpd daemon must start as root")
-@pytest.mark.parametrize("kind", ["db", "file"])
+@pytest.mark.parametrize("kind", ["db", "makemap", "file"])
 def test_smtpd_delivers_through_our_table_and_refuses_what_we_predict(kind):
-    entries = parse_aliases(DELIVERY_ALIASES)
+    # db: our dbm.ndbm writes it (Debian 13: Python 3.13's Berkeley DB 5.3 read by smtpd 7.6);
+    # makemap: the fallback path, the installed makemap after our check
+    entries = parse_aliases(DELIVERY_ALIASES, smtpd_version=INSTALLED)
     if kind == "db" and db_backend() != "dbm":
         pytest.skip("this Python's dbm.ndbm is not Berkeley DB")
     # not tmp_path: smtpd delivers as "nobody", who cannot enter pytest's 0700 directories
@@ -536,12 +620,17 @@ def test_smtpd_delivers_through_our_table_and_refuses_what_we_predict(kind):
         if kind == "db":
             table = work / "aliases.db"
             table.write_bytes(build_aliases_db(entries))
+        elif kind == "makemap":
+            if MAKEMAP is None:
+                pytest.skip("needs OpenSMTPD's makemap")
+            table = work / "aliases.db"
+            table.write_bytes(build_aliases_db_with_makemap(DELIVERY_ALIASES, entries))
         else:
             table = work / "aliases"
             table.write_bytes(render_file_table(entries))
         port = _free_port()
         conf = work / "smtpd.conf"
-        conf.write_text(_config(f"{kind}:{table}", port, str(maildir)))
+        conf.write_text(_config(f"{'file' if kind == 'file' else 'db'}:{table}", port, str(maildir)))
         log = (work / "log").open("w")
         proc = subprocess.Popen([SMTPD, "-d", "-f", str(conf)], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
@@ -620,17 +709,7 @@ def test_round_trip_through_our_db(text):
 @given(st.text(alphabet=FUZZ_ALPHABET, max_size=40))
 @settings(max_examples=300, deadline=None)
 def test_fuzzed_text_agrees_with_real_makemap(text):
-    data = text.encode()
-    rc, stderr, expected = run_makemap(data)
-    try:
-        entries = parse_aliases(text)
-    except MailsetupError as err:
-        assert rc == 1, f"we refused what makemap stored: {err}"
-        makemap_line = int(stderr.split("aliases:")[1].split(":")[0])
-        assert str(err).startswith(f"aliases:{min(makemap_line, physical_lines(data))}:")
-    else:
-        assert rc == 0, f"we accepted what makemap refused: {stderr}"
-        assert our_records(entries) == expected
+    assert_agrees_with_makemap(text.encode(), source="aliases")
 
 
 _FRAGMENTS = [
@@ -682,23 +761,32 @@ def test_fuzzed_alias_files_agree_with_real_makemap(text):
 # ------------------------------------------------------------------------- fast path vs exact
 
 
-def _exact(text: str) -> list[AliasEntry] | str:
+SYNTAXES = pytest.mark.parametrize("syntax", [(7, 4), (7, 6)], ids=["7.4", "7.6"])
+
+
+def _simple(text: str, syntax: tuple[int, int] = (7, 4)) -> list[AliasEntry] | None:
+    return aliases._parse_simple(text, aliases._pick(syntax)[0])
+
+
+def _exact(text: str, syntax: tuple[int, int] = (7, 4)) -> list[AliasEntry] | str:
     """The exact parser's answer: the entries, or the error message."""
     try:
-        return aliases._parse_bytes(text.encode(), "aliases")
+        return aliases._pick(syntax)[1](text.encode(), "aliases")
     except MailsetupError as err:
         return str(err)
 
 
-def _fast_shaped_file(lines: int, seed: int) -> str:
-    """Lines the fast path covers: every target shape, mixed case, comments, blanks, CRLF, limits."""
+def _fast_shaped_file(lines: int, seed: int, modern: bool = False) -> str:
+    """Lines the fast path covers: every target shape, mixed case, comments, blanks, CRLF, limits.
+    `modern`: only lines that OpenSMTPD >= 7.5 accepts too (one separator, no comment after an entry)."""
     rng = __import__("random").Random(seed)
     targets = [
         "alice", "Bob.Smith", "x+y", "a-b_c", "u" * 255, "bob@example.com", "It's!x@ex-1.org", "|a@b",
         "/var/mail/x", "/" + "p" * 1022, ":include:/etc/l", "INCLUDE:/x", ":Include:/" + "q" * 1022,
         '"|/usr/bin/vacation -a x"', '"|"', '"|' + "c" * 1022 + '"', "|/bin/cat", "|", "|" + "z" * 1023,
     ]
-    seps = [": ", ":", "::", " ", "\t", " : ", ":\t: "]
+    seps = [": ", ":", " ", "\t", ":\t "] if modern else [": ", ":", "::", " ", "\t", " : ", ":\t: "]
+    tails = ["", " ", "\t", "\r", " \r"] if modern else ["", " ", "\t", "\r", " # note", "#x", " \r"]
     out = []
     for i in range(lines):
         roll = rng.random()
@@ -709,17 +797,18 @@ def _fast_shaped_file(lines: int, seed: int) -> str:
         value = rng.choice(targets)
         for _ in range(rng.randrange(4)):
             value += rng.choice([",", ", ", " ,", " ,\t"]) + rng.choice(targets)
-        tail = rng.choice(["", " ", "\t", "\r", " # note", "#x", " \r"])
+        tail = rng.choice(tails)
         out.append(rng.choice(["", " ", "\t "]) + name + rng.choice(seps) + value + tail)
     return "\n".join(out) + rng.choice(["\n", ""])
 
 
-def test_fast_path_agrees_with_exact_parser_on_a_generated_file():
-    text = _fast_shaped_file(3000, seed=7)
-    fast = aliases._parse_simple(text)
+@SYNTAXES
+def test_fast_path_agrees_with_exact_parser_on_a_generated_file(syntax):
+    text = _fast_shaped_file(3000, seed=7, modern=syntax >= (7, 5))
+    fast = _simple(text, syntax)
     assert fast is not None, "the generated file should be covered by the fast path"
-    assert fast == _exact(text) == parse_aliases(text)
-    assert [e.line for e in fast] == [e.line for e in _exact(text)]
+    assert fast == _exact(text, syntax) == parse_aliases(text, smtpd_version=syntax)
+    assert [e.line for e in fast] == [e.line for e in _exact(text, syntax)]
 
 
 @pytest.mark.parametrize(
@@ -745,24 +834,26 @@ def test_fast_path_agrees_with_exact_parser_on_a_generated_file():
         'x15: "|a"b"',
     ],
 )
-def test_a_line_outside_the_fast_path_sends_the_whole_file_to_the_exact_parser(odd_line):
-    lines = ["dup: first", *_fast_shaped_file(400, seed=3).splitlines()]
+@SYNTAXES
+def test_a_line_outside_the_fast_path_sends_the_whole_file_to_the_exact_parser(odd_line, syntax):
+    lines = ["dup: first", *_fast_shaped_file(400, seed=3, modern=syntax >= (7, 5)).splitlines()]
     lines.insert(200, odd_line)
     text = "\n".join(lines) + "\n"
-    assert aliases._parse_simple(text) is None
+    assert _simple(text, syntax) is None
     try:
-        got = parse_aliases(text)
+        got = parse_aliases(text, smtpd_version=syntax)
     except MailsetupError as err:
         got = str(err)
-    assert got == _exact(text)
+    assert got == _exact(text, syntax)
 
 
 @given(_ALIAS_FILES)
 @settings(max_examples=400, deadline=None)
-def test_fast_path_never_disagrees_with_the_exact_parser(text):
-    fast = aliases._parse_simple(text)
+@SYNTAXES
+def test_fast_path_never_disagrees_with_the_exact_parser(syntax, text):
+    fast = _simple(text, syntax)
     if fast is not None:
-        assert fast == _exact(text)
+        assert fast == _exact(text, syntax)
 
 
 _PLAIN_FRAGMENTS = [f for f in _FRAGMENTS if "\\" not in f] + ['"|a b"', '"|a"b"', "|a b", "u" * 256, ":x", "", " "]
@@ -788,28 +879,30 @@ _PLAIN_FILES = st.lists(st.one_of(_plain_line(), st.sampled_from(["", "# c", "  
 
 @given(_PLAIN_FILES)
 @settings(max_examples=400, deadline=None)
-def test_fast_path_never_disagrees_on_plain_files(text):
-    fast = aliases._parse_simple(text)
+@SYNTAXES
+def test_fast_path_never_disagrees_on_plain_files(syntax, text):
+    fast = _simple(text, syntax)
     if fast is not None:
-        assert fast == _exact(text)
+        assert fast == _exact(text, syntax)
 
 
 @given(st.text(alphabet=FUZZ_ALPHABET + "Iinclude\v\f ", max_size=80))
 @settings(max_examples=400, deadline=None)
-def test_fast_path_never_disagrees_on_fuzzed_text(text):
-    fast = aliases._parse_simple(text)
+@SYNTAXES
+def test_fast_path_never_disagrees_on_fuzzed_text(syntax, text):
+    fast = _simple(text, syntax)
     if fast is not None:
-        assert fast == _exact(text)
+        assert fast == _exact(text, syntax)
 
 
 @needs_makemap
 @needs_dbm
 def test_fast_path_file_matches_real_makemap(tmp_path):
-    text = _fast_shaped_file(3000, seed=11)
-    assert aliases._parse_simple(text) is not None
+    text = _fast_shaped_file(3000, seed=11, modern=INSTALLED >= aliases.TABLE_LINE_SYNTAX)
+    assert _simple(text, INSTALLED) is not None
     rc, stderr, expected = run_makemap(text.encode())
     assert rc == 0, stderr
-    entries = parse_aliases(text)
+    entries = parse_aliases(text, smtpd_version=INSTALLED)
     assert our_records(entries) == expected
     ours = tmp_path / "aliases.db"
     ours.write_bytes(build_aliases_db(entries))
@@ -817,10 +910,67 @@ def test_fast_path_file_matches_real_makemap(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["/x@y", "|x@y", "x@y", "u" * 255, ":include:/x@y", '"|a b"'])
-def test_fast_path_fails_a_long_bad_line_quickly(target):
+@SYNTAXES
+def test_fast_path_fails_a_long_bad_line_quickly(target, syntax):
     # a target two alternatives of the expression matched whole made this take 2**n steps (n=24: ~9 s)
     text = "a: " + ", ".join([target] * 24) + " bad\n"
     start = time.perf_counter()
-    assert aliases._parse_simple(text) is None
+    assert _simple(text, syntax) is None
     assert time.perf_counter() - start < 1
-    assert aliases._parse_simple(text.replace(" bad", "")) is not None
+    assert _simple(text.replace(" bad", ""), syntax) is not None
+
+
+# ------------------------------------------------------------------ per-version CLI and makemap path
+
+# The other side of 7.5's change from the installed smtpd: its rules differ from the installed makemap's.
+OTHER = "7.6" if INSTALLED < aliases.TABLE_LINE_SYNTAX else "7.4"
+
+
+@pytest.mark.parametrize(
+    ("version", "code", "line"),
+    [("7.4", 0, "aliases: 1 aliases, OK"),
+     ("7.6", 2, "mailsetup: error: {path}:2: invalid entry: the destination is not a user, address, /file, "
+                "|command, :include:/file or error:NNN text (OpenSMTPD 7.5 and later have no comments after "
+                "an entry: '#' is only a comment first on a line)")],
+)
+def test_aliases_command_checks_with_the_given_versions_rules(tmp_path, version, code, line):
+    source = tmp_path / "aliases"
+    source.write_text("# the team\nteam: alice # and more soon\n")
+    r = run_cli("aliases", "--check", "--smtpd-version", version, source)
+    assert r.code == code, r.err
+    assert (r.out.strip() if code == 0 else r.err.strip()) == line.format(path=source).replace(
+        "aliases: 1", f"{source}: 1")
+
+
+# Hides dbm.ndbm from the mailsetup process it is put in front of, as on a Python built without it.
+_NO_NDBM = "import sys\nsys.modules['dbm.ndbm'] = None\n"
+
+
+@needs_makemap
+def test_aliases_command_without_dbm_builds_with_makemap(tmp_path):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(_NO_NDBM)
+    source = tmp_path / "aliases"
+    text = ACCEPTED["many-kinds"].decode() + "Root: alice\nteam: alice, bob   \n"
+    source.write_text(text)
+    r = run_cli("aliases", source, env={"PYTHONPATH": str(hide)})
+    assert r.code == 0, r.err
+    assert "using makemap" in r.err
+    assert db_dump_records(tmp_path / "aliases.db") == our_records(parse_aliases(text, smtpd_version=INSTALLED))
+
+
+@needs_makemap
+def test_makemap_path_refuses_a_file_the_installed_makemap_reads_otherwise(tmp_path):
+    # trailing blanks: 7.4 keeps them in the value, 7.5+ trims them -- both accept the file
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(_NO_NDBM)
+    source = tmp_path / "aliases"
+    source.write_text("root: alice   \n")
+    r = run_cli("aliases", "--smtpd-version", OTHER, source, env={"PYTHONPATH": str(hide)})
+    assert r.code == 2
+    errors = [line for line in r.err_lines if line.startswith("mailsetup: error:")]
+    assert errors == ["mailsetup: error: the installed makemap reads the aliases differently from the target "
+                      "smtpd version (OpenSMTPD 7.5 changed the aliases syntax)"]
+    assert not (tmp_path / "aliases.db").exists()

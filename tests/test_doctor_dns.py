@@ -230,3 +230,25 @@ def test_dns_check_says_when_dns_does_not_answer(root: Path):
     r = run_cli("dns", "--root", root, "--check", "--nameserver", f"127.0.0.1:{port}")
     assert r.code == 0, r.err
     assert "DNS did not answer" in r.out and "not checked" in r.out
+
+
+@pytest.mark.skipif(not (SMTPD and IS_ROOT), reason="needs OpenSMTPD installed, and root")
+def test_doctor_warns_when_the_installed_smtpd_reads_aliases_by_other_rules():
+    # 7.5 changed the aliases syntax: a setup made for the other side of it is checked by the wrong rules
+    from mailsetup.opensmtpd import smtpd_version
+
+    found = smtpd_version()
+    other = "7.6" if (found[0], found[1]) < (7, 5) else "7.4"
+    base = Path(tempfile.mkdtemp(prefix="mailsetup-doctor-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        root = provision(base / "root", "--smtpd-version", other, "--smtp-port", str(free_port()),
+                         "--submission-port", str(free_port()))
+        _code, found_checks = doctor(root)
+        check = found_checks["smtpd version"]
+        assert check["status"] == "warn", check
+        assert check["detail"] == (f"the aliases were checked for {other}'s makemap but {found[2]} is installed, "
+                                   f"which reads aliases differently; re-run init with --smtpd-version "
+                                   f"{found[0]}.{found[1]}")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
