@@ -282,6 +282,18 @@ def test_serve_logs_one_line_per_transaction(root: Path, served: Serve):
     assert "to=alice@example.test" in lines[0] and "local=alice" in lines[0]
 
 
+def test_a_transaction_logged_just_before_a_stop_is_in_the_log(root: Path):
+    """Log lines are written in batches: the ones still waiting when SIGTERM comes are written
+    before serve exits."""
+    s = Serve(root).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", s.smtp) as c:
+            c.sendmail("laststop@example.net", ["alice@example.test"], raw("last-line", "alice@example.test"))
+    finally:
+        assert s.stop() == 0
+    assert [line for line in s.log_text().splitlines() if "from=<laststop@example.net>" in line]
+
+
 def test_serve_without_a_setup_is_one_line(tmp_path: Path):
     r = run_cli("serve", "--root", tmp_path / "empty")
     assert r.code == 2
