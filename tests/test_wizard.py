@@ -17,7 +17,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
 def spawn(*args: object, **env) -> pexpect.spawn:
     child = pexpect.spawn(MAILSETUP, [str(a) for a in args], encoding="utf-8", timeout=30,
                           dimensions=(50, 200), env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "TERM": "xterm",
-                                                     "HOME": "/root", **env})
+                                                     "HOME": "/root", "PROMPT_TOOLKIT_NO_CPR": "1", **env})
     child.logfile_read = _Log()
     return child
 
