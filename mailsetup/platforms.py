@@ -29,7 +29,6 @@ class Layout:
     home_dir: PurePosixPath
     restart: str
     smtpd_user: str
-    queue_user: str
     default_listen: str  # the external interface/address for ports 25 and 587
     localhost_listener: str  # how this OS's smtpd.conf names the loopback listener
     spool: PurePosixPath = PurePosixPath("/var/spool/smtpd")  # PATH_SPOOL: the same in every package
@@ -62,34 +61,34 @@ LAYOUTS: dict[str, Layout] = {
     "debian": Layout(
         "debian", "Debian / Ubuntu", PurePosixPath("/etc/smtpd.conf"), PurePosixPath("/etc/aliases"),
         *_ETC_SSL, PurePosixPath("/etc/mailsetup"), PurePosixPath("/home"),
-        "systemctl restart opensmtpd", "opensmtpd", "opensmtpq", "0.0.0.0", "localhost",
+        "systemctl restart opensmtpd", "opensmtpd", "0.0.0.0", "localhost",
     ),
     "rhel": Layout(
         "rhel", "RHEL / CentOS / Fedora / Alma / Rocky (EPEL)", PurePosixPath("/etc/opensmtpd/smtpd.conf"),
         PurePosixPath("/etc/aliases"), PurePosixPath("/etc/pki/tls/certs"), PurePosixPath("/etc/pki/tls/private"),
         PurePosixPath("/etc/mailsetup"), PurePosixPath("/home"),
-        "systemctl restart opensmtpd", "smtpd", "smtpq", "0.0.0.0", "localhost",
+        "systemctl restart opensmtpd", "smtpd", "0.0.0.0", "localhost",
     ),
     "alpine": Layout(
         "alpine", "Alpine Linux", PurePosixPath("/etc/smtpd/smtpd.conf"), PurePosixPath("/etc/smtpd/aliases"),
         *_ETC_SSL, PurePosixPath("/etc/mailsetup"), PurePosixPath("/home"),
-        "rc-service smtpd restart", "smtpd", "smtpq", "0.0.0.0", "lo",
+        "rc-service smtpd restart", "smtpd", "0.0.0.0", "lo",
     ),
     "arch": Layout(
         "arch", "Arch Linux", PurePosixPath("/etc/smtpd/smtpd.conf"), PurePosixPath("/etc/smtpd/aliases"),
         *_ETC_SSL, PurePosixPath("/etc/mailsetup"), PurePosixPath("/home"),
-        "systemctl restart smtpd", "smtpd", "smtpq", "0.0.0.0", "localhost",
+        "systemctl restart smtpd", "smtpd", "0.0.0.0", "localhost",
     ),
     "freebsd": Layout(
         "freebsd", "FreeBSD (ports/pkg)", PurePosixPath("/usr/local/etc/mail/smtpd.conf"),
         PurePosixPath("/usr/local/etc/mail/aliases"), PurePosixPath("/usr/local/etc/ssl/certs"),
         PurePosixPath("/usr/local/etc/ssl/private"), PurePosixPath("/usr/local/etc/mailsetup"),
-        PurePosixPath("/home"), "service smtpd restart", "_smtpd", "_smtpq", "0.0.0.0", "localhost",
+        PurePosixPath("/home"), "service smtpd restart", "_smtpd", "0.0.0.0", "localhost",
     ),
     "openbsd": Layout(
         "openbsd", "OpenBSD", PurePosixPath("/etc/mail/smtpd.conf"), PurePosixPath("/etc/mail/aliases"),
         PurePosixPath("/etc/ssl"), PurePosixPath("/etc/ssl/private"), PurePosixPath("/etc/mailsetup"),
-        PurePosixPath("/home"), "rcctl restart smtpd", "_smtpd", "_smtpq", "egress", "lo0",
+        PurePosixPath("/home"), "rcctl restart smtpd", "_smtpd", "egress", "lo0",
     ),
 }
 

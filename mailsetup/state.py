@@ -40,9 +40,6 @@ class ExistingState:
         out.append(f"mail users: {self.users}; aliases: {self.aliases}")
         return out
 
-    def as_dict(self) -> dict:
-        return self.__dict__.copy()
-
 
 def read_state(setup: MailSetup) -> ExistingState:
     from mailsetup import aliases as aliases_mod
