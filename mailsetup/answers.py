@@ -76,24 +76,6 @@ def load_answers(path: Path, ours: bool = False) -> dict[str, Any]:
     return parsed
 
 
-def installed_version_wins(answers: dict[str, Any], given: set[str], installed: str | None) -> str | None:
-    """The installed smtpd decides the grammar smtpd.conf is written in: the version the last run
-    recorded gives way to it, so a host upgraded from 6.8 to 7.4 is not rendered for 6.8 again. A
-    version chosen for this run (`given`: --smtpd-version, or an --answers file) still wins.
-    Returns the note to show when a recorded version was replaced."""
-    if not installed or "smtpd_version" in given:
-        return None
-    recorded = answers.get("smtpd_version")
-    answers["smtpd_version"] = installed
-    if recorded is None or _major_minor(recorded) == _major_minor(installed):
-        return None
-    return f"smtpd_version: recorded {recorded} replaced by installed {installed}"
-
-
-def _major_minor(value: Any) -> tuple[str, ...]:
-    return tuple(str(value).strip().split(".")[:2])
-
-
 def find_answers(root: Path | None, os_name: str | None) -> Path:
     """The answers file of the set-up under `root` (or of this host); an error when there is none."""
     found = existing_answers(root, os_name)

@@ -105,6 +105,19 @@ def _echo(text: str = "", err: bool = False, fg: str | None = None) -> None:
     typer.echo(text, err=err)
 
 
+# init's own options that do not fit on its line.
+TlsMode = Annotated[
+    str | None, typer.Option("--tls", help="self-signed (default), existing (with --cert/--key) or csr.")
+]
+MaxMessageSize = Annotated[
+    int | None, typer.Option("--max-message-size", help="Largest message accepted, in bytes (35 MB).")
+]
+DrainTimeout = Annotated[
+    float, typer.Option("--drain-timeout", metavar="SECONDS", help="How long --drain waits for an empty queue.")
+]
+ForceRotate = Annotated[bool, typer.Option("--force-rotate", help="Rotate the queue key even though mail is queued.")]
+
+
 @app.command()
 def init(
     domain: Domain = None,
@@ -113,9 +126,7 @@ def init(
     root: Root = None,
     aliases: AliasesFile = None,
     admin: Admin = None,
-    tls: Annotated[
-        str | None, typer.Option("--tls", help="self-signed (default), existing (with --cert/--key) or csr.")
-    ] = None,
+    tls: TlsMode = None,
     key_type: Annotated[str | None, typer.Option("--key-type", help="rsa-2048 (default), rsa-4096, ecdsa-p256")] = None,
     days: Annotated[int | None, typer.Option("--days", help="Certificate lifetime in days (3650).")] = None,
     cert: ExistingCert = None,
@@ -126,9 +137,7 @@ def init(
     smtpd_version: SmtpdVersion = None,
     queue_compression: Annotated[bool | None, typer.Option("--queue-compression/--no-queue-compression")] = None,
     queue_encryption: Annotated[bool | None, typer.Option("--queue-encryption/--no-queue-encryption")] = None,
-    max_message_size: Annotated[
-        int | None, typer.Option("--max-message-size", help="Largest message accepted, in bytes (35 MB).")
-    ] = None,
+    max_message_size: MaxMessageSize = None,
     user: Annotated[str | None, typer.Option("--user", help="Add this mail user (password: asked, or stdin).")] = None,
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="--user's password on stdin")] = False,
     answers: Annotated[Path | None, typer.Option("--answers", help="A TOML answers file (keys = flag names).")] = None,
@@ -136,12 +145,8 @@ def init(
     rotate_cert: Annotated[bool, typer.Option("--rotate-cert", help="New key and certificate.")] = False,
     rotate_queue_key: Annotated[bool, typer.Option("--rotate-queue-key", help="New queue encryption key.")] = False,
     drain: Annotated[bool, typer.Option("--drain", help="Before a queue key rotation, pause smtpd and wait.")] = False,
-    drain_timeout: Annotated[
-        float, typer.Option("--drain-timeout", metavar="SECONDS", help="How long --drain waits for an empty queue.")
-    ] = 300.0,
-    force_rotate: Annotated[
-        bool, typer.Option("--force-rotate", help="Rotate the queue key even though mail is queued.")
-    ] = False,
+    drain_timeout: DrainTimeout = 300.0,
+    force_rotate: ForceRotate = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Write without asking.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and diff; write nothing.")] = False,
     diff: Annotated[bool, typer.Option("--diff/--no-diff", help="Show the diff of each file.")] = False,
@@ -153,33 +158,9 @@ def init(
     """Provision everything (certificate, queue key, aliases, smtpd.conf), check it, smoke-test it.
 
     On a terminal it asks what no flag gave; a re-run shows the state and offers rotation."""
-    from mailsetup.initflow import InitOptions, run_init
+    from mailsetup.initflow import run_from_options
 
-    if admin is not None:
-        from mailsetup.model import refuse_injection
-
-        refuse_injection(admin, "--admin")
-    flags = _raw_answers(
-        domain=domain, hostname=hostname, os=os_name, root=str(root) if root else None,
-        aliases=str(aliases) if aliases else None, admin=admin, tls=tls, key_type=key_type, days=days,
-        cert=str(cert) if cert else None, key=str(key) if key else None, listen=listen or None,
-        smtp_port=smtp_port, submission_port=submission_port, smtpd_version=smtpd_version,
-        queue_compression=queue_compression, queue_encryption=queue_encryption,
-        max_message_size=max_message_size, user=user,
-    )
-    if smoke_flag is not None:
-        flags["smoke"] = smoke_flag
-    detected = {}
-    found = _detect_smtpd_version(None)
-    if found:
-        detected["smtpd_version"] = found  # wins over a recorded one (initflow); only --smtpd-version beats it
-    opts = InitOptions(
-        yes=yes, dry_run=dry_run, diff=diff, smoke=smoke_flag, rotate_cert=rotate or rotate_cert,
-        rotate_queue_key=rotate or rotate_queue_key, drain=drain, drain_timeout=drain_timeout,
-        force_rotate=force_rotate, quiet=quiet,
-        as_json=as_json, answers_file=answers, password_stdin=password_stdin,
-    )
-    code = run_init(flags, opts, detected)
+    code = run_from_options(dict(locals()))  # every option by its name: initflow sorts answers from the rest
     if code:
         raise typer.Exit(code)
 
@@ -281,16 +262,14 @@ def cert(
     """Make a private key and a self-signed certificate (or a CSR) for the mail host."""
     from mailsetup import pki
     from mailsetup.files import FileChange
-    from mailsetup.model import KEY_TYPES, validate_dns_name, validate_path
+    from mailsetup.model import validate_days, validate_dns_name, validate_key_type, validate_path
     from mailsetup.platforms import detect_os, get_layout, sandboxed
 
     if not hostname:
         raise MailsetupError("missing --hostname (the mail host's FQDN, e.g. --hostname mail.example.org)")
     host = validate_dns_name(hostname, "--hostname")
-    if key_type not in KEY_TYPES:
-        raise MailsetupError(f"--key-type: {key_type!r} is not one of {', '.join(KEY_TYPES)}")
-    if not 1 <= days <= 36500:
-        raise MailsetupError(f"--days: {days} is outside 1..36500")
+    key_type = validate_key_type(key_type)
+    days = validate_days(days)
     defaults = out_cert is None or out_key is None  # the layout's own folders may be made
     if out_cert is None or out_key is None:
         layout = sandboxed(get_layout(os_name or detect_os() or "debian"), root.absolute() if root else None)
@@ -547,26 +526,6 @@ user_app = typer.Typer(help="Mail users: the logins for authenticated submission
 app.add_typer(user_app, name="user")
 
 
-def _read_password(password_stdin: bool) -> str:
-    if password_stdin:
-        line = sys.stdin.readline()
-        if not line.strip("\r\n"):
-            raise MailsetupError("--password-stdin: no password on standard input")
-        return line.rstrip("\r\n")
-    if not sys.stdin.isatty():
-        raise MailsetupError("no terminal to ask for the password on: pass --password-stdin")
-    import getpass
-
-    try:
-        first = getpass.getpass("Password: ")
-        again = getpass.getpass("Again: ")
-    except KeyboardInterrupt:
-        raise Interrupted() from None
-    if first != again:
-        raise MailsetupError("the two passwords differ; nothing changed")
-    return first
-
-
 def _credentials_path(root: Path | None, os_name: str | None) -> Path:
     from mailsetup.answers import load_setup
 
@@ -616,7 +575,9 @@ def user_add(
     c.validate_username(name)
     path = _credentials_path(root, os_name)
     creds = c.read_credentials(path)
-    hashed = c.hash_password(_read_password(password_stdin))
+    ask = c.ask_password_twice if sys.stdin.isatty() else None
+    hashed = c.hash_password(c.read_password(password_stdin, ask, "no terminal to ask for the password on: pass "
+                                                                   "--password-stdin"))
     existed = any(x.user == name for x in creds)
     _write_credentials(root, os_name, c.with_user(creds, name, hashed),
                        f"{'changed the password of' if existed else 'added'} {name} in")

@@ -12,6 +12,8 @@ import os
 import pwd
 import re
 import secrets
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +106,35 @@ def check_password_rules(password: str) -> str:
     if any(ord(c) < 32 for c in password):
         raise MailsetupError("password: control characters are not allowed")
     return password
+
+
+def read_password(from_stdin: bool, ask: Callable[[], str] | None, no_terminal: str) -> str:
+    """A password from one line of standard input (--password-stdin), else from `ask` (hidden, on a
+    terminal); with neither, `no_terminal` is the error. Never from argv, where `ps` shows it."""
+    if from_stdin:
+        line = sys.stdin.readline().rstrip("\r\n")
+        if not line:
+            raise MailsetupError("--password-stdin: no password on standard input")
+        return line
+    if ask is None:
+        raise MailsetupError(no_terminal)
+    return ask()
+
+
+def ask_password_twice() -> str:
+    """The plain terminal's way: asked twice, hidden; a mismatch changes nothing."""
+    import getpass
+
+    from mailsetup.errors import Interrupted
+
+    try:
+        first = getpass.getpass("Password: ")
+        again = getpass.getpass("Again: ")
+    except KeyboardInterrupt:
+        raise Interrupted() from None
+    if first != again:
+        raise MailsetupError("the two passwords differ; nothing changed")
+    return first
 
 
 def hash_password(password: str) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 from mailsetup import answers as answers_mod
 from mailsetup.errors import Interrupted, MailsetupError
+from mailsetup.model import MailSetup
+from mailsetup.questions import Answers, require_answers
 
 
 @dataclass
@@ -22,7 +24,6 @@ class InitOptions:
     yes: bool = False
     dry_run: bool = False
     diff: bool = False
-    smoke: bool | None = None  # None: yes, unless the wizard is told otherwise
     rotate_cert: bool = False
     rotate_queue_key: bool = False
     drain: bool = False
@@ -74,25 +75,62 @@ class Out:
             yield
 
 
-REQUIRED = ("domain",)
+@dataclass
+class Run:
+    """One init run as its steps fill it in: resolve sets the model, plan the files, apply the result."""
+
+    setup: MailSetup
+    interactive: bool
+    rotate_cert: bool = False
+    rotate_qk: bool = False
+    new_user: tuple[str, str] | None = None  # (name, bcrypt hash): beside the model, never recorded
+    version_note: str | None = None
+    drain_first: bool = False
+    stranded: list = field(default_factory=list)
+    prov: Any = None
+    results: list = field(default_factory=list)
+    paused: bool = False
 
 
-def gather(flags: dict[str, Any], opts: InitOptions, out: Out,
-           detected: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict | None]:
-    """Merge flags > --answers file > the last run > detected; returns (answers, last run or None)."""
-    detected = detected or {}
+def gather(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]) -> tuple[Answers, bool]:
+    """The answers in their layers: flags > --answers file > the last run > detected (the wizard's
+    go under the flags); and whether there was a last run."""
     root = Path(flags["root"]) if flags.get("root") else None
-    previous = None
     # A missing answers file means a first run; one that is there but does not load stops us: a
     # re-run that silently forgot the last run's choices would reconfigure the server.
     path = answers_mod.existing_answers(root and root.absolute(), flags.get("os"))
-    if path is not None:
-        previous = answers_mod.load_answers(path, ours=True)
+    previous = answers_mod.load_answers(path, ours=True) if path is not None else None
     if opts.answers_file and not opts.answers_file.is_file():
         raise MailsetupError(f"--answers: {opts.answers_file}: no such file")
     from_file = answers_mod.load_answers(opts.answers_file) if opts.answers_file else {}
-    merged = {**detected, **(previous or {}), **from_file, **flags}
-    return merged, previous
+    return Answers(flags=flags, file=from_file, last_run=previous, detected=detected), bool(previous)
+
+
+def run_from_options(options: dict[str, Any]) -> int:
+    """`mailsetup init` with its options by name: those that answer a question become the flags
+    layer; the rest say how to run."""
+    p = dict(options)
+    p.pop("debug", None)
+    rotate = p.pop("rotate")
+    rotate_cert, rotate_qk = p.pop("rotate_cert"), p.pop("rotate_queue_key")
+    opts = InitOptions(
+        yes=p.pop("yes"), dry_run=p.pop("dry_run"), diff=p.pop("diff"), rotate_cert=rotate or rotate_cert,
+        rotate_queue_key=rotate or rotate_qk, drain=p.pop("drain"), drain_timeout=p.pop("drain_timeout"),
+        force_rotate=p.pop("force_rotate"), quiet=p.pop("quiet"), as_json=p.pop("as_json"),
+        answers_file=p.pop("answers"), password_stdin=p.pop("password_stdin"),
+    )
+    p["os"], p["smoke"] = p.pop("os_name"), p.pop("smoke_flag")
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in p.items() if v not in (None, [])}
+    return run_init(flags, opts, _detected())
+
+
+def _detected() -> dict[str, Any]:
+    """What this host says by itself: the installed smtpd's version (it wins over a recorded one;
+    only a version chosen for this run beats it)."""
+    from mailsetup.opensmtpd import smtpd_version
+
+    found = smtpd_version()
+    return {"smtpd_version": f"{found[0]}.{found[1]}"} if found else {}
 
 
 def run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any] | None = None) -> int:
@@ -111,134 +149,186 @@ def run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any] 
 
 
 def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any], phase: dict[str, bool]) -> int:
-    from mailsetup import credentials, provision, report, state
-    from mailsetup.model import build_setup
-
+    """resolve → plan → confirm → apply → prove → report."""
     out = Out(opts)
-    given = set(flags)
-    answers, previous = gather(flags, opts, out, detected)
-    chosen_now = given | set(answers_mod.load_answers(opts.answers_file) if opts.answers_file else ())
-    version_note = answers_mod.installed_version_wins(answers, chosen_now, detected.get("smtpd_version"))
+    run = resolve(flags, opts, detected, out)
+    plan(run, opts, out)
+    if opts.dry_run:
+        out.say("dry run: nothing was written.")
+        return report(run, out, smoke_ok=True)
+    if not confirm(run, opts, out):
+        return 1
+    apply(run, opts, out, phase)
+    return report(run, out, smoke_ok=prove(run, out))
+
+
+def resolve(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any], out: Out) -> Run:
+    """Every choice into one model: the answers' layers, the wizard for what is missing (or the
+    unattended prompter naming the flag), the re-run's action, the first user's password."""
+    from mailsetup.model import build_setup, validate_admin
+
+    answers, rerun = gather(flags, opts, detected)
+    version_note = answers.installed_version_wins()
+    if "admin" in flags:  # before anything is asked: the wizard offers it as a default
+        validate_admin(flags["admin"])
     interactive = opts.interactive and not opts.yes and not opts.as_json
-
-    rotate_cert, rotate_qk = opts.rotate_cert, opts.rotate_queue_key
-    if previous and interactive:
-        setup_now = build_setup(answers)
-        out.say(f"Found the set-up for {setup_now.domain} ({setup_now.layout.answers}):")
-        for line in state.read_state(setup_now).lines():
-            out.say(f"  {line}")
-        from mailsetup import wizard
-
-        if not (rotate_cert or rotate_qk):
-            action = wizard.ask_rerun_action()
-            rotate_cert = action in ("rotate-cert", "rotate-all")
-            rotate_qk = action in ("rotate-queue-key", "rotate-all")
-            if action == "change":
-                answers = wizard.ask_missing(answers, given, change_all=True)
+    rotate = opts.rotate_cert, opts.rotate_queue_key
+    password, setup = None, None
+    if rerun and interactive:
+        setup = build_setup(answers)
+        rotate, password, changed = _ask_rerun(setup, answers, rotate, out)
+        if changed:
+            setup = None  # built again from the changed answers
     elif interactive:
         from mailsetup import wizard
 
-        answers = wizard.ask_missing(answers, given)
+        password = wizard.ask_missing(answers)
     else:
-        missing = [f"--{k.replace('_', '-')}" for k in REQUIRED if not answers.get(k)]
-        if missing:
-            raise MailsetupError(
-                f"missing {', '.join(missing)} (the mail domain, e.g. --domain example.org)"
-                + ("" if opts.yes or not sys.stdin.isatty() else "")
-            )
+        require_answers(answers)
+    run = Run(setup=setup or build_setup(answers), interactive=interactive, rotate_cert=rotate[0],
+              rotate_qk=rotate[1], version_note=version_note)
+    run.new_user = _first_user(run, password, opts, out)
+    return run
 
-    password = answers.pop("_password", None)
-    answers.pop("_users_exist", None)
-    smoke_wanted = answers.pop("smoke", None)
-    user = answers.pop("user", None)
-    if user and password is None:
-        credentials.validate_username(user, "--user")
-        password = _password_from(opts, interactive, user)
-    setup = build_setup(answers)
-    new_user = None
-    if user:
-        with out.working("hashing the password…"):
-            new_user = (credentials.validate_username(user, "--user"), credentials.hash_password(password))
 
-    drain_first, stranded = False, []
-    if rotate_qk and setup.queue.encryption and Path(setup.queue.key_file).exists():
-        drain_first, stranded = _queue_key_rotation_plan(setup, opts, out, interactive)
+def _ask_rerun(setup: MailSetup, answers: Answers, rotate: tuple[bool, bool],
+               out: Out) -> tuple[tuple[bool, bool], str | None, bool]:
+    """A re-run on a terminal: the state, then keep / rotate / change. Returns (rotation, the
+    password of a first user asked for, whether the answers changed)."""
+    from mailsetup import state, wizard
 
+    out.say(f"Found the set-up for {setup.domain} ({setup.layout.answers}):")
+    for line in state.read_state(setup).lines():
+        out.say(f"  {line}")
+    if any(rotate):
+        return rotate, None, False
+    action = wizard.ask_rerun_action()
+    rotate = action in ("rotate-cert", "rotate-all"), action in ("rotate-queue-key", "rotate-all")
+    if action != "change":
+        return rotate, None, False
+    return rotate, wizard.ask_missing(answers, change_all=True), True
+
+
+def _first_user(run: Run, password: str | None, opts: InitOptions, out: Out) -> tuple[str, str] | None:
+    """(name, bcrypt hash) of the login to add, its password read as `user add` reads one."""
+    from mailsetup import credentials
+
+    user = run.setup.first_user
+    if not user:
+        return None
+    if password is None:
+        from mailsetup import wizard
+
+        ask = (lambda: wizard.ask_password(user)) if run.interactive else None
+        password = credentials.read_password(opts.password_stdin, ask,
+                                             "--user: give the password on standard input with --password-stdin")
+    with out.working("hashing the password…"):
+        return user, credentials.hash_password(password)
+
+
+def plan(run: Run, opts: InitOptions, out: Out) -> None:
+    """Every file in memory (the queue key's rotation checked first), shown with its diff."""
+    from mailsetup import provision, report
+
+    setup = run.setup
+    if run.rotate_qk and setup.queue.encryption and Path(setup.queue.key_file).exists():
+        run.drain_first, run.stranded = _queue_key_rotation_plan(setup, opts, out, run.interactive)
     with out.working("generating keys…"):
-        prov = provision.build_plan(setup, admin=answers.get("admin"), raw=answers, rotate_cert=rotate_cert,
-                                    rotate_queue_key=rotate_qk, new_user=new_user)
-    if version_note:
-        prov.notes.insert(0, version_note)
+        prov = provision.build_plan(setup, rotate_cert=run.rotate_cert, rotate_queue_key=run.rotate_qk,
+                                    new_user=run.new_user)
+    if run.version_note:
+        prov.notes.insert(0, run.version_note)
     if not opts.as_json and not opts.quiet:
-        report.print_plan(prov, show_diff=opts.diff or opts.dry_run or interactive)
+        report.print_plan(prov, show_diff=opts.diff or opts.dry_run or run.interactive)
     out.report["files"] = [
         {"path": str(c.path), "mode": f"{c.mode:04o}", "state": c.state(), "reason": c.reason}
         for c in prov.plan.changes
     ]
     out.warnings.extend(prov.warnings)
     out.report["warnings"] = list(out.warnings)
-    if version_note:
-        out.report["notes"] = [version_note]
-    if opts.dry_run:
-        out.say("dry run: nothing was written.")
-        out.say_warnings()
-        _emit_json(out)
-        return 0
-    pending = prov.plan.pending()
+    if run.version_note:
+        out.report["notes"] = [run.version_note]
+    run.prov = prov
+
+
+def confirm(run: Run, opts: InitOptions, out: Out) -> bool:
+    """Whether to write: nothing pending, --yes, or the person says so."""
+    from mailsetup import report
+
+    pending = run.prov.plan.pending()
     if not pending:
         out.say("Everything is already in place; nothing to write.")
-    elif not opts.yes:
-        if not interactive:
-            raise MailsetupError("nothing written: pass --yes to write without asking (no terminal to ask on)")
-        from mailsetup import wizard
+        return True
+    if opts.yes:
+        return True
+    if not run.interactive:
+        raise MailsetupError("nothing written: pass --yes to write without asking (no terminal to ask on)")
+    from mailsetup import wizard
 
-        report.print_warnings(out.warnings)  # read before saying yes; repeated at the end
-        if not wizard.confirm(f"Write these {len(pending)} file(s)?", default=True):
-            out.say("Nothing written.")
-            return 1
-    paused = False
+    report.print_warnings(out.warnings)  # read before saying yes; repeated at the end
+    if not wizard.confirm(f"Write these {len(pending)} file(s)?", default=True):
+        out.say("Nothing written.")
+        return False
+    return True
+
+
+def apply(run: Run, opts: InitOptions, out: Out, phase: dict[str, bool]) -> None:
+    """Write (draining smtpd first when the queue key rotates), then smtpd -n judges the result."""
+    from mailsetup import provision, report, state
+
+    setup = run.setup
     with state.interrupt_on_termination():  # a kill or a hang-up while paused must resume smtpd too
-        if drain_first:  # only now, after the user said yes and not in a dry run
+        if run.drain_first:  # only now, after the user said yes and not in a dry run
             _drain(setup, opts, out)  # resumes smtpd itself when it fails or is interrupted
-            paused = True
+            run.paused = True
         try:
-            results, verdict = provision.apply_and_verify(prov)
+            run.results, verdict = provision.apply_and_verify(run.prov)
         except BaseException:
-            if paused:
+            if run.paused:
                 state.resume_opensmtpd(out.say)
             raise
     phase["written"] = True
-    if paused:
+    if run.paused:
         from mailsetup.platforms import restart_command
 
         phase["paused"] = True
         out.warn("smtpd's intake stays paused until you restart it with the new key: "
                  + (restart_command(setup.layout) if setup.root is None else setup.layout.restart))
     if not opts.quiet and not opts.as_json:
-        report.print_applied(results)
+        report.print_applied(run.results)
         report.print_verdict(verdict, provision.installed_smtpd_warning())
     out.report["smtpd_check"] = {"ran": verdict.ran, "ok": verdict.ok, "detail": verdict.text}
-    if rotate_qk:
+    if run.rotate_qk:
         out.say("queue key rotated; the old one is kept in a dated 0600 backup beside it.")
-        if stranded:
-            _say_recovery(setup, results, stranded, out)
+        if run.stranded:
+            _say_recovery(setup, run.results, run.stranded, out)
 
-    smoke_ok = True
-    run_smoke = opts.smoke if opts.smoke is not None else (smoke_wanted if smoke_wanted is not None else True)
-    if run_smoke:
-        from mailsetup.smoke import run_smoke as smoke
 
-        with out.working("smoke test…"):
-            sr = smoke(setup)
-        out.report["smoke"] = [c.as_dict() for c in sr.checks]
-        smoke_ok = sr.ok
-        if not opts.as_json and not opts.quiet:
-            report.print_smoke(sr)
-    else:
+def prove(run: Run, out: Out) -> bool:
+    """The smoke test on the written files, unless it was declined."""
+    if not run.setup.smoke:
         out.say("Smoke test skipped.")
-    out.report["next_steps"] = provision.next_steps(setup)
-    if not opts.as_json and not opts.quiet:
-        report.print_next_steps(setup)
+        return True
+    from mailsetup import report
+    from mailsetup.smoke import run_smoke as smoke
+
+    with out.working("smoke test…"):
+        sr = smoke(run.setup)
+    out.report["smoke"] = [c.as_dict() for c in sr.checks]
+    if not out.opts.as_json and not out.opts.quiet:
+        report.print_smoke(sr)
+    return sr.ok
+
+
+def report(run: Run, out: Out, smoke_ok: bool) -> int:
+    """Next steps (after a write), the warnings last, the JSON report; a failed smoke test fails the run."""
+    from mailsetup import provision
+    from mailsetup import report as report_mod
+
+    if not out.opts.dry_run:
+        out.report["next_steps"] = provision.next_steps(run.setup)
+        if not out.opts.as_json and not out.opts.quiet:
+            report_mod.print_next_steps(run.setup)
     out.say_warnings()
     _emit_json(out)
     if not smoke_ok:
@@ -251,19 +341,6 @@ def _emit_json(out: Out) -> None:
         import typer
 
         typer.echo(json.dumps(out.report, indent=2))
-
-
-def _password_from(opts: InitOptions, interactive: bool, user: str = "") -> str:
-    if opts.password_stdin:
-        line = sys.stdin.readline().rstrip("\r\n")
-        if not line:
-            raise MailsetupError("--password-stdin: no password on standard input")
-        return line
-    if interactive:
-        from mailsetup import wizard
-
-        return wizard.ask_password(user)
-    raise MailsetupError("--user: give the password on standard input with --password-stdin")
 
 
 def _queue_key_rotation_plan(setup, opts: InitOptions, out: Out, interactive: bool) -> tuple[bool, list]:

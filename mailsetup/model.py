@@ -10,7 +10,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -166,6 +166,24 @@ def validate_port(value: Any, flag: str) -> int:
     return port
 
 
+def validate_key_type(value: Any, flag: str = "--key-type") -> str:
+    key_type = str(value or "rsa-2048").lower()
+    if key_type not in KEY_TYPES:
+        raise MailsetupError(f"{flag}: {key_type!r} is not one of {', '.join(KEY_TYPES)}")
+    return key_type
+
+
+def validate_days(value: Any, flag: str = "--days") -> int:
+    """A certificate lifetime: a whole number of days, up to a hundred years."""
+    try:
+        days = int(value)
+    except (TypeError, ValueError):
+        raise MailsetupError(f"{flag}: {value!r} is not a number of days") from None
+    if not 1 <= days <= 36500:
+        raise MailsetupError(f"{flag}: {days} is outside 1..36500")
+    return days
+
+
 def parse_version(value: Any, flag: str = "--smtpd-version") -> tuple[int, int]:
     m = re.match(r"^\s*(\d+)\.(\d+)", str(value))
     if not m:
@@ -228,8 +246,12 @@ class MailSetup:
     aliases_import: Path | None = None  # a user's aliases file to adopt
     smtpd_version: tuple[int, int] = DEFAULT_SMTPD_VERSION
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    # Relay is allowed only to authenticated or local senders; nothing renders any other policy.
-    relay: str = field(default="auth-or-local", init=False)
+    admin: str | None = None  # who reads root's mail: a local name or an address (its form checked)
+    first_user: str | None = None  # a login init adds; its password travels beside the model, never in it
+    smoke: bool = True  # init runs the smoke test once the files are written
+    # The keys some layer answered (flags, answers file, last run, wizard): the answers file records
+    # these, so a default stays a default and follows the layout (or the key type on disk) next time.
+    answered: frozenset[str] = frozenset()
 
     @property
     def modern_grammar(self) -> bool:
@@ -267,69 +289,77 @@ def _user_path(value: Any, flag: str) -> Path:
 def build_setup(raw: Mapping[str, Any]) -> MailSetup:
     """Validate raw answers (keys are flag names without dashes, '_' for '-') into a MailSetup."""
     domain = validate_dns_name(raw.get("domain"), "--domain")
-    hostname_raw = raw.get("hostname") or default_hostname(domain)
-    hostname = validate_dns_name(hostname_raw, "--hostname")
-
-    root: Path | None = None
-    if raw.get("root") is not None and not str(raw["root"]):
-        raise MailsetupError("--root: a path is required (a sandbox folder; leave --root out for this host)")
-    if raw.get("root"):
-        root_text = str(_user_path(raw["root"], "--root").absolute())
-        validate_path(root_text, "--root")
-        root = Path(root_text)
-
-    os_given = raw.get("os")
-    if os_given:
-        refuse_injection(str(os_given), "--os")
-        layout = get_layout(str(os_given))
-    else:
-        detected = detect_os()
-        if detected is None:
-            raise MailsetupError(
-                "--os: could not detect this OS's OpenSMTPD layout; pass --os "
-                "(debian, rhel, alpine, arch, freebsd, openbsd)"
-            )
-        layout = get_layout(detected)
+    hostname = validate_dns_name(raw.get("hostname") or default_hostname(domain), "--hostname")
+    root = _root(raw.get("root"))
+    layout = _layout(raw.get("os"))
     os_name = layout.name
     layout = sandboxed(layout, root)
+    tls = _tls(raw, layout, hostname)
+    queue = Queue(
+        compression=_bool(raw.get("queue_compression", True), "--queue-compression"),
+        encryption=_bool(raw.get("queue_encryption", True), "--queue-encryption"),
+        key_file=layout.queue_key,
+    )
+    return MailSetup(
+        domain=domain, hostname=hostname, os_name=os_name, layout=layout, root=root,
+        tls=tls, queue=queue, listeners=_listeners(raw, layout, os_name),
+        aliases_import=_user_path(raw["aliases"], "--aliases") if raw.get("aliases") else None,
+        smtpd_version=parse_version(raw["smtpd_version"]) if raw.get("smtpd_version") else DEFAULT_SMTPD_VERSION,
+        max_message_size=_message_size(raw.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE)),
+        admin=validate_admin(raw["admin"]) if raw.get("admin") is not None else None,
+        first_user=_first_user(raw.get("user")),
+        smoke=_bool(raw.get("smoke", True), "--smoke"),
+        answered=frozenset(k for k, v in raw.items() if v is not None),
+    )
 
-    key_type = str(raw.get("key_type") or "rsa-2048").lower()
-    if key_type not in KEY_TYPES:
-        raise MailsetupError(f"--key-type: {key_type!r} is not one of {', '.join(KEY_TYPES)}")
-    days = raw.get("days", 3650)
-    try:
-        days = int(days)
-    except (TypeError, ValueError):
-        raise MailsetupError(f"--days: {days!r} is not a number of days") from None
-    if not 1 <= days <= 36500:
-        raise MailsetupError(f"--days: {days} is outside 1..36500")
 
+def _root(value: Any) -> Path | None:
+    if value is None:
+        return None
+    if not str(value):
+        raise MailsetupError("--root: a path is required (a sandbox folder; leave --root out for this host)")
+    root_text = str(_user_path(value, "--root").absolute())
+    validate_path(root_text, "--root")
+    return Path(root_text)
+
+
+def _layout(os_given: Any) -> Layout:
+    if os_given:
+        refuse_injection(str(os_given), "--os")
+        return get_layout(str(os_given))
+    detected = detect_os()
+    if detected is None:
+        raise MailsetupError(
+            "--os: could not detect this OS's OpenSMTPD layout; pass --os "
+            "(debian, rhel, alpine, arch, freebsd, openbsd)"
+        )
+    return get_layout(detected)
+
+
+def _tls(raw: Mapping[str, Any], layout: Layout, hostname: str) -> Tls:
+    key_type = validate_key_type(raw.get("key_type"))
+    days = validate_days(raw.get("days", 3650))
     tls_mode = str(raw.get("tls") or ("existing" if raw.get("cert") or raw.get("key") else "self-signed"))
     if tls_mode not in ("self-signed", "existing", "csr"):
         raise MailsetupError(f"--tls: {tls_mode!r} is not self-signed, existing or csr")
     if tls_mode == "existing":
         if not (raw.get("cert") and raw.get("key")):
             raise MailsetupError("--cert and --key: give both files of an existing certificate, or neither")
-        tls = Tls(
+        return Tls(
             cert=validate_path(Path(str(raw["cert"])).absolute(), "--cert"),
             key=validate_path(Path(str(raw["key"])).absolute(), "--key"),
             key_type=key_type, days=days, source="existing",
         )
-    else:
-        if raw.get("cert") or raw.get("key"):
-            raise MailsetupError(f"--cert/--key: not used with --tls {tls_mode}")
-        tls = Tls(
-            cert=layout.cert_dir / f"{hostname}.crt",
-            key=layout.key_dir / f"{hostname}.key",
-            key_type=key_type, days=days, source=tls_mode,
-        )
-
-    queue = Queue(
-        compression=_bool(raw.get("queue_compression", True), "--queue-compression"),
-        encryption=_bool(raw.get("queue_encryption", True), "--queue-encryption"),
-        key_file=layout.queue_key,
+    if raw.get("cert") or raw.get("key"):
+        raise MailsetupError(f"--cert/--key: not used with --tls {tls_mode}")
+    return Tls(
+        cert=layout.cert_dir / f"{hostname}.crt",
+        key=layout.key_dir / f"{hostname}.key",
+        key_type=key_type, days=days, source=tls_mode,
     )
 
+
+def _listeners(raw: Mapping[str, Any], layout: Layout, os_name: str) -> tuple[Listener, ...]:
     listen_raw = raw.get("listen") or [layout.default_listen]
     if isinstance(listen_raw, str):
         listen_raw = [listen_raw]
@@ -348,23 +378,22 @@ def build_setup(raw: Mapping[str, Any]) -> MailSetup:
     for addr in addresses:
         listeners.append(Listener("smtp", addr, smtp_port, "starttls", "optional"))
         listeners.append(Listener("submission", addr, sub_port, "require", "required"))
+    return tuple(listeners)
 
-    aliases_import = None
-    if raw.get("aliases"):
-        aliases_import = _user_path(raw["aliases"], "--aliases")
 
-    version = parse_version(raw["smtpd_version"]) if raw.get("smtpd_version") else DEFAULT_SMTPD_VERSION
-
-    size = raw.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE)
+def _message_size(value: Any) -> int:
     try:
-        size = int(size)
+        size = int(value)
     except (TypeError, ValueError):
-        raise MailsetupError(f"--max-message-size: {size!r} is not a number of bytes") from None
+        raise MailsetupError(f"--max-message-size: {value!r} is not a number of bytes") from None
     if size < 1024:
         raise MailsetupError(f"--max-message-size: {size} is too small (at least 1024 bytes)")
+    return size
 
-    return MailSetup(
-        domain=domain, hostname=hostname, os_name=os_name, layout=layout, root=root, tls=tls,
-        queue=queue, listeners=tuple(listeners), aliases_import=aliases_import,
-        smtpd_version=version, max_message_size=size,
-    )
+
+def _first_user(value: Any) -> str | None:
+    if not value:
+        return None
+    from mailsetup.credentials import validate_username
+
+    return validate_username(str(value), "--user")

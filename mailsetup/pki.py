@@ -22,13 +22,12 @@ CERT_MODE = 0o644
 
 
 def generate_key(key_type: str):
-    if key_type == "rsa-2048":
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    if key_type == "rsa-4096":
-        return rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    from mailsetup.model import validate_key_type
+
+    key_type = validate_key_type(key_type)
     if key_type == "ecdsa-p256":
         return ec.generate_private_key(ec.SECP256R1())
-    raise MailsetupError(f"--key-type: {key_type!r} is not one of rsa-2048, rsa-4096, ecdsa-p256")
+    return rsa.generate_private_key(public_exponent=65537, key_size=4096 if key_type == "rsa-4096" else 2048)
 
 
 def key_pem(key) -> bytes:

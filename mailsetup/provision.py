@@ -218,33 +218,38 @@ def _plan_credentials(setup: MailSetup, prov: Provisioning, new_user: tuple[str,
                              f"credentials table for AUTH, {len(users)} user(s)", secret=True, owner=owner))
 
 
-def recorded_answers(setup: MailSetup, raw: dict, admin: str | None, key_type: str | None = None) -> dict:
-    """What the answers file keeps: the resolved choices, never a secret, never the sandbox root."""
-    out = {k: v for k, v in raw.items() if k in answers_mod.KEYS and v is not None}
-    out.update(domain=setup.domain, hostname=setup.hostname, os=setup.os_name,
-               key_type=key_type or setup.tls.key_type,
-               smtpd_version=f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}")
-    if admin:
-        out["admin"] = admin
-    if setup.tls.source == "existing":  # absolute, as smtpd.conf names them
-        out["cert"], out["key"] = str(setup.tls.cert), str(setup.tls.key)
-    if "listen" in out:
-        out["listen"] = list(out["listen"])
-    return out
+def recorded_answers(setup: MailSetup, key_type: str | None = None) -> dict:
+    """What the answers file keeps, read from the model: the choices made (a default left out stays a
+    default), the names that locate the set-up always, never a secret, never the sandbox root."""
+    existing = setup.tls.source == "existing"
+    values = {
+        "domain": setup.domain, "hostname": setup.hostname, "os": setup.os_name, "admin": setup.admin,
+        "tls": setup.tls.source, "key_type": key_type or setup.tls.key_type, "days": setup.tls.days,
+        "cert": str(setup.tls.cert) if existing else None,  # absolute, as smtpd.conf names them
+        "key": str(setup.tls.key) if existing else None,
+        "listen": list(dict.fromkeys(lst.address for lst in setup.listeners)),
+        "smtp_port": next(lst.port for lst in setup.listeners if lst.name == "smtp"),
+        "submission_port": next(lst.port for lst in setup.listeners if lst.name == "submission"),
+        "smtpd_version": f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}",
+        "queue_compression": setup.queue.compression, "queue_encryption": setup.queue.encryption,
+        "max_message_size": setup.max_message_size,
+    }
+    always = {"domain", "hostname", "os", "admin", "key_type", "cert", "key", "smtpd_version"}
+    return {k: v for k, v in values.items() if v is not None and (k in always or k in setup.answered)}
 
 
-def build_plan(setup: MailSetup, admin: str | None = None, raw: dict | None = None, rotate_cert: bool = False,
-               rotate_queue_key: bool = False, new_user: tuple[str, str] | None = None) -> Provisioning:
+def build_plan(setup: MailSetup, rotate_cert: bool = False, rotate_queue_key: bool = False,
+               new_user: tuple[str, str] | None = None) -> Provisioning:
     """Every file init would write, in memory. Nothing on disk changes.
 
     `new_user` is (name, bcrypt hash) of a login to add.
     """
-    if admin is not None:  # before anything is generated or written
-        admin = validate_admin(admin, real_host=setup.root is None)
+    if setup.admin is not None and setup.root is None:  # before anything is generated or written
+        validate_admin(setup.admin, real_host=True)  # smtpd delivers to a person's account only
     prov = Provisioning(setup=setup, plan=Plan(), aliases_format="db")
-    _plan_tls(setup, prov, rotate_cert, key_type_chosen="key_type" in (raw or {}))
+    _plan_tls(setup, prov, rotate_cert, key_type_chosen="key_type" in setup.answered)
     queue_key = _plan_queue_key(setup, prov, rotate_queue_key)
-    _plan_aliases(setup, prov, admin)
+    _plan_aliases(setup, prov, setup.admin)
     _plan_credentials(setup, prov, new_user)
     conf = render_smtpd_conf(setup, queue_key, prov.aliases_format)
     findings = open_relay_rules(conf)
@@ -253,7 +258,7 @@ def build_plan(setup: MailSetup, admin: str | None = None, raw: dict | None = No
         raise MailsetupError(f"internal error: rendered smtpd.conf line {f.line} {f.why}", exit_code=1)
     prov.plan.add(FileChange(Path(setup.layout.smtpd_conf), conf.encode(), CONF_MODE,
                              "smtpd.conf", redact=(QUEUE_KEY_REDACT,)))
-    answers = recorded_answers(setup, raw or {}, admin, prov.key_type_in_use)
+    answers = recorded_answers(setup, prov.key_type_in_use)
     prov.plan.add(FileChange(Path(setup.layout.answers), answers_mod.render_answers(answers),
                              answers_mod.ANSWERS_MODE, "answers (no secrets): re-runs start from these"))
     prov.warnings.extend(_environment_warnings(setup))

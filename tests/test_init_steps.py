@@ -1,0 +1,95 @@
+"""`init` as its steps: one table of questions, answers kept in layers, one validator per value,
+one model that carries every choice and is what the answers file records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import init_args, run_cli
+
+
+def test_the_answers_layers_know_where_each_value_came_from():
+    from mailsetup.questions import Answers
+
+    answers = Answers(flags={"domain": "flag.test"}, file={"domain": "file.test", "admin": "carol"},
+                      last_run={"admin": "alice", "smtp_port": 2525, "smtpd_version": "6.8"},
+                      detected={"smtpd_version": "7.4", "smtp_port": 25})
+    assert answers["domain"] == "flag.test" and answers.source("domain") == "flags"
+    assert answers["admin"] == "carol" and answers.source("admin") == "file"
+    assert answers["smtp_port"] == 2525 and answers.source("smtp_port") == "last run"
+    assert answers.source("hostname") is None and "hostname" not in answers
+    answers.answer("admin", "dave")  # typed in the wizard: over the file, under a flag
+    answers.answer("domain", "typed.test")
+    assert (answers["admin"], answers["domain"]) == ("dave", "flag.test")
+    # The installed smtpd replaces the version the last run recorded, and says so.
+    assert answers.installed_version_wins() == "smtpd_version: recorded 6.8 replaced by installed 7.4"
+    assert answers["smtpd_version"] == "7.4" and answers.source("smtpd_version") == "detected"
+
+
+def test_a_version_chosen_for_this_run_beats_the_installed_one():
+    from mailsetup.questions import Answers
+
+    answers = Answers(file={"smtpd_version": "6.3"}, last_run={"smtpd_version": "6.8"},
+                      detected={"smtpd_version": "7.4"})
+    assert answers.installed_version_wins() is None
+    assert answers["smtpd_version"] == "6.3"
+
+
+def test_every_question_names_a_flag_init_takes():
+    from mailsetup.questions import QUESTIONS
+
+    helptext = run_cli("init", "--help", env={"COLUMNS": "200"}).out
+    for q in QUESTIONS:
+        assert f"({q.flag})" in q.prompt, q
+        assert q.flag in helptext, q.flag
+
+
+def test_without_a_terminal_the_missing_answer_names_its_flag_from_the_table(tmp_path: Path):
+    from mailsetup.errors import MailsetupError
+    from mailsetup.questions import require_answers
+
+    with pytest.raises(MailsetupError) as err:
+        require_answers({"admin": "alice"})
+    assert err.value.message == "missing --domain (the mail domain, e.g. --domain example.org)"
+    require_answers({"domain": "example.test"})
+
+
+@pytest.mark.parametrize("spelling", ["ECDSA-P256", "ecdsa-p256"])
+def test_cert_takes_the_key_types_init_takes(tmp_path: Path, spelling: str):
+    """One validator for the key type: `cert` used to refuse what `init` accepts."""
+    key, crt = tmp_path / "k.key", tmp_path / "c.crt"
+    r = run_cli("cert", "--hostname", "mail.example.test", "--key-type", spelling, "--out-key", key,
+                "--out-cert", crt)
+    assert r.code == 0, r.err
+    assert "ecdsa-p256" in r.out
+    r = run_cli("cert", "--hostname", "mail.example.test", "--key-type", "dsa", "--out-key", tmp_path / "x",
+                "--out-cert", tmp_path / "y")
+    assert r.err_lines == ["mailsetup: error: --key-type: 'dsa' is not one of rsa-2048, rsa-4096, ecdsa-p256"]
+
+
+def test_one_listen_address_in_an_answers_file_is_recorded_as_a_list(tmp_path: Path, sandbox: Path):
+    """The answers file records the model's choices, not the raw text: a single address given as a
+    string used to be recorded letter by letter, and the next run failed on it."""
+    answers = tmp_path / "answers.toml"
+    answers.write_text('domain = "example.test"\nadmin = "alice"\nlisten = "192.0.2.1"\n')
+    base = ["init", "--yes", "--root", sandbox, "--os", "debian", "--no-smoke"]
+    r = run_cli(*base, "--answers", answers)
+    assert r.code == 0, r.err
+    recorded = (sandbox / "etc/mailsetup/answers.toml").read_text()
+    assert 'listen = ["192.0.2.1"]' in recorded
+    r = run_cli(*base)
+    assert r.code == 0, r.err
+    assert "Everything is already in place" in r.out
+
+
+def test_the_answers_file_records_choices_and_leaves_defaults_out(sandbox: Path):
+    r = run_cli(*init_args(sandbox, "--no-smoke", "--smtp-port", "2525", "--user", "dave", "--password-stdin"),
+                input="Secr3t-pass\n")
+    assert r.code == 0, r.err
+    recorded = (sandbox / "etc/mailsetup/answers.toml").read_text()
+    assert "smtp_port = 2525" in recorded and 'admin = "alice"' in recorded
+    for default in ("submission_port", "listen", "days", "tls ", "queue_", "max_message_size"):
+        assert default not in recorded  # a default stays a default, following the layout next time
+    for never in ("user", "smoke", "Secr3t", "root ="):
+        assert never not in recorded
