@@ -30,10 +30,11 @@ class Question:
     validate: Callable[[Any, Mapping[str, Any]], Any] | None = None  # the one check of this value
     default: Callable[[Mapping[str, Any]], Any] = lambda a: None
     choices: Callable[[], list[tuple[str, str]]] | None = None  # (value, label)
-    when: Callable[[Mapping[str, Any]], bool] = lambda a: True  # asked only when it applies
+    when: Callable[[Answers], bool] = lambda a: True  # asked only when it applies
     reask: bool = True  # asked again when the user changes the settings of a re-run
     required: str = ""  # what to say when an unattended run has no answer (empty: optional)
     then_password: bool = False  # a name answered here is followed by its password, kept apart
+    ask_first: str = ""  # a yes/no asked before the question itself; no means no answer
 
 
 def _current(key: str, fallback: Any = None) -> Callable[[Mapping[str, Any]], Any]:
@@ -69,7 +70,9 @@ QUESTIONS: tuple[Question, ...] = (
              default=lambda a: a.get("queue_compression", True)),
     Question("queue_encryption", "Encrypt the queue (--queue-encryption)?", "--queue-encryption", "confirm",
              default=lambda a: a.get("queue_encryption", True)),
-    Question("aliases", "Aliases file (--aliases):", "--aliases", "path"),  # asked after a yes (wizard)
+    Question("aliases", "Aliases file (--aliases):", "--aliases", "path",
+             ask_first="Import an existing aliases file (--aliases)?",
+             when=lambda a: "admin" not in a.given),  # --admin given: the default aliases, no import
     Question("admin", "Who reads root's, postmaster's and abuse's mail? A local user or an address (--admin):",
              "--admin", "text", validate=lambda v, a: validate_admin(v, real_host=not a.get("root")),
              default=lambda a: str(a.get("admin") or a.get("user") or ""), when=lambda a: not a.get("aliases")),

@@ -45,10 +45,8 @@ def ask_missing(answers: Answers, change_all: bool = False) -> str | None:
     for q in QUESTIONS:
         if not _wanted(q, answers, change_all):
             continue
-        if q.key == "aliases":  # a file is imported only after a yes; --admin given means no
-            if "admin" in answers.given or not _ask(questionary.confirm(
-                    "Import an existing aliases file (--aliases)?", default=False)):
-                continue
+        if q.ask_first and not _ask(questionary.confirm(q.ask_first, default=False)):
+            continue
         value = _ask(_prompt(q, answers))
         if value in (None, ""):
             continue
