@@ -1,6 +1,6 @@
-"""`mailsetup init` from end to end: answers (flags > answers file > the last run > detected), the
-wizard for what is still missing, the plan and its review, the write, smtpd -n, the smoke test, the
-report. Rotation is decided here and made safe here.
+"""`mailsetup init` as its steps: resolve (answers in layers, the wizard or the unattended prompter,
+one model) → plan (every file in memory) → confirm → apply (and smtpd -n) → prove (the smoke test)
+→ report. Rotation is decided here and made safe here.
 """
 
 from __future__ import annotations
