@@ -86,23 +86,10 @@ Encryption = Annotated[bool, typer.Option("--queue-encryption/--no-queue-encrypt
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
-def _raw_answers(**values) -> dict:
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def _detect_smtpd_version(given: str | None) -> str | None:
-    if given:
-        return given
-    from mailsetup.opensmtpd import smtpd_version
-
-    found = smtpd_version()
-    return f"{found[0]}.{found[1]}" if found else None
-
-
 def _echo(text: str = "", err: bool = False, fg: str | None = None) -> None:
-    if fg and not os.environ.get("NO_COLOR"):
-        text = typer.style(text, fg=fg)
-    typer.echo(text, err=err)
+    from mailsetup.report import echo
+
+    echo(text, err=err, fg=fg)
 
 
 # init's own options that do not fit on its line.
@@ -188,60 +175,12 @@ def render(
     debug: Debug = False,
 ) -> None:
     """Print (or write) smtpd.conf for the given settings."""
-    from mailsetup import queuekey
-    from mailsetup.model import build_setup
-    from mailsetup.opensmtpd import open_relay_rules
-    from mailsetup.render import render_smtpd_conf
+    from mailsetup.artifacts import render_conf
 
-    if not domain:
-        raise MailsetupError("missing --domain (the mail domain, e.g. --domain example.org)")
-    if aliases_format not in ("db", "file"):
-        raise MailsetupError(f"--aliases-format: {aliases_format!r} is not db or file")
-    setup = build_setup(
-        _raw_answers(
-            domain=domain, hostname=hostname, os=os_name, root=root, listen=listen, smtp_port=smtp_port,
-            submission_port=submission_port, smtpd_version=_detect_smtpd_version(smtpd_version),
-            queue_compression=queue_compression, queue_encryption=queue_encryption, cert=cert, key=key,
-        )
-    )
-    qkey = None
-    if setup.queue.encryption:
-        path = queue_key_file or Path(setup.queue.key_file)
-        if not path.exists():
-            raise MailsetupError(
-                f"--queue-key-file: no queue key at {path}; make one with "
-                f"`mailsetup keygen --out {path}` or pass --no-queue-encryption"
-            )
-        qkey = queuekey.read_queue_key(path)
-    text = render_smtpd_conf(setup, qkey, aliases_format)
-    if open_relay_rules(text):
-        raise MailsetupError("internal error: the rendered configuration would be an open relay", exit_code=1)
-    if out is None:
-        typer.echo(text, nl=False)
-        return
-    _write_one(out, text.encode(), 0o600, force, "--out")
-    _echo(f"wrote {out} (0600)")
-
-
-def _write_one(path: Path, content: bytes, mode: int, force: bool, flag: str) -> None:
-    from mailsetup.files import FileChange
-
-    _write_many([FileChange(path, content, mode, flag)], force, flag)
-
-
-def _write_many(changes, force: bool, flag: str, make_dirs: bool = False) -> None:
-    from mailsetup.files import apply_plan
-
-    for change in changes:
-        if not make_dirs and not change.path.parent.is_dir():
-            raise MailsetupError(f"{flag}: the folder {change.path.parent} does not exist")
-        if change.path.exists() and not force:
-            raise MailsetupError(f"{flag}: {change.path} exists; pass --force to replace it (a backup is kept)")
-        if change.path.is_dir():
-            raise MailsetupError(f"{flag}: {change.path} is a directory")
-    for result in apply_plan(changes):
-        if result.backup:
-            _echo(f"kept the old {result.path} as {result.backup}")
+    raw = dict(domain=domain, hostname=hostname, os=os_name, root=root, listen=listen, smtp_port=smtp_port,
+               submission_port=submission_port, smtpd_version=smtpd_version, queue_compression=queue_compression,
+               queue_encryption=queue_encryption, cert=cert, key=key)
+    render_conf(raw, queue_key_file, aliases_format, out, force)
 
 
 @app.command()
@@ -260,37 +199,9 @@ def cert(
     debug: Debug = False,
 ) -> None:
     """Make a private key and a self-signed certificate (or a CSR) for the mail host."""
-    from mailsetup import pki
-    from mailsetup.files import FileChange
-    from mailsetup.model import validate_days, validate_dns_name, validate_key_type, validate_path
-    from mailsetup.platforms import detect_os, get_layout, sandboxed
+    from mailsetup.artifacts import make_cert
 
-    if not hostname:
-        raise MailsetupError("missing --hostname (the mail host's FQDN, e.g. --hostname mail.example.org)")
-    host = validate_dns_name(hostname, "--hostname")
-    key_type = validate_key_type(key_type)
-    days = validate_days(days)
-    defaults = out_cert is None or out_key is None  # the layout's own folders may be made
-    if out_cert is None or out_key is None:
-        layout = sandboxed(get_layout(os_name or detect_os() or "debian"), root.absolute() if root else None)
-        out_cert = out_cert or Path(layout.cert_dir / f"{host}.crt")
-        out_key = out_key or Path(layout.key_dir / f"{host}.key")
-    validate_path(out_key.absolute(), "--out-key")
-    validate_path(out_cert.absolute(), "--out-cert")
-    key = pki.generate_key(key_type)
-    changes = [FileChange(out_key, pki.key_pem(key), pki.KEY_MODE, "private key", secret=True)]
-    if csr is not None:
-        changes.append(FileChange(csr, pki.csr(key, host), 0o644, "certificate signing request"))
-    else:
-        changes.append(FileChange(out_cert, pki.self_signed_cert(key, host, days), pki.CERT_MODE, "certificate"))
-    _write_many(changes, force, "--out-key" if out_key.exists() else "--out-cert", make_dirs=defaults)
-    _echo(f"wrote {out_key} (0600, {key_type})")
-    if csr is not None:
-        _echo(f"wrote {csr}: send it to your CA, then run init with --cert CERT --key {out_key}")
-    else:
-        info = pki.inspect_cert(pki.load_cert(out_cert))
-        _echo(f"wrote {out_cert} ({host}, expires {info.not_after:%Y-%m-%d})")
-        _echo(f"SHA-256 fingerprint: {info.fingerprint_sha256}")
+    make_cert(hostname, days, key_type, out_cert, out_key, csr, os_name, root, force)
 
 
 @app.command()
@@ -300,14 +211,9 @@ def keygen(
     debug: Debug = False,
 ) -> None:
     """Make a queue encryption key (32 characters, as `openssl rand -hex 16`)."""
-    from mailsetup import queuekey
+    from mailsetup.artifacts import make_queue_key
 
-    key = queuekey.generate_queue_key()
-    if out is None:
-        typer.echo(key)
-        return
-    _write_one(out, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE, force, "--out")
-    _echo(f"wrote {out} (0600); smtpd.conf: queue encryption <the key in {out}>", err=True)
+    make_queue_key(out, force)
 
 
 @app.command("aliases")
@@ -319,35 +225,9 @@ def aliases_cmd(
     debug: Debug = False,
 ) -> None:
     """Validate an aliases file and build aliases.db the way `makemap -t aliases` does."""
-    from mailsetup import aliases as aliases_mod
-    from mailsetup.files import FileChange, apply_plan
-    from mailsetup.model import DEFAULT_SMTPD_VERSION, parse_version
+    from mailsetup.artifacts import build_aliases
 
-    # 7.5 and later read aliases differently: follow the smtpd that will read this db
-    found = _detect_smtpd_version(smtpd_version)
-    version = parse_version(found) if found else DEFAULT_SMTPD_VERSION
-    entries = aliases_mod.parse_aliases_file(source, version)
-    for name in aliases_mod.missing_rfc2142(entries):
-        _echo(f"warning: {source}: no {name} alias (RFC 2142 wants {name}@ to reach a person)", err=True,
-              fg="yellow")
-    if check:
-        _echo(f"{source}: {len(entries)} aliases, OK")
-        return
-    out = out or source.with_name(source.name + ".db")
-    backend = aliases_mod.db_backend()
-    if backend == "dbm":
-        db = aliases_mod.build_aliases_db(entries)
-    elif backend == "makemap":
-        _echo("note: this Python's dbm cannot write Berkeley DB; using makemap", err=True)
-        db = aliases_mod.build_aliases_db_with_makemap(source.read_text(encoding="utf-8"), entries)
-    else:
-        raise MailsetupError(
-            "no Berkeley DB writer here (Python's dbm.ndbm or makemap): use `table aliases "
-            f"file:{source}` in smtpd.conf instead of a db: table",
-            exit_code=1,
-        )
-    apply_plan([FileChange(out, db, aliases_mod.ALIASES_MODE, "aliases.db")])
-    _echo(f"wrote {out}: {len(entries)} aliases")
+    build_aliases(source, out, check, smtpd_version)
 
 
 def _parse_hostport(value: str | None, flag: str) -> tuple[str, int] | None:
@@ -460,25 +340,6 @@ def doctor(
         raise typer.Exit(1)
 
 
-def _parse_nameserver(value: str) -> tuple[str, int]:
-    """ADDR, ADDR:PORT or [V6]:PORT."""
-    import ipaddress
-
-    from mailsetup.model import validate_port
-
-    host, port = value, 53
-    if value.startswith("[") and "]:" in value:
-        host, _, port_text = value[1:].partition("]:")
-        port = validate_port(port_text, "--nameserver")
-    elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
-        port = validate_port(port_text, "--nameserver")
-    try:
-        return str(ipaddress.ip_address(host)), port
-    except ValueError:
-        raise MailsetupError(f"--nameserver: {value!r} is not ADDR, ADDR:PORT or [ADDR]:PORT") from None
-
-
 @app.command()
 def dns(
     root: Root = None,
@@ -494,69 +355,15 @@ def dns(
     debug: Debug = False,
 ) -> None:
     """The DNS records to publish (MX, A/AAAA, SPF, DMARC) and PTR advice; --check compares with live DNS."""
-    import json
-
-    from mailsetup import dns as dns_mod
     from mailsetup.answers import load_setup
-    from mailsetup.report import print_dns
+    from mailsetup.dns import show_records
 
-    setup = load_setup(root, os_name)
-    ips, left_out = dns_mod.address_records_for(setup, dns_mod.validate_ips(ip or []))
-    records = dns_mod.wanted_records(setup, ips)
-    comparisons = None
-    if check:
-        server, port = None, 53
-        if nameserver:
-            server, port = _parse_nameserver(nameserver)
-        comparisons = dns_mod.check_records(records, server, port)
-    if as_json:
-        payload = {"records": dns_mod.records_as_dicts(records), "ptr": dns_mod.ptr_advice(setup, ips),
-                   "left_out": [{"ip": addr, "why": why} for addr, why in left_out]}
-        if comparisons is not None:
-            payload["check"] = [c.as_dict() for c in comparisons]
-        typer.echo(json.dumps(payload, indent=2))
-    else:
-        print_dns(setup, records, dns_mod.ptr_advice(setup, ips), bool(ips), comparisons,
-                  [why for _, why in left_out])
-    if comparisons is not None and any(c.status == "fail" for c in comparisons):
+    if not show_records(load_setup(root, os_name), ip or [], check, nameserver, as_json):
         raise typer.Exit(1)
 
 
 user_app = typer.Typer(help="Mail users: the logins for authenticated submission.", no_args_is_help=True)
 app.add_typer(user_app, name="user")
-
-
-def _credentials_path(root: Path | None, os_name: str | None) -> Path:
-    from mailsetup.answers import load_setup
-
-    return Path(load_setup(root, os_name).layout.credentials)
-
-
-def _write_credentials(root: Path | None, os_name: str | None, creds: list, done: str) -> None:
-    """Write the table (owner and mode smtpd needs to re-read it), then have a running smtpd that
-    serves this file re-read it, so the change is live without a restart."""
-    from mailsetup import credentials as c
-    from mailsetup.answers import load_setup
-    from mailsetup.files import FileChange, apply_plan
-    from mailsetup.opensmtpd import smtpd_tables_reading, update_table
-    from mailsetup.platforms import LAYOUTS
-
-    layout = load_setup(root, os_name).layout
-    path = Path(layout.credentials)
-    mode, owner = c.table_access(layout.smtpd_user)
-    apply_plan([FileChange(path, c.render_credentials(creds), mode, "credentials", secret=True, owner=owner)])
-    _echo(f"{done} {path}")
-    users = smtpd_tables_reading(path, Path(LAYOUTS[layout.name].smtpd_conf))
-    if not users:
-        _echo(f"no running smtpd here serves {path}; smtpd reads it when it starts", err=True)
-    for user in users:
-        ok, said = update_table(user.table)
-        if not ok:
-            raise MailsetupError(
-                f"the running smtpd (pid {user.pid}) could not re-read {path}: "
-                f"smtpctl update table {user.table}: {said}",
-                hint=f"`mailsetup doctor` says why; or restart smtpd: {layout.restart}", exit_code=1)
-        _echo(f"reloaded table {user.table} of the running smtpd (pid {user.pid}): the change is live")
 
 
 @user_app.command("add")
@@ -570,26 +377,18 @@ def user_add(
     debug: Debug = False,
 ) -> None:
     """Add a user (or change their password). The password is asked twice, hidden, or read from stdin."""
-    from mailsetup import credentials as c
+    from mailsetup.users import add_user
 
-    c.validate_username(name)
-    path = _credentials_path(root, os_name)
-    creds = c.read_credentials(path)
-    ask = c.ask_password_twice if sys.stdin.isatty() else None
-    hashed = c.hash_password(c.read_password(password_stdin, ask, "no terminal to ask for the password on: pass "
-                                                                   "--password-stdin"))
-    existed = any(x.user == name for x in creds)
-    _write_credentials(root, os_name, c.with_user(creds, name, hashed),
-                       f"{'changed the password of' if existed else 'added'} {name} in")
+    add_user(name, password_stdin, root, os_name)
 
 
 @user_app.command("list")
 def user_list(root: Root = None, os_name: OsName = None, debug: Debug = False) -> None:
     """List the users who can log in."""
-    from mailsetup import credentials as c
+    from mailsetup.users import list_users
 
-    for cred in c.read_credentials(_credentials_path(root, os_name)):
-        typer.echo(cred.user)
+    for name in list_users(root, os_name):
+        typer.echo(name)
 
 
 @user_app.command("remove")
@@ -600,11 +399,9 @@ def user_remove(
     debug: Debug = False,
 ) -> None:
     """Remove a user's login (their Maildir is left alone)."""
-    from mailsetup import credentials as c
+    from mailsetup.users import remove_user
 
-    path = _credentials_path(root, os_name)
-    remaining = c.without_user(c.read_credentials(path), name)
-    _write_credentials(root, os_name, remaining, f"removed {name} from")
+    remove_user(name, root, os_name)
 
 
 def _one_line(text: str) -> str:

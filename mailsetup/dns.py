@@ -183,3 +183,47 @@ def check_records(records: list[Record], nameserver: str | None, port: int = 53,
 
 def records_as_dicts(records: list[Record]) -> list[dict]:
     return [asdict(r) for r in records]
+
+
+def parse_nameserver(value: str) -> tuple[str, int]:
+    """--nameserver: ADDR, ADDR:PORT or [V6]:PORT."""
+    from mailsetup.model import validate_port
+
+    host, port = value, 53
+    if value.startswith("[") and "]:" in value:
+        host, _, port_text = value[1:].partition("]:")
+        port = validate_port(port_text, "--nameserver")
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+        port = validate_port(port_text, "--nameserver")
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        raise MailsetupError(f"--nameserver: {value!r} is not ADDR, ADDR:PORT or [ADDR]:PORT") from None
+
+
+def show_records(setup: MailSetup, ips_given: list[str], check: bool, nameserver: str | None,
+                 as_json: bool) -> bool:
+    """`mailsetup dns`: the records (as text or JSON), compared with live DNS when `check`; False
+    when a comparison failed."""
+    import json
+
+    import typer
+
+    from mailsetup.report import print_dns
+
+    ips, left_out = address_records_for(setup, validate_ips(ips_given))
+    records = wanted_records(setup, ips)
+    comparisons = None
+    if check:
+        server, port = parse_nameserver(nameserver) if nameserver else (None, 53)
+        comparisons = check_records(records, server, port)
+    if as_json:
+        payload = {"records": records_as_dicts(records), "ptr": ptr_advice(setup, ips),
+                   "left_out": [{"ip": addr, "why": why} for addr, why in left_out]}
+        if comparisons is not None:
+            payload["check"] = [c.as_dict() for c in comparisons]
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        print_dns(setup, records, ptr_advice(setup, ips), bool(ips), comparisons, [why for _, why in left_out])
+    return not (comparisons is not None and any(c.status == "fail" for c in comparisons))

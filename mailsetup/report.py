@@ -20,6 +20,11 @@ def _style(text: str, fg: str | None, bold: bool = False) -> str:
     return typer.style(text, fg=fg, bold=bold)
 
 
+def echo(text: str = "", err: bool = False, fg: str | None = None) -> None:
+    """One line for a person, coloured unless NO_COLOR is set."""
+    typer.echo(_style(text, fg), err=err)
+
+
 def print_plan(prov, show_diff: bool) -> None:
     setup: MailSetup = prov.setup
     typer.echo(

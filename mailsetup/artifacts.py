@@ -1,0 +1,153 @@
+"""The commands that make one thing on their own: smtpd.conf (`render`), a key and certificate
+(`cert`), a queue key (`keygen`), aliases.db (`aliases`). Each checks its input, builds the bytes in
+memory and leaves the writing to files.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mailsetup.errors import MailsetupError
+from mailsetup.files import FileChange, apply_plan
+from mailsetup.report import echo
+
+
+def smtpd_version_or_installed(given: str | None) -> str | None:
+    """The version given, else the installed smtpd's (None when there is none)."""
+    if given:
+        return given
+    from mailsetup.opensmtpd import smtpd_version
+
+    found = smtpd_version()
+    return f"{found[0]}.{found[1]}" if found else None
+
+
+def write_new(changes: list[FileChange], force: bool, flag: str, make_dirs: bool = False) -> None:
+    """Write files the user named: never over one without --force (its backup is kept then), never
+    into a folder that does not exist unless it is the layout's own (make_dirs)."""
+    for change in changes:
+        if not make_dirs and not change.path.parent.is_dir():
+            raise MailsetupError(f"{flag}: the folder {change.path.parent} does not exist")
+        if change.path.exists() and not force:
+            raise MailsetupError(f"{flag}: {change.path} exists; pass --force to replace it (a backup is kept)")
+        if change.path.is_dir():
+            raise MailsetupError(f"{flag}: {change.path} is a directory")
+    for result in apply_plan(changes):
+        if result.backup:
+            echo(f"kept the old {result.path} as {result.backup}")
+
+
+def render_conf(raw: dict, queue_key_file: Path | None, aliases_format: str, out: Path | None,
+                force: bool) -> None:
+    """smtpd.conf for `raw` (answers as init's flags name them), with the queue key on disk:
+    printed, or written 0600 to `out`."""
+    from mailsetup import queuekey
+    from mailsetup.model import build_setup
+    from mailsetup.opensmtpd import open_relay_rules
+    from mailsetup.questions import require_answers
+    from mailsetup.render import render_smtpd_conf
+
+    require_answers(raw)
+    if aliases_format not in ("db", "file"):
+        raise MailsetupError(f"--aliases-format: {aliases_format!r} is not db or file")
+    raw = {k: v for k, v in raw.items() if v is not None}
+    raw["smtpd_version"] = smtpd_version_or_installed(raw.get("smtpd_version"))
+    setup = build_setup(raw)
+    qkey = None
+    if setup.queue.encryption:
+        path = queue_key_file or Path(setup.queue.key_file)
+        if not path.exists():
+            raise MailsetupError(
+                f"--queue-key-file: no queue key at {path}; make one with "
+                f"`mailsetup keygen --out {path}` or pass --no-queue-encryption"
+            )
+        qkey = queuekey.read_queue_key(path)
+    text = render_smtpd_conf(setup, qkey, aliases_format)
+    if open_relay_rules(text):
+        raise MailsetupError("internal error: the rendered configuration would be an open relay", exit_code=1)
+    if out is None:
+        import typer
+
+        typer.echo(text, nl=False)
+        return
+    write_new([FileChange(out, text.encode(), 0o600, "--out")], force, "--out")
+    echo(f"wrote {out} (0600)")
+
+
+def make_cert(hostname: str | None, days: int, key_type: str, out_cert: Path | None, out_key: Path | None,
+              csr: Path | None, os_name: str | None, root: Path | None, force: bool) -> None:
+    """A private key and a self-signed certificate (or a CSR), by default where the layout keeps them."""
+    from mailsetup import pki
+    from mailsetup.model import validate_days, validate_dns_name, validate_key_type, validate_path
+    from mailsetup.platforms import detect_os, get_layout, sandboxed
+
+    if not hostname:
+        raise MailsetupError("missing --hostname (the mail host's FQDN, e.g. --hostname mail.example.org)")
+    host = validate_dns_name(hostname, "--hostname")
+    key_type = validate_key_type(key_type)
+    days = validate_days(days)
+    defaults = out_cert is None or out_key is None  # the layout's own folders may be made
+    if out_cert is None or out_key is None:
+        layout = sandboxed(get_layout(os_name or detect_os() or "debian"), root.absolute() if root else None)
+        out_cert = out_cert or Path(layout.cert_dir / f"{host}.crt")
+        out_key = out_key or Path(layout.key_dir / f"{host}.key")
+    validate_path(out_key.absolute(), "--out-key")
+    validate_path(out_cert.absolute(), "--out-cert")
+    key = pki.generate_key(key_type)
+    changes = [FileChange(out_key, pki.key_pem(key), pki.KEY_MODE, "private key", secret=True)]
+    if csr is not None:
+        changes.append(FileChange(csr, pki.csr(key, host), 0o644, "certificate signing request"))
+    else:
+        changes.append(FileChange(out_cert, pki.self_signed_cert(key, host, days), pki.CERT_MODE, "certificate"))
+    write_new(changes, force, "--out-key" if out_key.exists() else "--out-cert", make_dirs=defaults)
+    echo(f"wrote {out_key} (0600, {key_type})")
+    if csr is not None:
+        echo(f"wrote {csr}: send it to your CA, then run init with --cert CERT --key {out_key}")
+    else:
+        info = pki.inspect_cert(pki.load_cert(out_cert))
+        echo(f"wrote {out_cert} ({host}, expires {info.not_after:%Y-%m-%d})")
+        echo(f"SHA-256 fingerprint: {info.fingerprint_sha256}")
+
+
+def make_queue_key(out: Path | None, force: bool) -> None:
+    """A queue encryption key, printed, or written 0600 to `out`."""
+    from mailsetup import queuekey
+
+    key = queuekey.generate_queue_key()
+    if out is None:
+        echo(key)
+        return
+    write_new([FileChange(out, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE, "--out")], force, "--out")
+    echo(f"wrote {out} (0600); smtpd.conf: queue encryption <the key in {out}>", err=True)
+
+
+def build_aliases(source: Path, out: Path | None, check: bool, smtpd_version: str | None) -> None:
+    """Check an aliases file and, unless `check`, write its database as `makemap -t aliases` does."""
+    from mailsetup import aliases as aliases_mod
+    from mailsetup.model import DEFAULT_SMTPD_VERSION, parse_version
+
+    # 7.5 and later read aliases differently: follow the smtpd that will read this db
+    found = smtpd_version_or_installed(smtpd_version)
+    version = parse_version(found) if found else DEFAULT_SMTPD_VERSION
+    entries = aliases_mod.parse_aliases_file(source, version)
+    for name in aliases_mod.missing_rfc2142(entries):
+        echo(f"warning: {source}: no {name} alias (RFC 2142 wants {name}@ to reach a person)", err=True,
+             fg="yellow")
+    if check:
+        echo(f"{source}: {len(entries)} aliases, OK")
+        return
+    out = out or source.with_name(source.name + ".db")
+    backend = aliases_mod.db_backend()
+    if backend == "dbm":
+        db = aliases_mod.build_aliases_db(entries)
+    elif backend == "makemap":
+        echo("note: this Python's dbm cannot write Berkeley DB; using makemap", err=True)
+        db = aliases_mod.build_aliases_db_with_makemap(source.read_text(encoding="utf-8"), entries)
+    else:
+        raise MailsetupError(
+            "no Berkeley DB writer here (Python's dbm.ndbm or makemap): use `table aliases "
+            f"file:{source}` in smtpd.conf instead of a db: table",
+            exit_code=1,
+        )
+    apply_plan([FileChange(out, db, aliases_mod.ALIASES_MODE, "aliases.db")])
+    echo(f"wrote {out}: {len(entries)} aliases")
