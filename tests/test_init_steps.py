@@ -93,3 +93,28 @@ def test_the_answers_file_records_choices_and_leaves_defaults_out(sandbox: Path)
         assert default not in recorded  # a default stays a default, following the layout next time
     for never in ("user", "smoke", "Secr3t", "root ="):
         assert never not in recorded
+
+
+def test_a_rerun_that_changes_settings_asks_again_and_records_the_new_choice(tmp_path: Path):
+    """The re-run's "change settings": every question no flag answered, the last run's answers as
+    defaults; the model is built again from the new answers (no path covered this before)."""
+    from test_wizard import DOWN, answer, finish, first_run, spawn
+
+    root = tmp_path / "root"
+    assert first_run(root)[0] == 0
+    child = spawn("init", "--root", root)
+    answer(child, r"What now\?", DOWN * 4 + "\r")  # change settings
+    for prompt in (r"Mail domain \(--domain\)", r"--hostname", r"OS layout", r"TLS certificate", r"Key type"):
+        answer(child, prompt, "\r")  # keep the last run's answer
+    answer(child, r"Compress the queue", "y")
+    answer(child, r"Encrypt the queue", "y")
+    answer(child, r"Import an existing aliases file", "n")
+    answer(child, r"\(--admin\)", "\x15bob\r")
+    answer(child, r"First mail user", "\x15\r")  # none this time
+    answer(child, r"Run the smoke test when done \(--smoke\)", "n")
+    answer(child, r"Write these 3 file\(s\)\?", "y")
+    code, text = finish(child)
+    assert code == 0, text
+    assert "root's mail now goes to bob (was alice)" in text and "Smoke test skipped." in text
+    recorded = (root / "etc/mailsetup/answers.toml").read_text()
+    assert 'admin = "bob"' in recorded and 'key_type = "ecdsa-p256"' in recorded
