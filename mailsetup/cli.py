@@ -230,17 +230,6 @@ def aliases_cmd(
     build_aliases(source, out, check, smtpd_version)
 
 
-def _parse_hostport(value: str | None, flag: str) -> tuple[str, int] | None:
-    if not value:
-        return None
-    from mailsetup.model import validate_port
-
-    host, sep, port = value.rpartition(":")
-    if not sep or not host:
-        raise MailsetupError(f"{flag}: {value!r} is not HOST:PORT")
-    return host.strip("[]"), validate_port(port, flag)
-
-
 @app.command()
 def serve(
     root: Root = None,
@@ -260,7 +249,7 @@ def serve(
 ) -> None:
     """Run the embedded MTA in the foreground on the set-up's files (Ctrl-C or SIGTERM stops it)."""
     from mailsetup.answers import load_setup
-    from mailsetup.model import validate_listen, validate_port
+    from mailsetup.model import validate_hostport, validate_listen, validate_port
     from mailsetup.mta.server import MtaOptions, load_runtime
 
     setup = load_setup(root, os_name)
@@ -268,7 +257,7 @@ def serve(
         listen=validate_listen(listen, "--listen", "linux"),
         smtp_port=validate_port(smtp_port, "--smtp-port") if smtp_port else 0,
         submission_port=validate_port(submission_port, "--submission-port") if submission_port else 0,
-        relay_host=_parse_hostport(relay_host, "--relay-host"),
+        relay_host=validate_hostport(relay_host, "--relay-host") if relay_host else None,
         local_peers=frozenset() if loopback_is_remote else frozenset({"127.0.0.1", "::1"}),
         max_connections=max_connections,
         timeout=timeout,

@@ -57,11 +57,9 @@ class Out:
     def say(self, text: str = "", fg: str | None = None, err: bool = False) -> None:
         if self.opts.quiet or (self.opts.as_json and not err):
             return
-        import typer
+        from mailsetup.report import echo
 
-        if fg and not os.environ.get("NO_COLOR"):
-            text = typer.style(text, fg=fg)
-        typer.echo(text, err=err)
+        echo(text, err=err, fg=fg)
 
     @contextlib.contextmanager
     def working(self, what: str):

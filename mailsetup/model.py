@@ -184,6 +184,14 @@ def validate_days(value: Any, flag: str = "--days") -> int:
     return days
 
 
+def validate_hostport(value: str, flag: str) -> tuple[str, int]:
+    """HOST:PORT, [V6]:PORT."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise MailsetupError(f"{flag}: {value!r} is not HOST:PORT")
+    return host.strip("[]"), validate_port(port, flag)
+
+
 def parse_version(value: Any, flag: str = "--smtpd-version") -> tuple[int, int]:
     m = re.match(r"^\s*(\d+)\.(\d+)", str(value))
     if not m:
