@@ -196,8 +196,6 @@ class _OpenSmtpd:
         self.policy = None
 
     def start(self) -> str:
-        import pwd
-
         from mailsetup import aliases as aliases_mod
         from mailsetup.mta.policy import policy_for
         from mailsetup.realsmtpd import RealSmtpd, derive_config
@@ -208,14 +206,7 @@ class _OpenSmtpd:
         conf = derive_config(read_secret(Path(self.setup.layout.smtpd_conf)).decode(), self.setup.hostname, smtp, sub,
                              self.sink.port)
         aliases = aliases_mod.read_aliases_db(Path(self.setup.layout.aliases_db))
-
-        def system_user(name: str) -> bool:
-            try:
-                return pwd.getpwnam(name).pw_uid != 0
-            except KeyError:
-                return False
-
-        self.policy = policy_for(self.setup, aliases, system_user)
+        self.policy = policy_for(self.setup, aliases, (), for_smtpd=True)
         self.real = RealSmtpd(self.smtpd, conf, (smtp, sub)).start()
         self.ports = {"smtp": smtp, "submission": sub}
         where = "a private spool" if self.real.isolated else "the system spool"

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import pwd
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,12 +169,14 @@ class Policy:
         if name in seen:
             return None  # a loop: this branch adds nothing new
         seen.add(name)
-        value = self.aliases.get(name)
+        # smtpd's aliases_get: the name as given, then cut at the first '+' (team+x is team)
+        value = aliases_mod.lookup(self.aliases, name)
         if value is None:
-            if name == "root":
+            user = name.split("+", 1)[0]  # smtpd delivers alice+tag to alice (measured on 7.4)
+            if user == "root":
                 return _refuse(550, "5.1.1 smtpd does not deliver to root: alias root to a person")
-            if self.is_local_user(name):
-                users.append(name)
+            if user and self.is_local_user(user):
+                users.append(user)
                 return None
             return _refuse(550, "5.1.1 invalid recipient") if depth == 0 else None
         targets, problem = split_value(value)
@@ -233,19 +236,27 @@ def local_names() -> frozenset[str]:
     return frozenset({"localhost", machine_mailname(), "[127.0.0.1]", "[ipv6:::1]"})
 
 
-def policy_for(setup: MailSetup, aliases: Mapping[str, str], is_local_user: Callable[[str], bool],
-               local_peers: frozenset[str] = LOOPBACK) -> Policy:
-    """The one Policy for a set-up, from the same model as the template's match rules."""
+def policy_for(setup: MailSetup, aliases: Mapping[str, str], logins: Iterable[str],
+               local_peers: frozenset[str] = LOOPBACK, *, for_smtpd: bool = False) -> Policy:
+    """The one Policy for a set-up, from the same model as the template's match rules: the server,
+    doctor and smoke all ask it. `logins` are the credentials table's users; `local_peers` empty
+    treats every peer as remote (doctor asks as a stranger would); `for_smtpd` judges local users as
+    the real smtpd does (system accounts, even for a sandbox)."""
+    is_local_user = local_user_check(setup, aliases, logins, system_accounts=for_smtpd)
     return Policy(frozenset({setup.domain}), aliases, is_local_user, local_peers, local_names=local_names())
 
 
 _USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
 
-def local_user_check(setup: MailSetup, aliases: dict[str, str], creds: dict[str, str]) -> Callable[[str], bool]:
+def local_user_check(setup: MailSetup, aliases: Mapping[str, str], creds: Iterable[str],
+                     system_accounts: bool = False) -> Callable[[str], bool]:
     """Who counts as a local user. On a real host: a person's account (platforms.person_account, the
     rule --admin is held to as well). In a sandbox: a login, or a plain name an alias points at, or a
-    home already made there."""
+    home already made there. With `system_accounts`: any account but root, which is whom the real
+    smtpd delivers to, in a sandbox too."""
+    if system_accounts:
+        return _system_account
     if setup.root is None:
         first = uid_min()  # read once, not per recipient
         return lambda name: person_account(name, first)
@@ -263,3 +274,10 @@ def local_user_check(setup: MailSetup, aliases: dict[str, str], creds: dict[str,
             return False
         return name in named or (home / name).is_dir()
     return sandbox_user
+
+
+def _system_account(name: str) -> bool:
+    try:
+        return pwd.getpwnam(name).pw_uid != 0
+    except KeyError:
+        return False
