@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from mailsetup import opensmtpd
 from mailsetup.errors import MailsetupError
 
 
@@ -41,13 +41,6 @@ def derive_config(rendered: str, hostname: str, smtp_port: int, submission_port:
         raise MailsetupError("smtpd.conf does not look like mailsetup's (no listen or outbound relay lines)",
                              exit_code=1)
     return text
-
-
-def _isolation_works() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
-    return probe.returncode == 0
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15, host: str = "127.0.0.1") -> None:
@@ -81,23 +74,10 @@ class RealSmtpd:
         fd = os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the queue key
         with os.fdopen(fd, "w") as fh:
             fh.write(self.conf_text)
-        check = subprocess.run([self.smtpd, "-n", "-f", str(self.conf)], capture_output=True, text=True, timeout=30)
-        if check.returncode != 0:
-            raise MailsetupError(f"smtpd -n refuses the loopback copy of smtpd.conf: "
-                                 f"{(check.stderr or check.stdout).strip()}", exit_code=1)
-        if _isolation_works():
-            spool = self.work / "spool"
-            spool.mkdir(mode=0o711)
-            script = ('mount --bind "$1" /var/spool/smtpd && mount -t tmpfs -o mode=0755 tmpfs /run'
-                      ' && exec "$2" -d -f "$3"')
-            cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
-                   "sh", str(spool), self.smtpd, str(self.conf)]
-            self.isolated = True
-        else:
-            cmd = [self.smtpd, "-d", "-f", str(self.conf)]
-        with self.log.open("w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+        opensmtpd.require_config_ok(self.conf, self.smtpd, "the loopback copy of smtpd.conf")
+        spool = self.work / "spool"
+        spool.mkdir(mode=0o711)
+        self.proc, self.isolated = opensmtpd.start_foreground(self.smtpd, self.conf, self.log, spool)
         try:
             for port in self.ports:
                 wait_port(port, self.proc)
@@ -114,16 +94,8 @@ class RealSmtpd:
             return ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(10)
+        if self.proc is not None:
+            opensmtpd.stop_foreground(self.proc)
         shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self) -> RealSmtpd:
