@@ -1,46 +1,70 @@
-"""The real OpenSMTPD on loopback, for the smoke test: the rendered smtpd.conf with only its
-listeners (free loopback ports) and its outbound relay (a local sink) changed, run in the
+"""The real OpenSMTPD on loopback, for the smoke test: smtpd.conf rendered from the set-up with only
+its listeners (free loopback ports) and its outbound relay (a local sink) changed, run in the
 foreground with its own spool and control socket, always stopped.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from mailsetup import opensmtpd
 from mailsetup.errors import MailsetupError
+from mailsetup.files import read_secret
+from mailsetup.model import Listener, MailSetup
+from mailsetup.queuekey import read_queue_key
+from mailsetup.render import render_smtpd_conf
 
 
-def derive_config(rendered: str, hostname: str, smtp_port: int, submission_port: int, relay_port: int,
-                  listen: str = "127.0.0.1") -> str:
-    """The same configuration with its listeners moved to loopback ports and relaying to a sink."""
-    out = []
-    placed = False
-    for line in rendered.splitlines():
-        if line.startswith("listen on "):
-            if not placed:
-                for port, mode in ((smtp_port, "tls"), (submission_port, "tls-require")):
-                    auth = "auth-optional" if mode == "tls" else "auth"
-                    out.append(f"listen on {listen} port {port} {mode} pki {hostname} {auth} <creds> "
-                               f"hostname {hostname}")
-                placed = True
-            continue
-        relay = re.match(r'^action "outbound" relay(?P<helo> helo \S+)?\s*$', line)
-        if relay:
-            line = f'action "outbound" relay host smtp://127.0.0.1:{relay_port}{relay["helo"] or ""}'
-        out.append(line)
-    text = "\n".join(out) + "\n"
-    if not placed or f"relay host smtp://127.0.0.1:{relay_port}" not in text:
-        raise MailsetupError("smtpd.conf does not look like mailsetup's (no listen or outbound relay lines)",
-                             exit_code=1)
-    return text
+def loopback_setup(setup: MailSetup, smtp_port: int, submission_port: int, listen: str = "127.0.0.1") -> MailSetup:
+    """The same set-up listening only on loopback ports: the smtp and submission listeners moved, and
+    no `listen on localhost` (port 25 on loopback may be this host's own smtpd's)."""
+    listeners = (Listener("smtp", listen, smtp_port, "starttls", "optional"),
+                 Listener("submission", listen, submission_port, "require", "required"))
+    return replace(setup, listeners=listeners, layout=replace(setup.layout, localhost_listener=""))
+
+
+def loopback_config(setup: MailSetup, smtp_port: int, submission_port: int, relay_port: int,
+                    listen: str = "127.0.0.1") -> str:
+    """smtpd.conf for the loopback smtpd, rendered from the model through the same template as the
+    real one, relaying to a sink on `relay_port`. It uses the set-up's own files (cert, key, queue
+    key, aliases.db or the aliases file, credentials)."""
+    return render_smtpd_conf(loopback_setup(setup, smtp_port, submission_port, listen), *_render_inputs(setup),
+                             relay_host=f"smtp://127.0.0.1:{relay_port}")
+
+
+def _render_inputs(setup: MailSetup) -> tuple[str | None, str]:
+    """The queue key and the aliases table format the written smtpd.conf was rendered with."""
+    queue_key = read_queue_key(Path(setup.queue.key_file)) if setup.queue.encryption else None
+    return queue_key, "db" if Path(setup.layout.aliases_db).exists() else "file"
+
+
+def _rules(text: str) -> list[tuple[int, str]]:
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def check_written_config(setup: MailSetup) -> None:
+    """The loopback smtpd runs what the set-up renders; so that it proves the smtpd.conf smtpd reads,
+    that file must say the same (comments aside). The error names the first line that differs, never
+    its text (the file holds the queue key)."""
+    path = Path(setup.layout.smtpd_conf)
+    try:
+        found = _rules(read_secret(path).decode(errors="replace"))
+    except FileNotFoundError:
+        raise MailsetupError(f"{path}: missing; run `mailsetup init` first", exit_code=1) from None
+    wanted = _rules(render_smtpd_conf(setup, *_render_inputs(setup)))
+    for i in range(max(len(found), len(wanted))):
+        if i >= len(found) or i >= len(wanted) or found[i][1] != wanted[i][1]:
+            where = f"{path}:{found[i][0]}" if i < len(found) else f"{path}: ends before a line"
+            raise MailsetupError(f"{where} differs from what the set-up renders, so smtpd would not run what the "
+                                 "smoke test proves; re-run `mailsetup init`", exit_code=1)
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15, host: str = "127.0.0.1") -> None:

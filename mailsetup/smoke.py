@@ -198,13 +198,13 @@ class _OpenSmtpd:
     def start(self) -> str:
         from mailsetup import aliases as aliases_mod
         from mailsetup.mta.policy import policy_for
-        from mailsetup.realsmtpd import RealSmtpd, derive_config
+        from mailsetup.realsmtpd import RealSmtpd, check_written_config, loopback_config
 
         smtp = self.ports_wanted[0] or _free_port()
         sub = self.ports_wanted[1] or _free_port()
         _check_reachable_by_smtpd(Path(self.setup.layout.aliases_db))
-        conf = derive_config(read_secret(Path(self.setup.layout.smtpd_conf)).decode(), self.setup.hostname, smtp, sub,
-                             self.sink.port)
+        check_written_config(self.setup)
+        conf = loopback_config(self.setup, smtp, sub, self.sink.port)
         aliases = aliases_mod.read_aliases_db(Path(self.setup.layout.aliases_db))
         self.policy = policy_for(self.setup, aliases, (), for_smtpd=True)
         self.real = RealSmtpd(self.smtpd, conf, (smtp, sub)).start()

@@ -23,7 +23,8 @@ from conftest import IS_ROOT, SMTPD
 from mta_kit import PASSWORD, Serve, Sink, free_port, maildir_new, provision
 from test_real_smtpd import ensure_system_user
 
-from mailsetup.realsmtpd import RealSmtpd, derive_config
+from mailsetup.answers import load_setup
+from mailsetup.realsmtpd import RealSmtpd, loopback_config
 
 STRANGER = "127.0.0.2"  # not one of smtpd's local addresses, nor the embedded MTA's `from local`
 needs_real_smtpd = pytest.mark.skipif(not (SMTPD and IS_ROOT), reason="needs OpenSMTPD installed and root")
@@ -106,7 +107,7 @@ def pair():
     root = provision(base / "root")
     with Sink() as sink, Sink() as smtpd_sink:
         smtp, sub = free_port(), free_port()
-        conf = derive_config((root / "etc/smtpd.conf").read_text(), "mail.example.test", smtp, sub, smtpd_sink.port)
+        conf = loopback_config(load_setup(root), smtp, sub, smtpd_sink.port)
         # Loopback is `from local` for both, as it is for smtpd.
         with RealSmtpd(SMTPD, conf, (smtp, sub)), Serve(root, relay_port=sink.port, remote=False) as serve:
             yield Pair(root, serve, sink, smtp, smtpd_sink)
