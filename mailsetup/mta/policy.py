@@ -57,10 +57,26 @@ def split_address(address: str) -> tuple[str, str] | Decision:
 
     Everything spammers use to slip past relay checks is refused outright: source routes, quoted
     local parts, percent hacks, bang paths, several '@', trailing dots, IP literals for a local part.
+    The checks go in this order (the shape, then the local part, then the domain) so that each
+    address gets the one reason smtpd's reader would see first.
     """
     addr = address.strip()
     if addr.startswith("<") and addr.endswith(">"):
         addr = addr[1:-1]
+    if addr.lower() == "postmaster":
+        return "postmaster", ""  # RFC 5321 4.5.1: <postmaster> with no domain must be accepted
+    refusal = _shape_refusal(addr)
+    if refusal:
+        return refusal
+    local, domain = addr.split("@")
+    if not local:
+        return _refuse(553, "5.1.3 empty local part")
+    if not domain:
+        return _refuse(553, "5.1.3 empty domain")
+    return _local_refusal(local) or _split_domain(local, domain)
+
+
+def _shape_refusal(addr: str) -> Decision | None:
     if not addr:
         return _refuse(553, "5.1.3 empty recipient address")
     if addr.startswith("@"):
@@ -68,22 +84,25 @@ def split_address(address: str) -> tuple[str, str] | Decision:
     if '"' in addr or "\\" in addr:
         return _refuse(553, "5.1.3 quoted local parts are not accepted")
     if addr.count("@") != 1:
-        if addr.count("@") == 0 and addr.lower() == "postmaster":
-            return "postmaster", ""  # RFC 5321 4.5.1: <postmaster> with no domain must be accepted
         return _refuse(553, "5.1.3 an address has exactly one '@'")
-    local, domain = addr.split("@")
-    if not local:
-        return _refuse(553, "5.1.3 empty local part")
-    if not domain:
-        return _refuse(553, "5.1.3 empty domain")
-    if "%" in local:
-        return _refuse(553, "5.1.3 '%' routing (the percent hack) is not accepted")
-    if "!" in local:
-        return _refuse(553, "5.1.3 '!' routing (bang paths) is not accepted")
-    if ":" in local or "," in local:
-        return _refuse(553, "5.1.3 source routes are not accepted")
+    return None
+
+
+_ROUTING = (("%", "5.1.3 '%' routing (the percent hack) is not accepted"),
+            ("!", "5.1.3 '!' routing (bang paths) is not accepted"),
+            (":", "5.1.3 source routes are not accepted"), (",", "5.1.3 source routes are not accepted"))
+
+
+def _local_refusal(local: str) -> Decision | None:
+    for char, why in _ROUTING:
+        if char in local:
+            return _refuse(553, why)
     if not _LOCAL_ATOM.match(local) or local.startswith(".") or local.endswith(".") or ".." in local:
         return _refuse(553, "5.1.3 malformed local part")
+    return None
+
+
+def _split_domain(local: str, domain: str) -> tuple[str, str] | Decision:
     if domain.endswith("."):
         return _refuse(553, "5.1.2 a domain with a trailing dot is not accepted")
     if domain.startswith("[") and domain.endswith("]"):
