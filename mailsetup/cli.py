@@ -421,16 +421,11 @@ def serve(
 
 def _run_smoke_and_report(setup, as_json: bool, smtp_port: int = 0, submission_port: int = 0,
                           engine: str = "embedded", smtpd: str | None = None) -> bool:
-    import json
-
     from mailsetup.report import print_smoke
     from mailsetup.smoke import run_smoke
 
     report = run_smoke(setup, smtp_port=smtp_port, submission_port=submission_port, engine=engine, smtpd=smtpd)
-    if as_json:
-        typer.echo(json.dumps([c.as_dict() for c in report.checks], indent=2))
-    else:
-        print_smoke(report)
+    print_smoke(report, as_json)
     return report.ok
 
 

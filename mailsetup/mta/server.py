@@ -34,7 +34,7 @@ from mailsetup.files import read_secret
 from mailsetup.model import MailSetup
 from mailsetup.mta import maildir
 from mailsetup.mta.data import READ_SIZE, DataState, Spool, lf_chunks, normalise_line_ends, receive_data
-from mailsetup.mta.policy import LOOPBACK, MAX_RECIPIENTS, Policy, local_user_check, policy_for
+from mailsetup.mta.policy import LOOPBACK, MAX_RECIPIENTS, Policy, policy_for
 from mailsetup.mta.queue import MailQueue, RelayWorker
 
 log = logging.getLogger("mailsetup.mta")
@@ -102,8 +102,7 @@ class Runtime:
             log.error("kept the loaded logins: %s", exc.message)
             return False
         self.creds, self.creds_stamp = creds, stamp
-        self.policy = policy_for(self.setup, self.aliases, local_user_check(self.setup, self.aliases, creds),
-                                 self.options.local_peers)
+        self.policy = policy_for(self.setup, self.aliases, creds, self.options.local_peers)
         log.info("loaded %s: %d login(s)", path, len(creds))
         return True
 
@@ -141,7 +140,7 @@ def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
     creds = {c.user: c.hash for c in creds_mod.read_credentials(Path(setup.layout.credentials))}
     key = queuekey.read_queue_key(Path(setup.queue.key_file)) if setup.queue.encryption else None
     queue = MailQueue(options.queue_dir or Path(setup.layout.queue_dir), key, setup.queue.compression)
-    policy = policy_for(setup, aliases, local_user_check(setup, aliases, creds), options.local_peers)
+    policy = policy_for(setup, aliases, creds, options.local_peers)
 
     @functools.lru_cache(maxsize=4096)
     def home(user: str) -> Path:
