@@ -256,62 +256,27 @@ def _walk(directory: Path, verb: str, target: Path, create: bool = False, privat
     only root could have made them); a missing directory is made when `create`. With `last_uid`,
     `directory` itself must instead belong to that user (a home: theirs to change, not root's)."""
     pending = [p for p in reversed(_absolute(directory).parts) if p != "/"]
-    stack: list[tuple[str, int]] = []
+    stack: list[tuple[str, int]] = []  # (path, fd) of each directory entered, / first
     try:
-        fd = os.open("/", _DIR_FLAGS)
-        stack.append(("/", fd))
-        problem = _dir_problem(os.fstat(fd))
+        stack.append(("/", os.open("/", _DIR_FLAGS)))
+        problem = _dir_problem(os.fstat(stack[0][1]))
         if problem:
             raise _refuse(verb, target, f"/ {problem}")
         links = 0
         while pending:
             name = pending.pop()
-            here_dir, fd = stack[-1]
-            if name in ("", "."):
-                continue
-            if name == "..":
-                if len(stack) > 1:
+            if name in ("", ".", ".."):
+                if name == ".." and len(stack) > 1:
                     os.close(stack.pop()[1])
                 continue
-            here = os.path.join(here_dir, name)
-            try:
-                child = os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), here) from None
-                # A new directory that holds a private key is not listable by others; 0755 elsewhere.
-                try:
-                    os.mkdir(name, 0o700 if private and not pending else 0o755, dir_fd=fd)
-                    if created is not None:
-                        created.append(Path(here))
-                except FileExistsError:
-                    pass  # made meanwhile: judged below like any other
-                child = os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                    raise OSError(exc.errno, exc.strerror, here) from None
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if not stat.S_ISLNK(st.st_mode):
-                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), here) from None
-                if st.st_uid != 0:
-                    raise _refuse(verb, target, f"{here} is a symbolic link owned by uid {st.st_uid} "
-                                                f"({_SWAP})") from None
+            here = os.path.join(stack[-1][0], name)
+            child = _open_step(stack[-1][1], name, here, create, private and not pending, created)
+            if child is None:  # a link of root's: its destination's parts are walked in its place
                 links += 1
-                if links > _MAX_LINKS:
-                    raise _refuse(verb, target, f"too many symbolic links at {here}") from None
-                dest = os.readlink(name, dir_fd=fd)
-                if dest.startswith("/"):
-                    while len(stack) > 1:
-                        os.close(stack.pop()[1])
-                pending.extend(p for p in reversed(Path(dest).parts) if p != "/")
+                pending.extend(_link_parts(stack, name, here, verb, target, links))
                 continue
             stack.append((here, child))
-            st = os.fstat(child)
-            if last_uid is not None and not pending:
-                problem = (None if st.st_uid == last_uid
-                           else f"is owned by uid {st.st_uid}, not by its user (uid {last_uid})")
-            else:
-                problem = _dir_problem(st)
+            problem = _step_problem(os.fstat(child), last_uid if not pending else None)
             if problem:
                 raise _refuse(verb, target, f"{here} {problem}")
         here, fd = stack.pop()
@@ -319,6 +284,59 @@ def _walk(directory: Path, verb: str, target: Path, create: bool = False, privat
     finally:
         for _, fd in stack:
             os.close(fd)
+
+
+def _open_step(fd: int, name: str, here: str, create: bool, private: bool, created: list[Path] | None) -> int | None:
+    """fd of the directory `name` in `fd` (which is `here`'s parent), made when missing and `create`;
+    None when `name` is a link or a file, which _link_parts judges."""
+    try:
+        return os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+    except FileNotFoundError:
+        if not create:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), here) from None
+        return _make_step(fd, name, here, private, created)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise OSError(exc.errno, exc.strerror, here) from None
+        return None
+
+
+def _make_step(fd: int, name: str, here: str, private: bool, created: list[Path] | None) -> int:
+    # A new directory that holds a private key is not listable by others; 0755 elsewhere.
+    try:
+        os.mkdir(name, 0o700 if private else 0o755, dir_fd=fd)
+        if created is not None:
+            created.append(Path(here))
+    except FileExistsError:
+        pass  # made meanwhile: judged by the walk like any other
+    return os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+
+
+def _link_parts(stack: list[tuple[str, int]], name: str, here: str, verb: str, target: Path,
+                links: int) -> list[str]:
+    """The parts to walk instead of `name` in the last directory of `stack`, a symbolic link root
+    owns (refused otherwise), in the order they are popped; an absolute one takes the walk back to /."""
+    fd = stack[-1][1]
+    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), here)
+    if st.st_uid != 0:
+        raise _refuse(verb, target, f"{here} is a symbolic link owned by uid {st.st_uid} ({_SWAP})")
+    if links > _MAX_LINKS:
+        raise _refuse(verb, target, f"too many symbolic links at {here}")
+    dest = os.readlink(name, dir_fd=fd)
+    if dest.startswith("/"):
+        while len(stack) > 1:
+            os.close(stack.pop()[1])
+    return [p for p in reversed(Path(dest).parts) if p != "/"]
+
+
+def _step_problem(st: os.stat_result, owner: int | None) -> str | None:
+    """Why a directory on the walk cannot be trusted: the last one of a home must be its user's
+    (`owner`); every other one must pass _dir_problem."""
+    if owner is None:
+        return _dir_problem(st)
+    return None if st.st_uid == owner else f"is owned by uid {st.st_uid}, not by its user (uid {owner})"
 
 
 def _open_dir(directory: Path, verb: str, target: Path, create: bool = False, private: bool = False,
