@@ -67,10 +67,18 @@ def test_keep_backups_2_is_recorded_and_a_rerun_keeps_to_it(sandbox: Path):
     # The other writing commands keep to the set-up's number too.
     args = ("cert", "--hostname", "mail.example.test", "--os", "debian", "--root", sandbox, "--force",
             "--key-type", "ecdsa-p256")
-    for _ in range(3):
+    conf = sandbox / "rendered.conf"
+    creds = sandbox / "etc/mailsetup/credentials"
+    for n in range(3):
         r = run_cli(*args)
         assert r.code == 0, r.err
+        r = run_cli("user", "add", "bob", "--password-stdin", "--root", sandbox, input="a long password 1\n")
+        assert r.code == 0, r.err
+        r = run_cli("render", "--domain", "example.test", "--os", "debian", "--root", sandbox, "--out", conf,
+                    "--force", "--no-queue-encryption", "--smtp-port", str(2500 + n))
+        assert r.code == 0, r.err
     assert len(backups(sandbox / KEY)) == 2 and len(backups(sandbox / CERT)) == 2
+    assert len(backups(creds)) == 2 and len(backups(conf)) == 2
 
 
 def test_a_command_without_a_set_up_keeps_five(tmp_path: Path):
