@@ -940,22 +940,20 @@ def _prune_backups_of(path: Path, fresh: str, keep: int) -> list[Path]:
         dir_fd, _ = _open_dir(path.parent, "remove old backups in", path)
     except (OSError, MailsetupError):
         return []
+    removed: list[Path] = []
     try:
         older = sorted((b for b in _own_backups(dir_fd, path.name) if b[2] != fresh), reverse=True)
-        removed = []
-        for _, _, name in older[keep - 1:]:
-            try:
+        for _, _, name in older[keep - 1:]:  # newest first: the fresh one and keep - 1 of these stay
+            with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=dir_fd)
-            except OSError:
-                continue
-            removed.append(path.with_name(name))
+                removed.append(path.with_name(name))
         if removed:
             os.fsync(dir_fd)
-        return removed
     except OSError:
-        return []
+        pass  # the listing failed, or the fsync: what was removed stays removed, nothing else is
     finally:
         os.close(dir_fd)
+    return removed
 
 
 def _own_backups(dir_fd: int, name: str) -> list[tuple[str, int, str]]:
