@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, init_args, run_cli
+from conftest import IS_ROOT, init_args, needs_smtpd, run_cli
 
 KEY = "etc/ssl/private/mail.example.test.key"
 CERT = "etc/ssl/certs/mail.example.test.crt"
@@ -194,3 +194,19 @@ def test_a_failed_write_removes_no_backup(tmp_path: Path):
         apply_plan(plan, keep_backups=1)
     assert conf.read_text() == "now\n"
     assert backups(conf) == old
+
+
+@needs_smtpd
+def test_a_run_smtpd_refuses_removes_no_backup(sandbox: Path):
+    assert run_cli(*init_args(sandbox, *FAST, "--keep-backups", "1")).code == 0
+    rotate_and_track(sandbox, 1, (KEY, CONF))
+    conf = sandbox / CONF
+    planted = {f"{conf.name}.2000010{day}-000000.bak" for day in range(1, 4)}  # older than any of ours
+    for name in planted:
+        conf.with_name(name).write_text("an old one\n")
+        conf.with_name(name).chmod(0o600)
+    before = {f: backups(sandbox / f) for f in (KEY, CONF)}
+    r = run_cli(*init_args(sandbox, *FAST, "--rotate", "--smtpd-version", "6.0"))  # the old grammar: refused
+    assert r.code == 1 and "smtpd -n refused the new configuration, so every file was put back" in r.err
+    assert {f: backups(sandbox / f) for f in (KEY, CONF)} == before
+    assert planted <= before[CONF]
