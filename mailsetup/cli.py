@@ -253,10 +253,10 @@ def render(
 
 
 def _write_one(path: Path, content: bytes, mode: int, force: bool, flag: str, root: Path | None = None,
-               os_name: str | None = None) -> None:
+               os_name: str | None = None, secret: bool = False) -> None:
     from mailsetup.files import FileChange
 
-    _write_many([FileChange(path, content, mode, flag)], force, flag, root=root, os_name=os_name)
+    _write_many([FileChange(path, content, mode, flag, secret=secret)], force, flag, root=root, os_name=os_name)
 
 
 def _write_many(changes, force: bool, flag: str, make_dirs: bool = False, root: Path | None = None,
@@ -342,7 +342,7 @@ def keygen(
     if out is None:
         typer.echo(key)
         return
-    _write_one(out, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE, force, "--out")
+    _write_one(out, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE, force, "--out", secret=True)
     _echo(f"wrote {out} (0600); smtpd.conf: queue encryption <the key in {out}>", err=True)
 
 

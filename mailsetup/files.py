@@ -124,6 +124,7 @@ class Applied:
     state: str
     backup: Path | None
     mode_before: int | None = None  # of the file replaced (undo gives it back); None: there was none
+    secret: bool = False  # its backups are its owner's alone
 
 
 def fsync_dir(directory: Path) -> None:
@@ -749,7 +750,7 @@ def _tmp_name(name: str) -> str:
 
 def _backup_in(dir_fd: int, path: Path, data: bytes, st: os.stat_result, private: bool = False) -> Path:
     """A dated copy of `path` beside it (NAME.YYYYmmdd-HHMMSS.bak, NAME.YYYYmmdd-HHMMSS.N.bak when
-    that is taken), same mode and group; a secret's copy is its owner's alone (0600 at most), even
+    that is taken), same mode and group; a secret's (`private`) is its owner's alone (0600 at most), even
     where the live file is shared with a group: nothing needs to read an old key or password."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name, n = f"{path.name}.{stamp}.bak", 1
@@ -854,7 +855,7 @@ def apply_plan(plan: Plan | Sequence[FileChange], keep_backups: int | None = Non
             done.append((target, backup, before))
             if change.owner is not None:
                 _let_group_enter(target.parent, change.owner[1], opened_dirs)
-            results.append(Applied(target, state, backup, before))
+            results.append(Applied(target, state, backup, before, change.secret))
     except BaseException as exc:
         _undo(done, created_dirs)
         for directory, uid, gid, mode in reversed(opened_dirs):
@@ -924,18 +925,19 @@ def _chmod_in(dir_fd: int, name: str, mode: int) -> None:
 
 def prune_backups(results: Sequence[Applied], keep: int) -> list[Path]:
     """Remove all but the newest `keep` (at least 1) backups of each file in `results` that was just
-    replaced; the backup just made is always among those kept. Best effort once the new files are in
+    replaced; the backup just made is always among those kept, and a secret's kept backups are made
+    its owner's alone (one an older mailsetup left 0640). Best effort once the new files are in
     place: a folder that can no longer be trusted, or a backup that cannot be removed, stays as it is.
     Returns what was removed."""
     keep = max(1, keep)
     removed: list[Path] = []
     for result in results:
         if result.backup is not None:
-            removed += _prune_backups_of(Path(result.path), result.backup.name, keep)
+            removed += _prune_backups_of(Path(result.path), result.backup.name, keep, result.secret)
     return removed
 
 
-def _prune_backups_of(path: Path, fresh: str, keep: int) -> list[Path]:
+def _prune_backups_of(path: Path, fresh: str, keep: int, secret: bool = False) -> list[Path]:
     try:
         dir_fd, _ = _open_dir(path.parent, "remove old backups in", path)
     except (OSError, MailsetupError):
@@ -943,6 +945,9 @@ def _prune_backups_of(path: Path, fresh: str, keep: int) -> list[Path]:
     removed: list[Path] = []
     try:
         older = sorted((b for b in _own_backups(dir_fd, path.name) if b[2] != fresh), reverse=True)
+        for _, _, name in older[:keep - 1] if secret else ():
+            with contextlib.suppress(OSError):
+                _owner_only_in(dir_fd, name)
         for _, _, name in older[keep - 1:]:  # newest first: the fresh one and keep - 1 of these stay
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=dir_fd)
@@ -954,6 +959,18 @@ def _prune_backups_of(path: Path, fresh: str, keep: int) -> list[Path]:
     finally:
         os.close(dir_fd)
     return removed
+
+
+def _owner_only_in(dir_fd: int, name: str) -> None:
+    """Take group's and others' bits off a backup of a secret: opened without following a link, and
+    changed only when it is a regular file of ours."""
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o600)
+    finally:
+        os.close(fd)
 
 
 def _own_backups(dir_fd: int, name: str) -> list[tuple[str, int, str]]:

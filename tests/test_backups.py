@@ -210,3 +210,14 @@ def test_a_run_smtpd_refuses_removes_no_backup(sandbox: Path):
     assert r.code == 1 and "smtpd -n refused the new configuration, so every file was put back" in r.err
     assert {f: backups(sandbox / f) for f in (KEY, CONF)} == before
     assert planted <= before[CONF]
+
+
+def test_a_secrets_backup_an_older_run_left_readable_is_made_0600(tmp_path: Path):
+    key = tmp_path / "queue.key"
+    assert run_cli("keygen", "--out", key).code == 0
+    older = key.with_name(f"{key.name}.20000101-000000.bak")  # as an older mailsetup may have left one
+    older.write_text("0123456789abcdef0123456789abcdef\n")
+    older.chmod(0o640)
+    r = run_cli("keygen", "--out", key, "--force")
+    assert r.code == 0, r.err
+    assert len(backups(key)) == 2 and {mode(key.with_name(n)) for n in backups(key)} == {0o600}
