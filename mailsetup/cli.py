@@ -86,6 +86,12 @@ Encryption = Annotated[bool, typer.Option("--queue-encryption/--no-queue-encrypt
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
+def _keep_backups(text: str) -> int:
+    from mailsetup.model import validate_keep_backups
+
+    return validate_keep_backups(text, "--keep-backups")
+
+
 def _raw_answers(**values) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
@@ -129,6 +135,10 @@ def init(
     max_message_size: Annotated[
         int | None, typer.Option("--max-message-size", help="Largest message accepted, in bytes (35 MB).")
     ] = None,
+    keep_backups: Annotated[
+        int | None, typer.Option("--keep-backups", parser=_keep_backups, metavar="N",
+                                 help="Dated backups kept of each file written (5); older ones are removed.")
+    ] = None,
     user: Annotated[str | None, typer.Option("--user", help="Add this mail user (password: asked, or stdin).")] = None,
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="--user's password on stdin")] = False,
     answers: Annotated[Path | None, typer.Option("--answers", help="A TOML answers file (keys = flag names).")] = None,
@@ -165,7 +175,7 @@ def init(
         cert=str(cert) if cert else None, key=str(key) if key else None, listen=listen or None,
         smtp_port=smtp_port, submission_port=submission_port, smtpd_version=smtpd_version,
         queue_compression=queue_compression, queue_encryption=queue_encryption,
-        max_message_size=max_message_size, user=user,
+        max_message_size=max_message_size, keep_backups=keep_backups, user=user,
     )
     if smoke_flag is not None:
         flags["smoke"] = smoke_flag
@@ -238,17 +248,21 @@ def render(
     if out is None:
         typer.echo(text, nl=False)
         return
-    _write_one(out, text.encode(), 0o600, force, "--out")
+    _write_one(out, text.encode(), 0o600, force, "--out", root, os_name)
     _echo(f"wrote {out} (0600)")
 
 
-def _write_one(path: Path, content: bytes, mode: int, force: bool, flag: str) -> None:
+def _write_one(path: Path, content: bytes, mode: int, force: bool, flag: str, root: Path | None = None,
+               os_name: str | None = None, secret: bool = False) -> None:
     from mailsetup.files import FileChange
 
-    _write_many([FileChange(path, content, mode, flag)], force, flag)
+    _write_many([FileChange(path, content, mode, flag, secret=secret)], force, flag, root=root, os_name=os_name)
 
 
-def _write_many(changes, force: bool, flag: str, make_dirs: bool = False) -> None:
+def _write_many(changes, force: bool, flag: str, make_dirs: bool = False, root: Path | None = None,
+                os_name: str | None = None) -> None:
+    """Write `changes`, keeping as many backups of each as the set-up under `root` (or this host's) keeps."""
+    from mailsetup.answers import kept_backups
     from mailsetup.files import apply_plan
 
     for change in changes:
@@ -258,7 +272,7 @@ def _write_many(changes, force: bool, flag: str, make_dirs: bool = False) -> Non
             raise MailsetupError(f"{flag}: {change.path} exists; pass --force to replace it (a backup is kept)")
         if change.path.is_dir():
             raise MailsetupError(f"{flag}: {change.path} is a directory")
-    for result in apply_plan(changes):
+    for result in apply_plan(changes, kept_backups(root, os_name)):
         if result.backup:
             _echo(f"kept the old {result.path} as {result.backup}")
 
@@ -304,7 +318,8 @@ def cert(
         changes.append(FileChange(csr, pki.csr(key, host), 0o644, "certificate signing request"))
     else:
         changes.append(FileChange(out_cert, pki.self_signed_cert(key, host, days), pki.CERT_MODE, "certificate"))
-    _write_many(changes, force, "--out-key" if out_key.exists() else "--out-cert", make_dirs=defaults)
+    _write_many(changes, force, "--out-key" if out_key.exists() else "--out-cert", make_dirs=defaults, root=root,
+                os_name=os_name)
     _echo(f"wrote {out_key} (0600, {key_type})")
     if csr is not None:
         _echo(f"wrote {csr}: send it to your CA, then run init with --cert CERT --key {out_key}")
@@ -327,7 +342,7 @@ def keygen(
     if out is None:
         typer.echo(key)
         return
-    _write_one(out, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE, force, "--out")
+    _write_one(out, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE, force, "--out", secret=True)
     _echo(f"wrote {out} (0600); smtpd.conf: queue encryption <the key in {out}>", err=True)
 
 
@@ -341,6 +356,7 @@ def aliases_cmd(
 ) -> None:
     """Validate an aliases file and build aliases.db the way `makemap -t aliases` does."""
     from mailsetup import aliases as aliases_mod
+    from mailsetup.answers import kept_backups
     from mailsetup.files import FileChange, apply_plan
     from mailsetup.model import DEFAULT_SMTPD_VERSION, parse_version
 
@@ -367,7 +383,7 @@ def aliases_cmd(
             f"file:{source}` in smtpd.conf instead of a db: table",
             exit_code=1,
         )
-    apply_plan([FileChange(out, db, aliases_mod.ALIASES_MODE, "aliases.db")])
+    apply_plan([FileChange(out, db, aliases_mod.ALIASES_MODE, "aliases.db")], kept_backups(None))
     _echo(f"wrote {out}: {len(entries)} aliases")
 
 
@@ -577,10 +593,12 @@ def _write_credentials(root: Path | None, os_name: str | None, creds: list, done
     from mailsetup.opensmtpd import smtpd_tables_reading, update_table
     from mailsetup.platforms import LAYOUTS
 
-    layout = load_setup(root, os_name).layout
+    setup = load_setup(root, os_name)
+    layout = setup.layout
     path = Path(layout.credentials)
     mode, owner = c.table_access(layout.smtpd_user)
-    apply_plan([FileChange(path, c.render_credentials(creds), mode, "credentials", secret=True, owner=owner)])
+    apply_plan([FileChange(path, c.render_credentials(creds), mode, "credentials", secret=True, owner=owner)],
+               setup.keep_backups)
     _echo(f"{done} {path}")
     users = smtpd_tables_reading(path, Path(LAYOUTS[layout.name].smtpd_conf))
     if not users:

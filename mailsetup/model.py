@@ -21,6 +21,7 @@ KEY_TYPES = ("rsa-2048", "rsa-4096", "ecdsa-p256")
 DEFAULT_SMTPD_VERSION = (7, 4)
 MODERN_GRAMMAR = (6, 4)  # action/match, `pki … cert`, `queue encryption KEY`
 DEFAULT_MAX_MESSAGE_SIZE = 35 * 1024 * 1024  # smtpd's default
+DEFAULT_KEEP_BACKUPS = 5  # dated backups kept of each file, as certbot keeps five versions
 
 # Characters that end a token, start a comment or a macro, or open a block in smtpd.conf.
 _HOSTILE = {
@@ -166,6 +167,19 @@ def validate_port(value: Any, flag: str) -> int:
     return port
 
 
+def validate_keep_backups(value: Any, flag: str = "--keep-backups") -> int:
+    """How many dated backups of each file are kept: a whole number, at least 1."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError
+        count = int(str(value).strip(), 10)
+    except ValueError:
+        raise MailsetupError(f"{flag}: {value!r} is not a number of backups (1 or more)") from None
+    if count < 1:
+        raise MailsetupError(f"{flag}: {count} is too few: keep at least 1 backup of each file")
+    return count
+
+
 def parse_version(value: Any, flag: str = "--smtpd-version") -> tuple[int, int]:
     m = re.match(r"^\s*(\d+)\.(\d+)", str(value))
     if not m:
@@ -228,6 +242,7 @@ class MailSetup:
     aliases_import: Path | None = None  # a user's aliases file to adopt
     smtpd_version: tuple[int, int] = DEFAULT_SMTPD_VERSION
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    keep_backups: int = DEFAULT_KEEP_BACKUPS  # dated backups kept of each file written
     # Relay is allowed only to authenticated or local senders; nothing renders any other policy.
     relay: str = field(default="auth-or-local", init=False)
 
@@ -367,4 +382,5 @@ def build_setup(raw: Mapping[str, Any]) -> MailSetup:
         domain=domain, hostname=hostname, os_name=os_name, layout=layout, root=root, tls=tls,
         queue=queue, listeners=tuple(listeners), aliases_import=aliases_import,
         smtpd_version=version, max_message_size=size,
+        keep_backups=validate_keep_backups(raw.get("keep_backups", DEFAULT_KEEP_BACKUPS)),
     )

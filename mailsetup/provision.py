@@ -14,7 +14,7 @@ from mailsetup import aliases as aliases_mod
 from mailsetup import answers as answers_mod
 from mailsetup import credentials, queuekey
 from mailsetup.errors import MailsetupError
-from mailsetup.files import Applied, FileChange, Plan, apply_plan, read_input, undo_applied
+from mailsetup.files import Applied, FileChange, Plan, apply_plan, prune_backups, read_input, undo_applied
 from mailsetup.model import MailSetup, validate_admin
 from mailsetup.opensmtpd import (
     check_config,
@@ -230,6 +230,8 @@ def recorded_answers(setup: MailSetup, raw: dict, admin: str | None, key_type: s
         out["cert"], out["key"] = str(setup.tls.cert), str(setup.tls.key)
     if "listen" in out:
         out["listen"] = list(out["listen"])
+    if "keep_backups" in out:  # as a number, however it was given
+        out["keep_backups"] = setup.keep_backups
     return out
 
 
@@ -310,6 +312,7 @@ def apply_and_verify(prov: Provisioning) -> tuple[list[Applied], ConfigVerdict]:
             + _version_mismatch(prov.setup),
             exit_code=1,
         )
+    prune_backups(results, prov.setup.keep_backups)  # only now: a refused run above puts the old files back
     return results, verdict
 
 
