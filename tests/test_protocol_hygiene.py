@@ -568,7 +568,7 @@ def test_a_path_the_parser_trips_on_is_refused_like_smtpd_not_an_exception(pair:
     string index out of range". Now each gets the class of answer smtpd gives, no exception on the
     wire, and the session goes on."""
     for arg in (b"", b"<", b"<a@", b"<a@[>", b"<a@[127.0.0.1>", b"<a@b]>", b"<a@b..c>",
-                b"<a@b", b"a@b", b" <a@b>", b"<a@b>x", b"<a@[127.0.0.1]>", b'<"a b"@c.d>',
+                b"<a@b", b"a@b", b" <a@b>", b"<a@b>x", b'<"a b"@c.d>',
                 b'<"ab"@c.d>', b"<@x:a@b>", b"<a(c)@b>", b"<a@b> FOO", b"<a@b>\tSIZE=1", b"<a@b> ", b"<a@b>>"):
         replies = pair.session(b"EHLO client.example.net\r\n", b"MAIL FROM:" + arg + b"\r\n",
                                b"MAIL FROM:<a@example.net>\r\n", b"RCPT TO:" + arg + b"\r\n", b"RSET\r\n")
