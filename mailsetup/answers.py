@@ -16,6 +16,7 @@ ANSWERS_MODE = 0o644
 KEYS = (
     "domain", "hostname", "os", "admin", "tls", "key_type", "days", "cert", "key", "listen", "smtp_port",
     "submission_port", "smtpd_version", "queue_compression", "queue_encryption", "max_message_size",
+    "keep_backups",
 )
 SECRET_WORDS = ("password", "secret", "queue_key")
 
@@ -73,7 +74,31 @@ def load_answers(path: Path, ours: bool = False) -> dict[str, Any]:
     for key in parsed:
         if any(word in key for word in SECRET_WORDS):
             raise MailsetupError(f"{path}: {key!r}: secrets never go in the answers file")
+    if "keep_backups" in parsed:  # judged here, where its line is known
+        from mailsetup.model import validate_keep_backups
+
+        parsed["keep_backups"] = validate_keep_backups(
+            parsed["keep_backups"], f"{path}{_line_of(data, 'keep_backups')}: keep_backups")
     return parsed
+
+
+def _line_of(data: bytes, key: str) -> str:
+    """":N", the line where `key` is set in a TOML file's text ("" when it is not found plainly)."""
+    for number, line in enumerate(data.decode("utf-8").split("\n"), 1):
+        if line.split("=", 1)[0].strip().strip("\"'") == key:
+            return f":{number}"
+    return ""
+
+
+def kept_backups(root: Path | None, os_name: str | None = None) -> int:
+    """How many dated backups of each file the set-up under `root` (or this host's) keeps; the
+    default where there is none."""
+    from mailsetup.model import DEFAULT_KEEP_BACKUPS
+
+    path = existing_answers(root.absolute() if root else None, os_name)
+    if path is None:
+        return DEFAULT_KEEP_BACKUPS
+    return load_answers(path, ours=True).get("keep_backups", DEFAULT_KEEP_BACKUPS)
 
 
 def find_answers(root: Path | None, os_name: str | None) -> Path:

@@ -22,9 +22,13 @@ def smtpd_version_or_installed(given: str | None) -> str | None:
     return f"{found[0]}.{found[1]}" if found else None
 
 
-def write_new(changes: list[FileChange], force: bool, flag: str, make_dirs: bool = False) -> None:
-    """Write files the user named: never over one without --force (its backup is kept then), never
-    into a folder that does not exist unless it is the layout's own (make_dirs)."""
+def write_new(changes: list[FileChange], force: bool, flag: str, make_dirs: bool = False,
+              root: Path | None = None, os_name: str | None = None) -> None:
+    """Write files the user named: never over one without --force (its backup is kept then, as many
+    as the set-up under `root`, or this host's, keeps), never into a folder that does not exist
+    unless it is the layout's own (make_dirs)."""
+    from mailsetup.answers import kept_backups
+
     for change in changes:
         if not make_dirs and not change.path.parent.is_dir():
             raise MailsetupError(f"{flag}: the folder {change.path.parent} does not exist")
@@ -32,7 +36,7 @@ def write_new(changes: list[FileChange], force: bool, flag: str, make_dirs: bool
             raise MailsetupError(f"{flag}: {change.path} exists; pass --force to replace it (a backup is kept)")
         if change.path.is_dir():
             raise MailsetupError(f"{flag}: {change.path} is a directory")
-    for result in apply_plan(changes):
+    for result in apply_plan(changes, kept_backups(root, os_name)):
         if result.backup:
             echo(f"kept the old {result.path} as {result.backup}")
 
@@ -70,7 +74,8 @@ def render_conf(raw: dict, queue_key_file: Path | None, aliases_format: str, out
 
         typer.echo(text, nl=False)
         return
-    write_new([FileChange(out, text.encode(), 0o600, "--out")], force, "--out")
+    write_new([FileChange(out, text.encode(), 0o600, "--out")], force, "--out", root=raw.get("root"),
+              os_name=raw.get("os"))
     echo(f"wrote {out} (0600)")
 
 
@@ -99,7 +104,8 @@ def make_cert(hostname: str | None, days: int, key_type: str, out_cert: Path | N
         changes.append(FileChange(csr, pki.csr(key, host), 0o644, "certificate signing request"))
     else:
         changes.append(FileChange(out_cert, pki.self_signed_cert(key, host, days), pki.CERT_MODE, "certificate"))
-    write_new(changes, force, "--out-key" if out_key.exists() else "--out-cert", make_dirs=defaults)
+    write_new(changes, force, "--out-key" if out_key.exists() else "--out-cert", make_dirs=defaults, root=root,
+              os_name=os_name)
     echo(f"wrote {out_key} (0600, {key_type})")
     if csr is not None:
         echo(f"wrote {csr}: send it to your CA, then run init with --cert CERT --key {out_key}")
@@ -117,7 +123,8 @@ def make_queue_key(out: Path | None, force: bool) -> None:
     if out is None:
         echo(key)
         return
-    write_new([FileChange(out, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE, "--out")], force, "--out")
+    write_new([FileChange(out, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE, "--out", secret=True)], force,
+              "--out")
     echo(f"wrote {out} (0600); smtpd.conf: queue encryption <the key in {out}>", err=True)
 
 
@@ -149,5 +156,7 @@ def build_aliases(source: Path, out: Path | None, check: bool, smtpd_version: st
             f"file:{source}` in smtpd.conf instead of a db: table",
             exit_code=1,
         )
-    apply_plan([FileChange(out, db, aliases_mod.ALIASES_MODE, "aliases.db")])
+    from mailsetup.answers import kept_backups
+
+    apply_plan([FileChange(out, db, aliases_mod.ALIASES_MODE, "aliases.db")], kept_backups(None))
     echo(f"wrote {out}: {len(entries)} aliases")

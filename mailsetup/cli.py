@@ -86,6 +86,12 @@ Encryption = Annotated[bool, typer.Option("--queue-encryption/--no-queue-encrypt
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
+def _keep_backups(text: str) -> int:
+    from mailsetup.model import validate_keep_backups
+
+    return validate_keep_backups(text, "--keep-backups")
+
+
 def _echo(text: str = "", err: bool = False, fg: str | None = None) -> None:
     from mailsetup.report import echo
 
@@ -103,6 +109,10 @@ DrainTimeout = Annotated[
     float, typer.Option("--drain-timeout", metavar="SECONDS", help="How long --drain waits for an empty queue.")
 ]
 ForceRotate = Annotated[bool, typer.Option("--force-rotate", help="Rotate the queue key even though mail is queued.")]
+KeepBackups = Annotated[
+    int | None, typer.Option("--keep-backups", parser=_keep_backups, metavar="N",
+                             help="Dated backups kept of each file written (5); older ones are removed.")
+]
 
 
 @app.command()
@@ -125,6 +135,7 @@ def init(
     queue_compression: Annotated[bool | None, typer.Option("--queue-compression/--no-queue-compression")] = None,
     queue_encryption: Annotated[bool | None, typer.Option("--queue-encryption/--no-queue-encryption")] = None,
     max_message_size: MaxMessageSize = None,
+    keep_backups: KeepBackups = None,
     user: Annotated[str | None, typer.Option("--user", help="Add this mail user (password: asked, or stdin).")] = None,
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="--user's password on stdin")] = False,
     answers: Annotated[Path | None, typer.Option("--answers", help="A TOML answers file (keys = flag names).")] = None,
@@ -269,16 +280,11 @@ def serve(
 
 def _run_smoke_and_report(setup, as_json: bool, smtp_port: int = 0, submission_port: int = 0,
                           engine: str = "embedded", smtpd: str | None = None) -> bool:
-    import json
-
     from mailsetup.report import print_smoke
     from mailsetup.smoke import run_smoke
 
     report = run_smoke(setup, smtp_port=smtp_port, submission_port=submission_port, engine=engine, smtpd=smtpd)
-    if as_json:
-        typer.echo(json.dumps([c.as_dict() for c in report.checks], indent=2))
-    else:
-        print_smoke(report)
+    print_smoke(report, as_json)
     return report.ok
 
 

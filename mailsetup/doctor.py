@@ -230,12 +230,11 @@ class Doctor:
     def rfc2142(self) -> tuple[str, str]:
         from mailsetup import aliases as aliases_mod
         from mailsetup import credentials as creds_mod
-        from mailsetup.mta.policy import Policy, local_user_check
+        from mailsetup.mta.policy import policy_for
 
         aliases = aliases_mod.read_aliases_db(Path(self.setup.layout.aliases_db))
-        creds = {c.user: c.hash for c in creds_mod.read_credentials(Path(self.setup.layout.credentials))}
-        policy = Policy(frozenset({self.setup.domain, self.setup.hostname}), aliases,
-                        local_user_check(self.setup, aliases, creds), frozenset())
+        logins = [c.user for c in creds_mod.read_credentials(Path(self.setup.layout.credentials))]
+        policy = policy_for(self.setup, aliases, logins, local_peers=frozenset())  # as a stranger asks
         bad = []
         for name in ("postmaster", "abuse"):
             d = policy.check_rcpt(f"{name}@{self.setup.domain}", False, "192.0.2.1")

@@ -123,6 +123,8 @@ class Applied:
     path: Path
     state: str
     backup: Path | None
+    mode_before: int | None = None  # of the file replaced (undo gives it back); None: there was none
+    secret: bool = False  # its backups are its owner's alone
 
 
 def fsync_dir(directory: Path) -> None:
@@ -256,62 +258,27 @@ def _walk(directory: Path, verb: str, target: Path, create: bool = False, privat
     only root could have made them); a missing directory is made when `create`. With `last_uid`,
     `directory` itself must instead belong to that user (a home: theirs to change, not root's)."""
     pending = [p for p in reversed(_absolute(directory).parts) if p != "/"]
-    stack: list[tuple[str, int]] = []
+    stack: list[tuple[str, int]] = []  # (path, fd) of each directory entered, / first
     try:
-        fd = os.open("/", _DIR_FLAGS)
-        stack.append(("/", fd))
-        problem = _dir_problem(os.fstat(fd))
+        stack.append(("/", os.open("/", _DIR_FLAGS)))
+        problem = _dir_problem(os.fstat(stack[0][1]))
         if problem:
             raise _refuse(verb, target, f"/ {problem}")
         links = 0
         while pending:
             name = pending.pop()
-            here_dir, fd = stack[-1]
-            if name in ("", "."):
-                continue
-            if name == "..":
-                if len(stack) > 1:
+            if name in ("", ".", ".."):
+                if name == ".." and len(stack) > 1:
                     os.close(stack.pop()[1])
                 continue
-            here = os.path.join(here_dir, name)
-            try:
-                child = os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), here) from None
-                # A new directory that holds a private key is not listable by others; 0755 elsewhere.
-                try:
-                    os.mkdir(name, 0o700 if private and not pending else 0o755, dir_fd=fd)
-                    if created is not None:
-                        created.append(Path(here))
-                except FileExistsError:
-                    pass  # made meanwhile: judged below like any other
-                child = os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                    raise OSError(exc.errno, exc.strerror, here) from None
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if not stat.S_ISLNK(st.st_mode):
-                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), here) from None
-                if st.st_uid != 0:
-                    raise _refuse(verb, target, f"{here} is a symbolic link owned by uid {st.st_uid} "
-                                                f"({_SWAP})") from None
+            here = os.path.join(stack[-1][0], name)
+            child = _open_step(stack[-1][1], name, here, create, private and not pending, created)
+            if child is None:  # a link of root's: its destination's parts are walked in its place
                 links += 1
-                if links > _MAX_LINKS:
-                    raise _refuse(verb, target, f"too many symbolic links at {here}") from None
-                dest = os.readlink(name, dir_fd=fd)
-                if dest.startswith("/"):
-                    while len(stack) > 1:
-                        os.close(stack.pop()[1])
-                pending.extend(p for p in reversed(Path(dest).parts) if p != "/")
+                pending.extend(_link_parts(stack, name, here, verb, target, links))
                 continue
             stack.append((here, child))
-            st = os.fstat(child)
-            if last_uid is not None and not pending:
-                problem = (None if st.st_uid == last_uid
-                           else f"is owned by uid {st.st_uid}, not by its user (uid {last_uid})")
-            else:
-                problem = _dir_problem(st)
+            problem = _step_problem(os.fstat(child), last_uid if not pending else None)
             if problem:
                 raise _refuse(verb, target, f"{here} {problem}")
         here, fd = stack.pop()
@@ -319,6 +286,59 @@ def _walk(directory: Path, verb: str, target: Path, create: bool = False, privat
     finally:
         for _, fd in stack:
             os.close(fd)
+
+
+def _open_step(fd: int, name: str, here: str, create: bool, private: bool, created: list[Path] | None) -> int | None:
+    """fd of the directory `name` in `fd` (which is `here`'s parent), made when missing and `create`;
+    None when `name` is a link or a file, which _link_parts judges."""
+    try:
+        return os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+    except FileNotFoundError:
+        if not create:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), here) from None
+        return _make_step(fd, name, here, private, created)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise OSError(exc.errno, exc.strerror, here) from None
+        return None
+
+
+def _make_step(fd: int, name: str, here: str, private: bool, created: list[Path] | None) -> int:
+    # A new directory that holds a private key is not listable by others; 0755 elsewhere.
+    try:
+        os.mkdir(name, 0o700 if private else 0o755, dir_fd=fd)
+        if created is not None:
+            created.append(Path(here))
+    except FileExistsError:
+        pass  # made meanwhile: judged by the walk like any other
+    return os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+
+
+def _link_parts(stack: list[tuple[str, int]], name: str, here: str, verb: str, target: Path,
+                links: int) -> list[str]:
+    """The parts to walk instead of `name` in the last directory of `stack`, a symbolic link root
+    owns (refused otherwise), in the order they are popped; an absolute one takes the walk back to /."""
+    fd = stack[-1][1]
+    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), here)
+    if st.st_uid != 0:
+        raise _refuse(verb, target, f"{here} is a symbolic link owned by uid {st.st_uid} ({_SWAP})")
+    if links > _MAX_LINKS:
+        raise _refuse(verb, target, f"too many symbolic links at {here}")
+    dest = os.readlink(name, dir_fd=fd)
+    if dest.startswith("/"):
+        while len(stack) > 1:
+            os.close(stack.pop()[1])
+    return [p for p in reversed(Path(dest).parts) if p != "/"]
+
+
+def _step_problem(st: os.stat_result, owner: int | None) -> str | None:
+    """Why a directory on the walk cannot be trusted: the last one of a home must be its user's
+    (`owner`); every other one must pass _dir_problem."""
+    if owner is None:
+        return _dir_problem(st)
+    return None if st.st_uid == owner else f"is owned by uid {st.st_uid}, not by its user (uid {owner})"
 
 
 def _open_dir(directory: Path, verb: str, target: Path, create: bool = False, private: bool = False,
@@ -728,14 +748,17 @@ def _tmp_name(name: str) -> str:
     return f".{name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
 
 
-def _backup_in(dir_fd: int, path: Path, data: bytes, st: os.stat_result) -> Path:
-    """A dated copy of `path` beside it, same mode (a key's backup stays private)."""
+def _backup_in(dir_fd: int, path: Path, data: bytes, st: os.stat_result, private: bool = False) -> Path:
+    """A dated copy of `path` beside it (NAME.YYYYmmdd-HHMMSS.bak, NAME.YYYYmmdd-HHMMSS.N.bak when
+    that is taken), same mode and group; a secret's (`private`) is its owner's alone (0600 at most), even
+    where the live file is shared with a group: nothing needs to read an old key or password."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name, n = f"{path.name}.{stamp}.bak", 1
     while _exists_in(dir_fd, name):
         name, n = f"{path.name}.{stamp}.{n}.bak", n + 1
     tmp = _tmp_name(name)
-    write_new_file(tmp, [data], stat.S_IMODE(st.st_mode), _keep_owner(st), dir_fd=dir_fd)
+    mode = stat.S_IMODE(st.st_mode) & (0o600 if private else 0o7777)
+    write_new_file(tmp, [data], mode, _keep_owner(st), dir_fd=dir_fd)
     os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     return path.with_name(name)
 
@@ -749,9 +772,9 @@ def _exists_in(dir_fd: int, name: str) -> bool:
 
 
 def _replace(path: Path, content: bytes, mode: int, backup: bool, created: list[Path] | None = None,
-             private: bool = False, owner: tuple[int, int] | None = None) -> tuple[Path, Path | None, bool]:
+             private: bool = False, owner: tuple[int, int] | None = None) -> tuple[Path, Path | None, int | None]:
     """Write `content` to `path` atomically (temp file in the same opened directory, fsynced, renamed,
-    directory fsynced); returns (file written, backup or None, whether it existed)."""
+    directory fsynced); returns (file written, backup or None, mode of the file replaced or None)."""
     target = _target(path)
     dir_fd, _ = _open_dir(target.parent, "write", path, create=created is not None, private=private,
                           created=created)
@@ -763,7 +786,7 @@ def _replace(path: Path, content: bytes, mode: int, backup: bool, created: list[
             fd, st = opened
             try:
                 if backup:
-                    saved = _backup_in(dir_fd, target, _read_fd(fd), st)
+                    saved = _backup_in(dir_fd, target, _read_fd(fd), st, private)
             finally:
                 os.close(fd)
         tmp = _tmp_name(target.name)
@@ -775,7 +798,7 @@ def _replace(path: Path, content: bytes, mode: int, backup: bool, created: list[
                 os.unlink(tmp, dir_fd=dir_fd)
             raise
         os.fsync(dir_fd)
-        return target, saved, opened is not None
+        return target, saved, None if st is None else stat.S_IMODE(st.st_mode)
     except OSError as exc:
         if exc.filename is None or not str(exc.filename).startswith("/"):
             raise OSError(exc.errno, exc.strerror, str(path)) from None
@@ -813,10 +836,11 @@ def _let_group_enter(directory: Path, gid: int, changed: list[tuple[Path, int, i
         os.close(fd)
 
 
-def apply_plan(plan: Plan | Sequence[FileChange]) -> list[Applied]:
-    """Write every pending change; on any failure restore every file touched and re-raise."""
+def apply_plan(plan: Plan | Sequence[FileChange], keep_backups: int | None = None) -> list[Applied]:
+    """Write every pending change; on any failure restore every file touched and re-raise. With
+    `keep_backups`, once every file is in place, only the newest that many backups of each are kept."""
     changes = plan.changes if isinstance(plan, Plan) else list(plan)
-    done: list[tuple[Path, Path | None, bool]] = []  # file written, backup, existed
+    done: list[tuple[Path, Path | None, int | None]] = []  # file written, backup, mode of the one replaced
     created_dirs: list[Path] = []
     opened_dirs: list[tuple[Path, int, int, int]] = []
     results: list[Applied] = []
@@ -826,12 +850,12 @@ def apply_plan(plan: Plan | Sequence[FileChange]) -> list[Applied]:
             if state == "unchanged":
                 results.append(Applied(change.path, state, None))
                 continue
-            target, backup, existed = _replace(change.path, change.content, change.mode, backup=True,
-                                               created=created_dirs, private=change.secret, owner=change.owner)
-            done.append((target, backup, existed))
+            target, backup, before = _replace(change.path, change.content, change.mode, backup=True,
+                                              created=created_dirs, private=change.secret, owner=change.owner)
+            done.append((target, backup, before))
             if change.owner is not None:
                 _let_group_enter(target.parent, change.owner[1], opened_dirs)
-            results.append(Applied(target, state, backup))
+            results.append(Applied(target, state, backup, before, change.secret))
     except BaseException as exc:
         _undo(done, created_dirs)
         for directory, uid, gid, mode in reversed(opened_dirs):
@@ -847,25 +871,28 @@ def apply_plan(plan: Plan | Sequence[FileChange]) -> list[Applied]:
                 exit_code=1,
             ) from exc
         raise
+    if keep_backups is not None:
+        prune_backups(results, keep_backups)
     return results
 
 
 def undo_applied(results: Sequence[Applied]) -> None:
     """Put back what `apply_plan` wrote: restore each backup, remove each new file."""
-    _undo([(r.path, r.backup, r.state == "replaced") for r in results if r.state != "unchanged"], [])
+    _undo([(r.path, r.backup, r.mode_before) for r in results if r.state != "unchanged"], [])
 
 
-def _undo(done: Iterable[tuple[Path, Path | None, bool]], created_dirs: list[Path]) -> None:
-    for path, backup, existed in reversed(list(done)):
-        # The same checked directory as the write: the backup (it kept mode and owner) is renamed back.
+def _undo(done: Iterable[tuple[Path, Path | None, int | None]], created_dirs: list[Path]) -> None:
+    for path, backup, mode_before in reversed(list(done)):
+        # The same checked directory as the write: the backup (it kept owner and group) is renamed back.
         try:
             dir_fd, _ = _open_dir(path.parent, "restore", path)
         except (OSError, MailsetupError):
             continue
         try:
-            if existed and backup is not None:
+            if mode_before is not None and backup is not None:
                 os.replace(backup.name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            elif not existed:
+                _chmod_in(dir_fd, path.name, mode_before)  # a secret's backup was kept tighter
+            elif mode_before is None:
                 os.unlink(path.name, dir_fd=dir_fd)
             os.fsync(dir_fd)
         except OSError:
@@ -877,3 +904,90 @@ def _undo(done: Iterable[tuple[Path, Path | None, bool]], created_dirs: list[Pat
             d.rmdir()
         except OSError:
             pass
+
+
+def _chmod_in(dir_fd: int, name: str, mode: int) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW, dir_fd=dir_fd)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+# --- backups kept to a number -----------------------------------------------------------------
+# Every replaced file leaves a dated backup beside it; like certbot's storage.truncate (which keeps
+# the last five versions) only the newest few of each file are kept. As root a backup is removed
+# only when it is surely one we made: a regular file of ours, named exactly as _backup_in names that
+# file's backups, in the directory the write itself went through (reached by the same trusted walk).
+# A link, another user's file, or a name that merely looks like one is never touched.
+
+
+def prune_backups(results: Sequence[Applied], keep: int) -> list[Path]:
+    """Remove all but the newest `keep` (at least 1) backups of each file in `results` that was just
+    replaced; the backup just made is always among those kept, and a secret's kept backups are made
+    its owner's alone (one an older mailsetup left 0640). Best effort once the new files are in
+    place: a folder that can no longer be trusted, or a backup that cannot be removed, stays as it is.
+    Returns what was removed."""
+    keep = max(1, keep)
+    removed: list[Path] = []
+    for result in results:
+        if result.backup is not None:
+            removed += _prune_backups_of(Path(result.path), result.backup.name, keep, result.secret)
+    return removed
+
+
+def _prune_backups_of(path: Path, fresh: str, keep: int, secret: bool = False) -> list[Path]:
+    try:
+        dir_fd, _ = _open_dir(path.parent, "remove old backups in", path)
+    except (OSError, MailsetupError):
+        return []
+    removed: list[Path] = []
+    try:
+        older = sorted((b for b in _own_backups(dir_fd, path.name) if b[2] != fresh), reverse=True)
+        for _, _, name in older[:keep - 1] if secret else ():
+            with contextlib.suppress(OSError):
+                _owner_only_in(dir_fd, name)
+        for _, _, name in older[keep - 1:]:  # newest first: the fresh one and keep - 1 of these stay
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
+                removed.append(path.with_name(name))
+        if removed:
+            os.fsync(dir_fd)
+    except OSError:
+        pass  # the listing failed, or the fsync: what was removed stays removed, nothing else is
+    finally:
+        os.close(dir_fd)
+    return removed
+
+
+def _owner_only_in(dir_fd: int, name: str) -> None:
+    """Take group's and others' bits off a backup of a secret: opened without following a link, and
+    changed only when it is a regular file of ours."""
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o600)
+    finally:
+        os.close(fd)
+
+
+def _own_backups(dir_fd: int, name: str) -> list[tuple[str, int, str]]:
+    """(stamp, number, entry) of each backup of the file `name` in the directory: exactly
+    NAME.YYYYmmdd-HHMMSS.bak or NAME.YYYYmmdd-HHMMSS.N.bak, a regular file (never a link) owned by
+    whoever runs mailsetup. In a directory only root can change (or a sticky one, where no one else
+    can rename root's files) what is judged here is what gets removed."""
+    pattern = re.compile(re.escape(name) + r"\.(\d{8}-\d{6})(?:\.([1-9]\d{0,5}))?\.bak")
+    found = []
+    for entry in os.listdir(dir_fd):
+        m = pattern.fullmatch(entry)
+        if not m:
+            continue
+        try:
+            st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+            found.append((m.group(1), int(m.group(2) or 0), entry))
+    return found

@@ -21,6 +21,7 @@ KEY_TYPES = ("rsa-2048", "rsa-4096", "ecdsa-p256")
 DEFAULT_SMTPD_VERSION = (7, 4)
 MODERN_GRAMMAR = (6, 4)  # action/match, `pki … cert`, `queue encryption KEY`
 DEFAULT_MAX_MESSAGE_SIZE = 35 * 1024 * 1024  # smtpd's default
+DEFAULT_KEEP_BACKUPS = 5  # dated backups kept of each file, as certbot keeps five versions
 
 # Characters that end a token, start a comment or a macro, or open a block in smtpd.conf.
 _HOSTILE = {
@@ -192,6 +193,19 @@ def validate_hostport(value: str, flag: str) -> tuple[str, int]:
     return host.strip("[]"), validate_port(port, flag)
 
 
+def validate_keep_backups(value: Any, flag: str = "--keep-backups") -> int:
+    """How many dated backups of each file are kept: a whole number, at least 1."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError
+        count = int(str(value).strip(), 10)
+    except ValueError:
+        raise MailsetupError(f"{flag}: {value!r} is not a number of backups (1 or more)") from None
+    if count < 1:
+        raise MailsetupError(f"{flag}: {count} is too few: keep at least 1 backup of each file")
+    return count
+
+
 def parse_version(value: Any, flag: str = "--smtpd-version") -> tuple[int, int]:
     m = re.match(r"^\s*(\d+)\.(\d+)", str(value))
     if not m:
@@ -256,6 +270,7 @@ class MailSetup:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     admin: str | None = None  # who reads root's mail: a local name or an address (its form checked)
     first_user: str | None = None  # a login init adds; its password travels beside the model, never in it
+    keep_backups: int = DEFAULT_KEEP_BACKUPS  # dated backups kept of each file written
     smoke: bool = True  # init runs the smoke test once the files are written
     # The keys some layer answered (flags, answers file, last run, wizard): the answers file records
     # these, so a default stays a default and follows the layout (or the key type on disk) next time.
@@ -314,6 +329,7 @@ def build_setup(raw: Mapping[str, Any]) -> MailSetup:
         aliases_import=_user_path(raw["aliases"], "--aliases") if raw.get("aliases") else None,
         smtpd_version=parse_version(raw["smtpd_version"]) if raw.get("smtpd_version") else DEFAULT_SMTPD_VERSION,
         max_message_size=_message_size(raw.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE)),
+        keep_backups=validate_keep_backups(raw.get("keep_backups", DEFAULT_KEEP_BACKUPS)),
         admin=validate_admin(raw["admin"]) if raw.get("admin") is not None else None,
         first_user=_first_user(raw.get("user")),
         smoke=_bool(raw.get("smoke", True), "--smoke"),

@@ -1,16 +1,21 @@
-"""The real OpenSMTPD, when installed: find it, read its version, run `smtpd -n`, and the open-relay
-check that `smtpd -n` does not do (it accepts `match from any for any action "relay"`).
+"""The real OpenSMTPD, when installed: every call of smtpd and smtpctl (version, `smtpd -n`, the
+daemon in the foreground, `smtpctl`), and the open-relay check that `smtpd -n` does not do (it
+accepts `match from any for any action "relay"`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from mailsetup.errors import MailsetupError
 
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/local/bin", "/usr/bin")
 
@@ -26,14 +31,30 @@ def find_binary(name: str) -> str | None:
     return None
 
 
+def _run(tool: str, args: list[str], timeout: float, binary: str | None = None) -> subprocess.CompletedProcess:
+    """Run `tool ARGS` (smtpd or smtpctl): the one place their argv is built and run. A missing
+    binary, an OS error or a hang becomes one MailsetupError line naming the command."""
+    path = binary or find_binary(tool)
+    if not path:
+        raise MailsetupError(f"{tool} is not installed", exit_code=1)
+    argv = [path, *args]
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise MailsetupError(f"{shlex.join(argv)} did not finish in {timeout:g} s", exit_code=1) from None
+    except OSError as exc:
+        raise MailsetupError(f"{shlex.join(argv)}: {exc.strerror or exc}", exit_code=1) from None
+
+
+def _said(proc: subprocess.CompletedProcess) -> str:
+    return (proc.stdout + proc.stderr).strip()
+
+
 def smtpd_version(smtpd: str | None = None) -> tuple[int, int, str] | None:
     """(major, minor, full text) from `smtpd -h`, or None when smtpd is absent."""
-    smtpd = smtpd or find_binary("smtpd")
-    if not smtpd:
-        return None
     try:
-        proc = subprocess.run([smtpd, "-h"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+        proc = _run("smtpd", ["-h"], 10, smtpd)
+    except MailsetupError:
         return None
     m = re.search(r"OpenSMTPD\s+(\d+)\.(\d+)(\S*)", proc.stdout + proc.stderr)
     if not m:
@@ -53,13 +74,61 @@ def check_config(conf: Path, smtpd: str | None = None) -> ConfigCheck | None:
     smtpd = smtpd or find_binary("smtpd")
     if not smtpd:
         return None
-    cmd = [smtpd, "-n", "-f", str(conf)]
+    args = ["-n", "-f", str(conf)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return ConfigCheck(False, "smtpd -n did not finish in 30 s", shlex.join(cmd))
-    output = (proc.stdout + proc.stderr).strip()
-    return ConfigCheck(proc.returncode == 0, output, shlex.join(cmd))
+        proc = _run("smtpd", args, 30, smtpd)
+    except MailsetupError as exc:
+        return ConfigCheck(False, exc.message, shlex.join([smtpd, *args]))
+    return ConfigCheck(proc.returncode == 0, _said(proc), shlex.join([smtpd, *args]))
+
+
+def require_config_ok(conf: Path, smtpd: str, what: str) -> None:
+    """`smtpd -n -f CONF` or one MailsetupError line with smtpd's words."""
+    check = check_config(conf, smtpd)
+    if check is None or not check.ok:
+        said = check.output.replace("\n", " | ") if check else "smtpd is not installed"
+        raise MailsetupError(f"smtpd -n refuses {what}: {said}", exit_code=1)
+
+
+def _isolation_works() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+def start_foreground(smtpd: str, conf: Path, log: Path, private_spool: Path | None) -> tuple[subprocess.Popen, bool]:
+    """`smtpd -d -f CONF` in its own session, its output in `log`; with `private_spool` (and where
+    mount namespaces work) in a private one with that spool and its own /run, so its control socket
+    and queue are not the host's. (the process, whether it is isolated)."""
+    isolated = private_spool is not None and _isolation_works()
+    if isolated:
+        script = ('mount --bind "$1" /var/spool/smtpd && mount -t tmpfs -o mode=0755 tmpfs /run'
+                  ' && exec "$2" -d -f "$3"')
+        argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
+                "sh", str(private_spool), smtpd, str(conf)]
+    else:
+        argv = [smtpd, "-d", "-f", str(conf)]
+    with log.open("w") as out:
+        try:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        except OSError as exc:
+            raise MailsetupError(f"{shlex.join(argv)}: {exc.strerror or exc}", exit_code=1) from None
+    return proc, isolated
+
+
+def stop_foreground(proc: subprocess.Popen) -> None:
+    """SIGTERM to the daemon's whole session, SIGKILL when it does not end within 10 s."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 def openssl_major() -> int | None:
@@ -242,15 +311,16 @@ def smtpd_tables_reading(path: Path, default_conf: Path, proc: Path = Path("/pro
     return found
 
 
+def smtpctl(*args: str, timeout: float = 10) -> subprocess.CompletedProcess:
+    """`smtpctl ARGS`, its exit status left to the caller; MailsetupError when it cannot run."""
+    return _run("smtpctl", list(args), timeout)
+
+
 def update_table(name: str) -> tuple[bool, str]:
     """`smtpctl update table NAME`: smtpd's lookup process re-reads the table. (ok, smtpctl's words)."""
-    smtpctl = find_binary("smtpctl")
-    if not smtpctl:
-        return False, "smtpctl is not installed"
     try:
-        proc = subprocess.run([smtpctl, "update", "table", name], capture_output=True, text=True, timeout=30,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return False, "smtpctl did not answer in 30 s"
-    words = (proc.stdout + proc.stderr).strip().splitlines()
+        proc = smtpctl("update", "table", name, timeout=30)
+    except MailsetupError as exc:
+        return False, exc.message
+    words = _said(proc).splitlines()
     return proc.returncode == 0, words[-1] if words else f"exit status {proc.returncode}"

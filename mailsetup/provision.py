@@ -12,9 +12,9 @@ from pathlib import Path
 
 from mailsetup import aliases as aliases_mod
 from mailsetup import answers as answers_mod
-from mailsetup import credentials, queuekey
+from mailsetup import credentials, queuekey, spool
 from mailsetup.errors import MailsetupError
-from mailsetup.files import Applied, FileChange, Plan, apply_plan, read_input, undo_applied
+from mailsetup.files import Applied, FileChange, Plan, apply_plan, prune_backups, read_input, undo_applied
 from mailsetup.model import MailSetup, validate_admin
 from mailsetup.opensmtpd import (
     check_config,
@@ -232,7 +232,7 @@ def recorded_answers(setup: MailSetup, key_type: str | None = None) -> dict:
         "submission_port": next(lst.port for lst in setup.listeners if lst.name == "submission"),
         "smtpd_version": f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}",
         "queue_compression": setup.queue.compression, "queue_encryption": setup.queue.encryption,
-        "max_message_size": setup.max_message_size,
+        "max_message_size": setup.max_message_size, "keep_backups": setup.keep_backups,
     }
     always = {"domain", "hostname", "os", "admin", "key_type", "cert", "key", "smtpd_version"}
     return {k: v for k, v in values.items() if v is not None and (k in always or k in setup.answered)}
@@ -315,7 +315,26 @@ def apply_and_verify(prov: Provisioning) -> tuple[list[Applied], ConfigVerdict]:
             + _version_mismatch(prov.setup),
             exit_code=1,
         )
+    # Only now: a refused run above puts the old files back. Never the backups that still open
+    # queued mail: while the spool holds envelopes the current key cannot read, every kept queue
+    # key (and smtpd.conf, which carries it) is the way back to them (`doctor` names the one).
+    held = _backups_that_open_queued_mail(prov.setup)
+    prune_backups([r for r in results if Path(r.path) not in held], prov.setup.keep_backups)
     return results, verdict
+
+
+def _backups_that_open_queued_mail(setup: MailSetup) -> set[Path]:
+    """The files whose backups must all stay: the queue key and smtpd.conf, while any queued
+    envelope does not open with the current key (or the queue cannot be read to tell)."""
+    if not setup.queue.encryption:
+        return set()
+    precious = {Path(setup.queue.key_file), Path(setup.layout.smtpd_conf)}
+    try:
+        stranded = spool.unreadable_envelopes(Path(setup.layout.spool),
+                                             queuekey.read_queue_key(Path(setup.queue.key_file)))
+    except (OSError, MailsetupError):
+        return precious
+    return precious if stranded else set()
 
 
 def _version_mismatch(setup: MailSetup) -> str:

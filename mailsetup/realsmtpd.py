@@ -1,53 +1,70 @@
-"""The real OpenSMTPD on loopback, for the smoke test: the rendered smtpd.conf with only its
-listeners (free loopback ports) and its outbound relay (a local sink) changed, run in the
+"""The real OpenSMTPD on loopback, for the smoke test: smtpd.conf rendered from the set-up with only
+its listeners (free loopback ports) and its outbound relay (a local sink) changed, run in the
 foreground with its own spool and control socket, always stopped.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from mailsetup import opensmtpd
 from mailsetup.errors import MailsetupError
+from mailsetup.files import read_secret
+from mailsetup.model import Listener, MailSetup
+from mailsetup.queuekey import read_queue_key
+from mailsetup.render import render_smtpd_conf
 
 
-def derive_config(rendered: str, hostname: str, smtp_port: int, submission_port: int, relay_port: int,
-                  listen: str = "127.0.0.1") -> str:
-    """The same configuration with its listeners moved to loopback ports and relaying to a sink."""
-    out = []
-    placed = False
-    for line in rendered.splitlines():
-        if line.startswith("listen on "):
-            if not placed:
-                for port, mode in ((smtp_port, "tls"), (submission_port, "tls-require")):
-                    auth = "auth-optional" if mode == "tls" else "auth"
-                    out.append(f"listen on {listen} port {port} {mode} pki {hostname} {auth} <creds> "
-                               f"hostname {hostname}")
-                placed = True
-            continue
-        relay = re.match(r'^action "outbound" relay(?P<helo> helo \S+)?\s*$', line)
-        if relay:
-            line = f'action "outbound" relay host smtp://127.0.0.1:{relay_port}{relay["helo"] or ""}'
-        out.append(line)
-    text = "\n".join(out) + "\n"
-    if not placed or f"relay host smtp://127.0.0.1:{relay_port}" not in text:
-        raise MailsetupError("smtpd.conf does not look like mailsetup's (no listen or outbound relay lines)",
-                             exit_code=1)
-    return text
+def loopback_setup(setup: MailSetup, smtp_port: int, submission_port: int, listen: str = "127.0.0.1") -> MailSetup:
+    """The same set-up listening only on loopback ports: the smtp and submission listeners moved, and
+    no `listen on localhost` (port 25 on loopback may be this host's own smtpd's)."""
+    listeners = (Listener("smtp", listen, smtp_port, "starttls", "optional"),
+                 Listener("submission", listen, submission_port, "require", "required"))
+    return replace(setup, listeners=listeners, layout=replace(setup.layout, localhost_listener=""))
 
 
-def _isolation_works() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
-    return probe.returncode == 0
+def loopback_config(setup: MailSetup, smtp_port: int, submission_port: int, relay_port: int,
+                    listen: str = "127.0.0.1") -> str:
+    """smtpd.conf for the loopback smtpd, rendered from the model through the same template as the
+    real one, relaying to a sink on `relay_port`. It uses the set-up's own files (cert, key, queue
+    key, aliases.db or the aliases file, credentials)."""
+    return render_smtpd_conf(loopback_setup(setup, smtp_port, submission_port, listen), *_render_inputs(setup),
+                             relay_host=f"smtp://127.0.0.1:{relay_port}")
+
+
+def _render_inputs(setup: MailSetup) -> tuple[str | None, str]:
+    """The queue key and the aliases table format the written smtpd.conf was rendered with."""
+    queue_key = read_queue_key(Path(setup.queue.key_file)) if setup.queue.encryption else None
+    return queue_key, "db" if Path(setup.layout.aliases_db).exists() else "file"
+
+
+def _rules(text: str) -> list[tuple[int, str]]:
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def check_written_config(setup: MailSetup) -> None:
+    """The loopback smtpd runs what the set-up renders; so that it proves the smtpd.conf smtpd reads,
+    that file must say the same (comments aside). The error names the first line that differs, never
+    its text (the file holds the queue key)."""
+    path = Path(setup.layout.smtpd_conf)
+    try:
+        found = _rules(read_secret(path).decode(errors="replace"))
+    except FileNotFoundError:
+        raise MailsetupError(f"{path}: missing; run `mailsetup init` first", exit_code=1) from None
+    wanted = _rules(render_smtpd_conf(setup, *_render_inputs(setup)))
+    for i in range(max(len(found), len(wanted))):
+        if i >= len(found) or i >= len(wanted) or found[i][1] != wanted[i][1]:
+            where = f"{path}:{found[i][0]}" if i < len(found) else f"{path}: ends before a line"
+            raise MailsetupError(f"{where} differs from what the set-up renders, so smtpd would not run what the "
+                                 "smoke test proves; re-run `mailsetup init`", exit_code=1)
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15, host: str = "127.0.0.1") -> None:
@@ -81,23 +98,10 @@ class RealSmtpd:
         fd = os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the queue key
         with os.fdopen(fd, "w") as fh:
             fh.write(self.conf_text)
-        check = subprocess.run([self.smtpd, "-n", "-f", str(self.conf)], capture_output=True, text=True, timeout=30)
-        if check.returncode != 0:
-            raise MailsetupError(f"smtpd -n refuses the loopback copy of smtpd.conf: "
-                                 f"{(check.stderr or check.stdout).strip()}", exit_code=1)
-        if _isolation_works():
-            spool = self.work / "spool"
-            spool.mkdir(mode=0o711)
-            script = ('mount --bind "$1" /var/spool/smtpd && mount -t tmpfs -o mode=0755 tmpfs /run'
-                      ' && exec "$2" -d -f "$3"')
-            cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
-                   "sh", str(spool), self.smtpd, str(self.conf)]
-            self.isolated = True
-        else:
-            cmd = [self.smtpd, "-d", "-f", str(self.conf)]
-        with self.log.open("w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+        opensmtpd.require_config_ok(self.conf, self.smtpd, "the loopback copy of smtpd.conf")
+        spool = self.work / "spool"
+        spool.mkdir(mode=0o711)
+        self.proc, self.isolated = opensmtpd.start_foreground(self.smtpd, self.conf, self.log, spool)
         try:
             for port in self.ports:
                 wait_port(port, self.proc)
@@ -114,16 +118,8 @@ class RealSmtpd:
             return ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(10)
+        if self.proc is not None:
+            opensmtpd.stop_foreground(self.proc)
         shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self) -> RealSmtpd:

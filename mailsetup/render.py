@@ -99,14 +99,19 @@ def template_name(setup: MailSetup) -> str:
     return "smtpd.conf.j2" if setup.modern_grammar else "smtpd.conf.legacy.j2"
 
 
-def render_smtpd_conf(setup: MailSetup, queue_key: str | None, aliases_format: str = "db") -> str:
+def render_smtpd_conf(setup: MailSetup, queue_key: str | None, aliases_format: str = "db",
+                      relay_host: str | None = None) -> str:
     """The smtpd.conf text for `setup`; `queue_key` is required when queue encryption is on.
 
     `aliases_format` is "db" (aliases.db, as makemap writes it) or "file" (the aliases file itself,
-    for hosts where no Berkeley DB writer is available).
+    for hosts where no Berkeley DB writer is available). `relay_host` (smtp://HOST:PORT) sends
+    outbound mail there instead of to each domain's MX: the smoke test's sink.
     """
     if setup.queue.encryption and not queue_key:
         raise MailsetupError("internal error: queue encryption is on but no queue key was given")
+    if relay_host and not setup.modern_grammar:
+        raise MailsetupError(f"a relay host needs the grammar of smtpd 6.4 or later; this set-up is for "
+                             f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}", exit_code=1)
     listeners = [
         _ListenerView(
             address=listener.address,
@@ -136,6 +141,7 @@ def render_smtpd_conf(setup: MailSetup, queue_key: str | None, aliases_format: s
         "localhost_listener": _localhost_listener(setup),
         "listeners": listeners,
         "maildir": setup.maildir_template,
+        "relay_host": relay_host,
     }
     text = _environment().get_template(template_name(setup)).render(**context)
     # Collapse the blank lines that skipped blocks leave behind.

@@ -86,7 +86,13 @@ def print_warnings(warnings: list[str]) -> None:
         typer.echo(_style(f"  ! {warning}", "yellow"), err=True)
 
 
-def print_smoke(sr) -> None:
+def print_smoke(sr, as_json: bool = False) -> None:
+    """The smoke report as text (✓/✗ and a total) or as a JSON list of its checks."""
+    if as_json:
+        import json
+
+        typer.echo(json.dumps([c.as_dict() for c in sr.checks], indent=2))
+        return
     typer.echo("Smoke test (on loopback, with the set-up's own files):")
     for c in sr.checks:
         mark = _style("✓", "green") if c.ok else _style("✗", "red")

@@ -196,26 +196,17 @@ class _OpenSmtpd:
         self.policy = None
 
     def start(self) -> str:
-        import pwd
-
         from mailsetup import aliases as aliases_mod
         from mailsetup.mta.policy import policy_for
-        from mailsetup.realsmtpd import RealSmtpd, derive_config
+        from mailsetup.realsmtpd import RealSmtpd, check_written_config, loopback_config
 
         smtp = self.ports_wanted[0] or _free_port()
         sub = self.ports_wanted[1] or _free_port()
         _check_reachable_by_smtpd(Path(self.setup.layout.aliases_db))
-        conf = derive_config(read_secret(Path(self.setup.layout.smtpd_conf)).decode(), self.setup.hostname, smtp, sub,
-                             self.sink.port)
+        check_written_config(self.setup)
+        conf = loopback_config(self.setup, smtp, sub, self.sink.port)
         aliases = aliases_mod.read_aliases_db(Path(self.setup.layout.aliases_db))
-
-        def system_user(name: str) -> bool:
-            try:
-                return pwd.getpwnam(name).pw_uid != 0
-            except KeyError:
-                return False
-
-        self.policy = policy_for(self.setup, aliases, system_user)
+        self.policy = policy_for(self.setup, aliases, (), for_smtpd=True)
         self.real = RealSmtpd(self.smtpd, conf, (smtp, sub)).start()
         self.ports = {"smtp": smtp, "submission": sub}
         where = "a private spool" if self.real.isolated else "the system spool"
@@ -268,212 +259,250 @@ def _check_reachable_by_smtpd(path: Path) -> None:
 
 def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, engine: str = "embedded",
               smtpd: str | None = None) -> SmokeReport:
-    report = SmokeReport()
-    creds_path = Path(setup.layout.credentials)
-    stale = _forget_interrupted_runs(setup, creds_path)
-    original_creds = read_secret(creds_path) if creds_path.exists() else None
-    creds_mode = (creds_path.stat().st_mode & 0o7777) if creds_path.exists() else creds_mod.CREDS_MODE
-    user = f"mailsetup-smoke-{secrets.token_hex(3)}"
-    password = secrets.token_urlsafe(18)
-    queue_dir = Path(setup.layout.state_dir) / f"smoke-queue-{secrets.token_hex(4)}"
-    token = secrets.token_hex(8)
-    delivered: list[tuple[Path, tuple[int, int] | None]] = []
-    loop = _LoopThread()
-    sink = _Sink()
-    server: _Embedded | _OpenSmtpd
-    known_defect = False
-    if engine == "opensmtpd":
-        from mailsetup.opensmtpd import find_binary, openssl_major, smtpd_version, tls_defect
-
-        if smtpd and not os.access(smtpd, os.X_OK):
-            raise MailsetupError(f"--smtpd: {smtpd} is not an executable smtpd", exit_code=2)
-        smtpd = smtpd or find_binary("smtpd")
-        if not smtpd:
-            raise MailsetupError("--engine opensmtpd: OpenSMTPD is not installed here (no smtpd)", exit_code=1)
-        if os.geteuid() != 0:
-            raise MailsetupError("--engine opensmtpd: smtpd must be started as root", exit_code=1)
-        sink.tempfail_left = 0  # smtpd's own retry waits minutes; the queue is its business
-        server = _OpenSmtpd(setup, sink, (smtp_port, submission_port), smtpd)
-
-        def version() -> str:
-            found = smtpd_version(smtpd)
-            assert found, f"{smtpd} -h does not say which OpenSMTPD it is"
-            defect = tls_defect((found[0], found[1]), openssl_major())
-            assert defect is None, defect
-            return f"OpenSMTPD {found[2]} ({smtpd}) with OpenSSL {openssl_major()}"
-
-        report.add("smtpd version and the known TLS defect", version)
-        known_defect = not report.checks[-1].ok
-    else:
-        server = _Embedded(setup, loop, sink, (smtp_port, submission_port), queue_dir)
+    """resolve → start the engine → the checks → one report; whatever was started or added is taken
+    away again, whichever step stops the run."""
+    smtpd = _resolve_engine(engine, smtpd)  # bad input stops here, before anything is touched
+    run = _SmokeRun(setup, (smtp_port, submission_port), smtpd)
     try:
-        def add_smoke_user() -> str:
-            creds = creds_mod.read_credentials(creds_path)
-            hashed = creds_mod.hash_password(password)
-            # A smoke-only login, taken out again at the end; the original bytes are restored.
-            write_atomic(creds_path, creds_mod.render_credentials(creds_mod.with_user(creds, user, hashed)),
-                         creds_mode)
-            note = f"; removed {stale} left by an interrupted run" if stale else ""
-            return f"smoke-only login {user} added to {creds_path}{note}"
-
-        if not report.add("smoke-only credential", add_smoke_user):
-            return report
-
-        def start() -> str:
-            loop.run(sink.start())
-            return server.start() + f"; relay sink on :{sink.port}"
-
-        if not report.add(f"start the {server.name} on the set-up's files", start):
-            return report
-        smtp, sub = server.ports["smtp"], server.ports["submission"]
-        tls = _client_tls(setup)
-
-        def certificate() -> str:
-            cert_der = ssl.PEM_cert_to_DER_cert(read_secret(Path(setup.tls.cert)).decode())
-            with _Client(smtp, setup.hostname, "smoke.invalid") as c:
-                c.ehlo()
-                assert c.has_extn("starttls"), "port 25 does not offer STARTTLS"
-                assert not c.has_extn("auth"), "AUTH is offered before TLS"
-                c.starttls(context=tls)
-                served = c.sock.getpeercert(binary_form=True)
-                version = c.sock.version()
-            assert served == cert_der, "the certificate served is not the one in " + str(setup.tls.cert)
-            return f"STARTTLS ({version}) serves {Path(setup.tls.cert).name}, valid for {setup.hostname}"
-
-        report.add("STARTTLS with the generated certificate", certificate)
-
-        def own_name() -> str:
-            with _Client(smtp, setup.hostname, "smoke.invalid") as c:
-                code, banner = c.banner
-                c.ehlo()
-                ehlo_name = c.ehlo_resp.decode(errors="replace").split("\n")[0].split(" ")[0]
-            greeted = banner.decode(errors="replace").split(" ")[0]
-            assert code == 220, f"the greeting is {code}, not 220"
-            assert greeted == setup.hostname, f"greets as {greeted!r}, not {setup.hostname} (so do Received headers)"
-            assert ehlo_name == setup.hostname, f"answers EHLO as {ehlo_name!r}, not {setup.hostname}"
-            return f"greets and answers EHLO as {setup.hostname}"
-
-        report.add("the server's own name in the greeting and EHLO", own_name)
-
-        def inbound() -> str:
-            rcpt = f"postmaster@{setup.domain}"
-            decision = server.policy.check_rcpt(rcpt, False, STRANGER)
-            assert decision.accepted, f"{rcpt} is refused: {decision.reply()}"
-            assert decision.local_users, f"{rcpt} reaches no local Maildir"
-            if isinstance(server, _OpenSmtpd):
-                for u in decision.local_users:
-                    server.prepare_maildir(u)
-            with _Client(smtp, setup.hostname, "stranger.invalid", source=STRANGER) as c:
-                c.starttls(context=tls)
-                c.send_message(_message(token, rcpt, "stranger@example.net"))
-            found = []
-            for u in decision.local_users:
-                # Read (and later removed) the way it was delivered: as root in a real user's home,
-                # through descriptors, never through a link they put there.
-                md, owner = server.maildir(u), server.owner(u)
-                hits = _wait_for(lambda md=md, owner=owner: maildir_mod.find_delivered(md, token.encode(), owner), 15)
-                assert hits, f"nothing arrived in {md / 'new'} for {u} within 15 s"
-                delivered.extend((p, owner) for p in hits)
-                found.append(f"{u} ({md / 'new'})")
-            return f"{rcpt} -> " + ", ".join(found)
-
-        report.add("inbound over STARTTLS through the aliases into Maildir", inbound)
-
-        def no_open_relay() -> str:
-            tricks = ["smoke@example.net"] + [t.format(domain=setup.domain) for t in RELAY_TRICKS]
-            accepted = []
-            with _Client(smtp, setup.hostname, "spammer.invalid", source=STRANGER) as c:
-                c.ehlo()
-                for rcpt in tricks:
-                    c.rset()
-                    c.mail("spammer@example.net")
-                    code, msg = c.rcpt(f"<{rcpt}>")
-                    if 200 <= code < 300:
-                        accepted.append(f"{rcpt} ({code})")
-            assert not accepted, "relayed for a stranger: " + ", ".join(accepted)
-            return f"{len(tricks)} relay attempts from {STRANGER} refused (plain, percent hack, quoted, source route…)"
-
-        report.add("unauthenticated relay refused", no_open_relay)
-
-        def auth_needs_tls() -> str:
-            with _Client(sub, setup.hostname, "client.invalid") as c:
-                c.ehlo()
-                assert not c.has_extn("auth"), "submission offers AUTH before STARTTLS"
-                blob = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
-                code, _ = c.docmd("AUTH", f"PLAIN {blob}")
-                assert code >= 500, f"AUTH before STARTTLS answered {code}"
-                code, _ = c.docmd("MAIL", "FROM:<x@example.net>")
-                assert code >= 500, f"MAIL before STARTTLS answered {code}"
-            return f"submission refuses AUTH and MAIL before STARTTLS ({code})"
-
-        report.add("AUTH without TLS refused", auth_needs_tls)
-
-        def wrong_password() -> str:
-            with _Client(sub, setup.hostname, "client.invalid") as c:
-                c.starttls(context=tls)
-                try:
-                    c.login(user, password + "-wrong")
-                except smtplib.SMTPAuthenticationError as exc:
-                    return f"refused with {exc.smtp_code}"
-            raise AssertionError("a wrong password was accepted")
-
-        report.add("wrong password refused", wrong_password)
-
-        def submission_relays() -> str:
-            with _Client(sub, setup.hostname, "client.invalid", source=STRANGER) as c:
-                c.starttls(context=tls)
-                c.login(user, password)
-                c.send_message(_message(token, "smoke-sink@example.net", f"{user}@{setup.domain}"))
-            return "accepted for relay after AUTH over STARTTLS"
-
-        relayed = report.add("authenticated submission accepted for relay", submission_relays)
-
-        def at_rest() -> str:
-            files = [p for p in queue_dir.iterdir() if p.is_file()]
-            assert files, "the queue is empty: the message was not queued"
-            for p in files:
-                data = p.read_bytes()
-                if setup.queue.encryption or setup.queue.compression:
-                    assert token.encode() not in data, f"{p} holds the message in plaintext"
-                mail = server.mta.rt.queue.load(p.name)
-                assert token.encode() in mail.message, f"{p} does not read back as the message sent"
-            if setup.queue.encryption:
-                return f"{len(files)} queued file(s): no plaintext; AES-256-GCM, decrypts with the queue key"
-            return f"{len(files)} queued file(s), NOT encrypted: queue encryption is off in this set-up"
-
-        if relayed:
-            if isinstance(server, _Embedded):
-                name = ("queued mail encrypted at rest" if setup.queue.encryption
-                        else "queued mail at rest (encryption off)")
-                report.add(name, at_rest)
-
-            def reached_sink() -> str:
-                got = _wait_for(lambda: [m for m in sink.messages if token.encode() in m[2]], 15)
-                assert got, "the relay sink did not receive the message within 15 s"
-                helo = got[0][3]
-                assert helo == setup.hostname, f"the relay introduced itself as {helo!r}, not {setup.hostname}"
-                retried = " after one temporary failure" if isinstance(server, _Embedded) else ""
-                return f"relayed to the sink on :{sink.port}{retried}, introducing itself as {helo}"
-
-            report.add("relay delivers to the relay host", reached_sink)
+        run.prove()
     finally:
-        if engine == "opensmtpd" and known_defect:
-            for c in report.checks:
+        run.clean_up()
+    return run.report
+
+
+def _resolve_engine(engine: str, smtpd: str | None) -> str | None:
+    """The smtpd binary for --engine opensmtpd (None for the embedded MTA), or why it cannot run."""
+    if engine != "opensmtpd":
+        return None
+    from mailsetup.opensmtpd import find_binary
+
+    if smtpd and not os.access(smtpd, os.X_OK):
+        raise MailsetupError(f"--smtpd: {smtpd} is not an executable smtpd", exit_code=2)
+    smtpd = smtpd or find_binary("smtpd")
+    if not smtpd:
+        raise MailsetupError("--engine opensmtpd: OpenSMTPD is not installed here (no smtpd)", exit_code=1)
+    if os.geteuid() != 0:
+        raise MailsetupError("--engine opensmtpd: smtpd must be started as root", exit_code=1)
+    return smtpd
+
+
+class _SmokeRun:
+    """One smoke test: its throw-away login, queue and token, the engine under test, the relay sink,
+    and the report its checks fill in."""
+
+    def __init__(self, setup: MailSetup, ports: tuple[int, int], smtpd: str | None):
+        self.setup = setup
+        self.report = SmokeReport()
+        self.creds_path = Path(setup.layout.credentials)
+        self.stale = _forget_interrupted_runs(setup, self.creds_path)
+        exists = self.creds_path.exists()
+        self.original_creds = read_secret(self.creds_path) if exists else None
+        self.creds_mode = (self.creds_path.stat().st_mode & 0o7777) if exists else creds_mod.CREDS_MODE
+        self.user = f"mailsetup-smoke-{secrets.token_hex(3)}"
+        self.password = secrets.token_urlsafe(18)
+        self.queue_dir = Path(setup.layout.state_dir) / f"smoke-queue-{secrets.token_hex(4)}"
+        self.token = secrets.token_hex(8)
+        self.delivered: list[tuple[Path, tuple[int, int] | None]] = []
+        self.smtpd = smtpd
+        self.tls: ssl.SSLContext | None = None  # once the server runs
+        self.loop = _LoopThread()
+        self.sink = _Sink()
+        self.server: _Embedded | _OpenSmtpd
+        if smtpd:
+            self.sink.tempfail_left = 0  # smtpd's own retry waits minutes; the queue is its business
+            self.server = _OpenSmtpd(setup, self.sink, ports, smtpd)
+        else:
+            self.server = _Embedded(setup, self.loop, self.sink, ports, self.queue_dir)
+
+    @property
+    def embedded(self) -> bool:
+        return isinstance(self.server, _Embedded)
+
+    def client(self, port: str, helo: str, source: str | None = None) -> _Client:
+        return _Client(self.server.ports[port], self.setup.hostname, helo, source=source)
+
+    def prove(self) -> None:
+        add = self.report.add
+        if self.smtpd and not add("smtpd version and the known TLS defect", self.version):
+            self.known_defect = True
+        if not add("smoke-only credential", self.add_smoke_user):
+            return
+        if not add(f"start the {self.server.name} on the set-up's files", self.start):
+            return
+        add("STARTTLS with the generated certificate", self.certificate)
+        add("the server's own name in the greeting and EHLO", self.own_name)
+        add("inbound over STARTTLS through the aliases into Maildir", self.inbound)
+        add("unauthenticated relay refused", self.no_open_relay)
+        add("AUTH without TLS refused", self.auth_needs_tls)
+        add("wrong password refused", self.wrong_password)
+        if not add("authenticated submission accepted for relay", self.submission_relays):
+            return
+        if self.embedded:
+            add("queued mail encrypted at rest" if self.setup.queue.encryption
+                else "queued mail at rest (encryption off)", self.at_rest)
+        add("relay delivers to the relay host", self.reached_sink)
+
+    known_defect = False
+
+    # --- the steps before the checks ----------------------------------------------------------------
+
+    def version(self) -> str:
+        from mailsetup.opensmtpd import openssl_major, smtpd_version, tls_defect
+
+        found = smtpd_version(self.smtpd)
+        assert found, f"{self.smtpd} -h does not say which OpenSMTPD it is"
+        defect = tls_defect((found[0], found[1]), openssl_major())
+        assert defect is None, defect
+        return f"OpenSMTPD {found[2]} ({self.smtpd}) with OpenSSL {openssl_major()}"
+
+    def add_smoke_user(self) -> str:
+        creds = creds_mod.read_credentials(self.creds_path)
+        hashed = creds_mod.hash_password(self.password)
+        # A smoke-only login, taken out again at the end; the original bytes are restored.
+        write_atomic(self.creds_path, creds_mod.render_credentials(creds_mod.with_user(creds, self.user, hashed)),
+                     self.creds_mode)
+        note = f"; removed {self.stale} left by an interrupted run" if self.stale else ""
+        return f"smoke-only login {self.user} added to {self.creds_path}{note}"
+
+    def start(self) -> str:
+        self.loop.run(self.sink.start())
+        started = self.server.start()
+        self.tls = _client_tls(self.setup)
+        return started + f"; relay sink on :{self.sink.port}"
+
+    # --- the checks, each a story a user would tell -------------------------------------------------
+
+    def certificate(self) -> str:
+        setup = self.setup
+        cert_der = ssl.PEM_cert_to_DER_cert(read_secret(Path(setup.tls.cert)).decode())
+        with self.client("smtp", "smoke.invalid") as c:
+            c.ehlo()
+            assert c.has_extn("starttls"), "port 25 does not offer STARTTLS"
+            assert not c.has_extn("auth"), "AUTH is offered before TLS"
+            c.starttls(context=self.tls)
+            served = c.sock.getpeercert(binary_form=True)
+            version = c.sock.version()
+        assert served == cert_der, "the certificate served is not the one in " + str(setup.tls.cert)
+        return f"STARTTLS ({version}) serves {Path(setup.tls.cert).name}, valid for {setup.hostname}"
+
+    def own_name(self) -> str:
+        hostname = self.setup.hostname
+        with self.client("smtp", "smoke.invalid") as c:
+            code, banner = c.banner
+            c.ehlo()
+            ehlo_name = c.ehlo_resp.decode(errors="replace").split("\n")[0].split(" ")[0]
+        greeted = banner.decode(errors="replace").split(" ")[0]
+        assert code == 220, f"the greeting is {code}, not 220"
+        assert greeted == hostname, f"greets as {greeted!r}, not {hostname} (so do Received headers)"
+        assert ehlo_name == hostname, f"answers EHLO as {ehlo_name!r}, not {hostname}"
+        return f"greets and answers EHLO as {hostname}"
+
+    def inbound(self) -> str:
+        rcpt = f"postmaster@{self.setup.domain}"
+        decision = self.server.policy.check_rcpt(rcpt, False, STRANGER)
+        assert decision.accepted, f"{rcpt} is refused: {decision.reply()}"
+        assert decision.local_users, f"{rcpt} reaches no local Maildir"
+        if not self.embedded:
+            for u in decision.local_users:
+                self.server.prepare_maildir(u)
+        with self.client("smtp", "stranger.invalid", source=STRANGER) as c:
+            c.starttls(context=self.tls)
+            c.send_message(_message(self.token, rcpt, "stranger@example.net"))
+        return f"{rcpt} -> " + ", ".join(self._arrived(u) for u in decision.local_users)
+
+    def _arrived(self, user: str) -> str:
+        # Read (and later removed) the way it was delivered: as root in a real user's home,
+        # through descriptors, never through a link they put there.
+        md, owner = self.server.maildir(user), self.server.owner(user)
+        hits = _wait_for(lambda: maildir_mod.find_delivered(md, self.token.encode(), owner), 15)
+        assert hits, f"nothing arrived in {md / 'new'} for {user} within 15 s"
+        self.delivered.extend((p, owner) for p in hits)
+        return f"{user} ({md / 'new'})"
+
+    def no_open_relay(self) -> str:
+        tricks = ["smoke@example.net"] + [t.format(domain=self.setup.domain) for t in RELAY_TRICKS]
+        accepted = []
+        with self.client("smtp", "spammer.invalid", source=STRANGER) as c:
+            c.ehlo()
+            for rcpt in tricks:
+                c.rset()
+                c.mail("spammer@example.net")
+                code, msg = c.rcpt(f"<{rcpt}>")
+                if 200 <= code < 300:
+                    accepted.append(f"{rcpt} ({code})")
+        assert not accepted, "relayed for a stranger: " + ", ".join(accepted)
+        return f"{len(tricks)} relay attempts from {STRANGER} refused (plain, percent hack, quoted, source route…)"
+
+    def auth_needs_tls(self) -> str:
+        with self.client("submission", "client.invalid") as c:
+            c.ehlo()
+            assert not c.has_extn("auth"), "submission offers AUTH before STARTTLS"
+            blob = base64.b64encode(f"\0{self.user}\0{self.password}".encode()).decode()
+            code, _ = c.docmd("AUTH", f"PLAIN {blob}")
+            assert code >= 500, f"AUTH before STARTTLS answered {code}"
+            code, _ = c.docmd("MAIL", "FROM:<x@example.net>")
+            assert code >= 500, f"MAIL before STARTTLS answered {code}"
+        return f"submission refuses AUTH and MAIL before STARTTLS ({code})"
+
+    def wrong_password(self) -> str:
+        with self.client("submission", "client.invalid") as c:
+            c.starttls(context=self.tls)
+            try:
+                c.login(self.user, self.password + "-wrong")
+            except smtplib.SMTPAuthenticationError as exc:
+                return f"refused with {exc.smtp_code}"
+        raise AssertionError("a wrong password was accepted")
+
+    def submission_relays(self) -> str:
+        with self.client("submission", "client.invalid", source=STRANGER) as c:
+            c.starttls(context=self.tls)
+            c.login(self.user, self.password)
+            c.send_message(_message(self.token, "smoke-sink@example.net", f"{self.user}@{self.setup.domain}"))
+        return "accepted for relay after AUTH over STARTTLS"
+
+    def at_rest(self) -> str:
+        queue = self.setup.queue
+        files = [p for p in self.queue_dir.iterdir() if p.is_file()]
+        assert files, "the queue is empty: the message was not queued"
+        for p in files:
+            data = p.read_bytes()
+            if queue.encryption or queue.compression:
+                assert self.token.encode() not in data, f"{p} holds the message in plaintext"
+            mail = self.server.mta.rt.queue.load(p.name)
+            assert self.token.encode() in mail.message, f"{p} does not read back as the message sent"
+        if queue.encryption:
+            return f"{len(files)} queued file(s): no plaintext; AES-256-GCM, decrypts with the queue key"
+        return f"{len(files)} queued file(s), NOT encrypted: queue encryption is off in this set-up"
+
+    def reached_sink(self) -> str:
+        got = _wait_for(lambda: [m for m in self.sink.messages if self.token.encode() in m[2]], 15)
+        assert got, "the relay sink did not receive the message within 15 s"
+        helo = got[0][3]
+        assert helo == self.setup.hostname, f"the relay introduced itself as {helo!r}, not {self.setup.hostname}"
+        retried = " after one temporary failure" if self.embedded else ""
+        return f"relayed to the sink on :{self.sink.port}{retried}, introducing itself as {helo}"
+
+    # --- and after them -----------------------------------------------------------------------------
+
+    def clean_up(self) -> None:
+        """Stop what was started, take the mail, queue and login away; the credentials table gets its
+        original bytes back."""
+        if self.known_defect:
+            for c in self.report.checks:
                 if not c.ok and "ALERT_INTERNAL_ERROR" in c.detail:
                     c.detail += " (the known TLS defect named above)"
-        server.stop()
+        self.server.stop()
         with contextlib.suppress(Exception):
-            loop.run(sink.stop())
-        loop.close()
-        for p, owner in delivered:
+            self.loop.run(self.sink.stop())
+        self.loop.close()
+        for p, owner in self.delivered:
             with contextlib.suppress(OSError, MailsetupError):
                 maildir_mod.remove_delivered(p, owner)
-        shutil.rmtree(queue_dir, ignore_errors=True)
-        if original_creds is not None:
-            write_atomic(creds_path, original_creds, creds_mode)
-        elif creds_path.exists():
-            creds_path.unlink()
-    return report
+        shutil.rmtree(self.queue_dir, ignore_errors=True)
+        if self.original_creds is not None:
+            write_atomic(self.creds_path, self.original_creds, self.creds_mode)
+        elif self.creds_path.exists():
+            self.creds_path.unlink()
 
 
 def _forget_interrupted_runs(setup: MailSetup, creds_path: Path) -> str:

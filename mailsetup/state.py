@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailsetup.errors import MailsetupError
 from mailsetup.model import MailSetup
-from mailsetup.opensmtpd import find_binary
+from mailsetup.opensmtpd import smtpctl
+
+if TYPE_CHECKING:
+    import subprocess
 
 OPENSMTPD_SPOOL = Path("/var/spool/smtpd")
 
@@ -68,13 +71,10 @@ def read_state(setup: MailSetup) -> ExistingState:
 
 
 def _smtpctl(*args: str, timeout: float = 10) -> subprocess.CompletedProcess | None:
-    smtpctl = find_binary("smtpctl")
-    if not smtpctl:
-        return None
+    """smtpctl's answer, or None when it is missing or hangs: then no smtpd answers either."""
     try:
-        return subprocess.run([smtpctl, *args], capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
+        return smtpctl(*args, timeout=timeout)
+    except MailsetupError:
         return None
 
 

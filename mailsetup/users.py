@@ -12,46 +12,48 @@ from mailsetup.errors import MailsetupError
 from mailsetup.report import echo
 
 
-def _layout(root: Path | None, os_name: str | None):
+def _setup(root: Path | None, os_name: str | None):
     from mailsetup.answers import load_setup
 
-    return load_setup(root, os_name).layout
+    return load_setup(root, os_name)
 
 
 def list_users(root: Path | None, os_name: str | None) -> list[str]:
-    return [cred.user for cred in c.read_credentials(Path(_layout(root, os_name).credentials))]
+    return [cred.user for cred in c.read_credentials(Path(_setup(root, os_name).layout.credentials))]
 
 
 def add_user(name: str, password_stdin: bool, root: Path | None, os_name: str | None) -> None:
     """Add a login, or change its password (asked twice, hidden, or one line of standard input)."""
     c.validate_username(name)
-    layout = _layout(root, os_name)
-    creds = c.read_credentials(Path(layout.credentials))
+    setup = _setup(root, os_name)
+    creds = c.read_credentials(Path(setup.layout.credentials))
     ask = c.ask_password_twice if sys.stdin.isatty() else None
     hashed = c.hash_password(c.read_password(password_stdin, ask,
                                              "no terminal to ask for the password on: pass --password-stdin"))
     existed = any(x.user == name for x in creds)
-    _write_credentials(layout, c.with_user(creds, name, hashed),
+    _write_credentials(setup, c.with_user(creds, name, hashed),
                        f"{'changed the password of' if existed else 'added'} {name} in")
 
 
 def remove_user(name: str, root: Path | None, os_name: str | None) -> None:
     """Remove a login (the Maildir is left alone)."""
-    layout = _layout(root, os_name)
-    remaining = c.without_user(c.read_credentials(Path(layout.credentials)), name)
-    _write_credentials(layout, remaining, f"removed {name} from")
+    setup = _setup(root, os_name)
+    remaining = c.without_user(c.read_credentials(Path(setup.layout.credentials)), name)
+    _write_credentials(setup, remaining, f"removed {name} from")
 
 
-def _write_credentials(layout, creds: list, done: str) -> None:
+def _write_credentials(setup, creds: list, done: str) -> None:
     """Write the table (owner and mode smtpd needs to re-read it), then have a running smtpd that
     serves this file re-read it, so the change is live without a restart."""
     from mailsetup.files import FileChange, apply_plan
     from mailsetup.opensmtpd import smtpd_tables_reading, update_table
     from mailsetup.platforms import LAYOUTS
 
+    layout = setup.layout
     path = Path(layout.credentials)
     mode, owner = c.table_access(layout.smtpd_user)
-    apply_plan([FileChange(path, c.render_credentials(creds), mode, "credentials", secret=True, owner=owner)])
+    apply_plan([FileChange(path, c.render_credentials(creds), mode, "credentials", secret=True, owner=owner)],
+               setup.keep_backups)
     echo(f"{done} {path}")
     users = smtpd_tables_reading(path, Path(LAYOUTS[layout.name].smtpd_conf))
     if not users:

@@ -177,3 +177,17 @@ def test_a_real_users_maildir_and_mail_belong_to_them(tmp_path):
     for p in (home / "Maildir", home / "Maildir/new", home / "Maildir/tmp", home / "Maildir/cur", path):
         assert (p.stat().st_uid, p.stat().st_gid) == (4242, 4243), p
     assert (path.stat().st_mode & 0o777) == 0o600
+
+
+@pytest.mark.parametrize("rcpt,users", [("team+x@example.test", ("alice", "bob")),
+                                        ("alice+tag@example.test", ("alice",)),
+                                        ("postmaster+x@example.test", ("alice",))])
+def test_a_plus_detail_is_looked_up_as_smtpd_does(rcpt, users):
+    """smtpd's aliases_get tries the name, then the name cut at the first '+'; a user gets alice+tag."""
+    d = policy().check_rcpt(rcpt, peer_ip=STRANGER)
+    assert d.code == 250 and d.local_users == users, d
+
+
+def test_a_plus_detail_of_no_one_is_refused():
+    assert policy().check_rcpt("+x@example.test", peer_ip=STRANGER).code == 550
+    assert policy().check_rcpt("nobody+x@example.test", peer_ip=STRANGER).code == 550

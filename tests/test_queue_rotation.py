@@ -116,6 +116,16 @@ class Host:
     def queue(self) -> list[str]:
         return [line for line in self.run("smtpctl", "show", "queue").stdout.splitlines() if line.strip()]
 
+    def queue_after(self, seconds: float, until: int | None = None) -> list[str]:
+        """`smtpctl show queue` once `until` envelopes are listed, or after `seconds` (smtpd loads
+        its queue from disk in the background after it starts)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            lines = self.queue()
+            if (until is not None and len(lines) >= until) or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.2)
+
     def close(self) -> None:
         try:
             self.stop_smtpd()
@@ -268,11 +278,12 @@ def test_a_stopped_smtpd_spool_is_counted_and_force_rotate_keeps_the_way_back(ho
     assert f"start smtpd -f {conf_backup}, run `smtpctl pause smtp`" in finding["detail"]
 
     # The way back is real: smtpd on the new key sees nothing, on the kept configuration all four.
+    # smtpd loads its queue from disk after it starts, a few envelopes at a time: watch it for a while.
     host.start_smtpd()
-    assert host.queue() == []
+    assert host.queue_after(3.0) == []
     host.stop_smtpd()
     host.start_smtpd(conf_backup)
-    assert len(host.queue()) == 4
+    assert len(host.queue_after(15.0, until=4)) == 4
 
 
 def test_a_sandbox_spool_is_counted_on_disk(tmp_path: Path):
@@ -297,3 +308,27 @@ def test_drain_timeout_must_be_a_positive_number_of_seconds(tmp_path: Path, valu
     assert r.code == 2
     assert r.err_lines == [f"mailsetup: error: --drain-timeout: {value} is not a positive number of seconds"]
     assert not (tmp_path / "root").exists()
+
+
+def test_backups_that_still_open_queued_mail_are_never_pruned(tmp_path: Path):
+    """Backups are kept to a number, but not the queue keys (nor the smtpd.conf carrying them) while
+    the queue holds envelopes the current key cannot open: each forced rotation keeps its old key,
+    the way back to that mail. Once the queue is clear, the next run keeps to the number again."""
+    root = tmp_path / "root"
+    assert run_cli("init", "--yes", "--root", root, "--os", "debian", "--domain", "example.test", "--admin",
+                   "alice", "--no-smoke", "--keep-backups", "2").code == 0
+    msg = root / "var/spool/smtpd/queue/18/18505550"
+    msg.mkdir(parents=True)
+    (msg / "18505550f819b47d").write_bytes(b"\x01" + os.urandom(60))  # opens with no key we have
+    key = root / "etc/mailsetup/queue.key"
+    for _ in range(4):
+        r = run_cli("init", "--yes", "--root", root, "--rotate-queue-key", "--force-rotate", "--no-smoke")
+        assert r.code == 0, r.err
+        time.sleep(1.05)  # backups are stamped to the second
+    assert len(list(key.parent.glob("queue.key.*.bak"))) == 4
+    assert len(list((root / "etc").glob("smtpd.conf.*.bak"))) == 4
+    shutil.rmtree(root / "var/spool/smtpd/queue/18")
+    r = run_cli("init", "--yes", "--root", root, "--rotate-queue-key", "--no-smoke")
+    assert r.code == 0, r.err
+    assert len(list(key.parent.glob("queue.key.*.bak"))) == 2
+    assert len(list((root / "etc").glob("smtpd.conf.*.bak"))) == 2

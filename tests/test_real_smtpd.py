@@ -106,3 +106,24 @@ def test_a_missing_smtpd_binary_is_one_line(root: Path):
     r = run_cli("smoke", "--root", root, "--engine", "opensmtpd", "--smtpd", "/nonexistent/smtpd")
     assert r.code == 2
     assert r.err_lines == ["mailsetup: error: --smtpd: /nonexistent/smtpd is not an executable smtpd"]
+
+
+def test_a_hand_edited_smtpd_conf_is_named_not_passed_off_as_proven(root: Path):
+    """The loopback smtpd runs smtpd.conf as the set-up renders it; a written file that says something
+    else is named (file:line, not its text: it holds the queue key) instead of being reported as
+    proven. Comments may differ."""
+    conf = root / "etc/smtpd.conf"
+    original = conf.read_text()
+    lines = original.splitlines(keepends=True)
+    number = next(i for i, line in enumerate(lines, 1) if line.startswith("smtp max-message-size"))
+    lines[number - 1] = "smtp max-message-size 1M\n"
+    conf.write_text("".join(lines))
+    code, checks, err = smoke(root)
+    assert code == 1
+    start = checks["start the OpenSMTPD on the set-up's files"]
+    assert not start["ok"]
+    assert start["detail"].startswith(f"{conf}:{number} differs from what the set-up renders"), start
+    assert "queue encryption" not in start["detail"]
+    conf.write_text("# a note of the admin's\n" + original)
+    code, checks, err = smoke(root)
+    assert code == 0, (checks, err)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import pwd
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,10 +57,26 @@ def split_address(address: str) -> tuple[str, str] | Decision:
 
     Everything spammers use to slip past relay checks is refused outright: source routes, quoted
     local parts, percent hacks, bang paths, several '@', trailing dots, IP literals for a local part.
+    The checks go in this order (the shape, then the local part, then the domain) so that each
+    address gets the one reason smtpd's reader would see first.
     """
     addr = address.strip()
     if addr.startswith("<") and addr.endswith(">"):
         addr = addr[1:-1]
+    if addr.lower() == "postmaster":
+        return "postmaster", ""  # RFC 5321 4.5.1: <postmaster> with no domain must be accepted
+    refusal = _shape_refusal(addr)
+    if refusal:
+        return refusal
+    local, domain = addr.split("@")
+    if not local:
+        return _refuse(553, "5.1.3 empty local part")
+    if not domain:
+        return _refuse(553, "5.1.3 empty domain")
+    return _local_refusal(local) or _split_domain(local, domain)
+
+
+def _shape_refusal(addr: str) -> Decision | None:
     if not addr:
         return _refuse(553, "5.1.3 empty recipient address")
     if addr.startswith("@"):
@@ -67,22 +84,25 @@ def split_address(address: str) -> tuple[str, str] | Decision:
     if '"' in addr or "\\" in addr:
         return _refuse(553, "5.1.3 quoted local parts are not accepted")
     if addr.count("@") != 1:
-        if addr.count("@") == 0 and addr.lower() == "postmaster":
-            return "postmaster", ""  # RFC 5321 4.5.1: <postmaster> with no domain must be accepted
         return _refuse(553, "5.1.3 an address has exactly one '@'")
-    local, domain = addr.split("@")
-    if not local:
-        return _refuse(553, "5.1.3 empty local part")
-    if not domain:
-        return _refuse(553, "5.1.3 empty domain")
-    if "%" in local:
-        return _refuse(553, "5.1.3 '%' routing (the percent hack) is not accepted")
-    if "!" in local:
-        return _refuse(553, "5.1.3 '!' routing (bang paths) is not accepted")
-    if ":" in local or "," in local:
-        return _refuse(553, "5.1.3 source routes are not accepted")
+    return None
+
+
+_ROUTING = (("%", "5.1.3 '%' routing (the percent hack) is not accepted"),
+            ("!", "5.1.3 '!' routing (bang paths) is not accepted"),
+            (":", "5.1.3 source routes are not accepted"), (",", "5.1.3 source routes are not accepted"))
+
+
+def _local_refusal(local: str) -> Decision | None:
+    for char, why in _ROUTING:
+        if char in local:
+            return _refuse(553, why)
     if not _LOCAL_ATOM.match(local) or local.startswith(".") or local.endswith(".") or ".." in local:
         return _refuse(553, "5.1.3 malformed local part")
+    return None
+
+
+def _split_domain(local: str, domain: str) -> tuple[str, str] | Decision:
     if domain.endswith("."):
         return _refuse(553, "5.1.2 a domain with a trailing dot is not accepted")
     if domain.startswith("[") and domain.endswith("]"):
@@ -168,12 +188,14 @@ class Policy:
         if name in seen:
             return None  # a loop: this branch adds nothing new
         seen.add(name)
-        value = self.aliases.get(name)
+        # smtpd's aliases_get: the name as given, then cut at the first '+' (team+x is team)
+        value = aliases_mod.lookup(self.aliases, name)
         if value is None:
-            if name == "root":
+            user = name.split("+", 1)[0]  # smtpd delivers alice+tag to alice (measured on 7.4)
+            if user == "root":
                 return _refuse(550, "5.1.1 smtpd does not deliver to root: alias root to a person")
-            if self.is_local_user(name):
-                users.append(name)
+            if user and self.is_local_user(user):
+                users.append(user)
                 return None
             return _refuse(550, "5.1.1 invalid recipient") if depth == 0 else None
         targets, problem = split_value(value)
@@ -233,19 +255,27 @@ def local_names() -> frozenset[str]:
     return frozenset({"localhost", machine_mailname(), "[127.0.0.1]", "[ipv6:::1]"})
 
 
-def policy_for(setup: MailSetup, aliases: Mapping[str, str], is_local_user: Callable[[str], bool],
-               local_peers: frozenset[str] = LOOPBACK) -> Policy:
-    """The one Policy for a set-up, from the same model as the template's match rules."""
+def policy_for(setup: MailSetup, aliases: Mapping[str, str], logins: Iterable[str],
+               local_peers: frozenset[str] = LOOPBACK, *, for_smtpd: bool = False) -> Policy:
+    """The one Policy for a set-up, from the same model as the template's match rules: the server,
+    doctor and smoke all ask it. `logins` are the credentials table's users; `local_peers` empty
+    treats every peer as remote (doctor asks as a stranger would); `for_smtpd` judges local users as
+    the real smtpd does (system accounts, even for a sandbox)."""
+    is_local_user = local_user_check(setup, aliases, logins, system_accounts=for_smtpd)
     return Policy(frozenset({setup.domain}), aliases, is_local_user, local_peers, local_names=local_names())
 
 
 _USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
 
-def local_user_check(setup: MailSetup, aliases: dict[str, str], creds: dict[str, str]) -> Callable[[str], bool]:
+def local_user_check(setup: MailSetup, aliases: Mapping[str, str], creds: Iterable[str],
+                     system_accounts: bool = False) -> Callable[[str], bool]:
     """Who counts as a local user. On a real host: a person's account (platforms.person_account, the
     rule --admin is held to as well). In a sandbox: a login, or a plain name an alias points at, or a
-    home already made there."""
+    home already made there. With `system_accounts`: any account but root, which is whom the real
+    smtpd delivers to, in a sandbox too."""
+    if system_accounts:
+        return _system_account
     if setup.root is None:
         first = uid_min()  # read once, not per recipient
         return lambda name: person_account(name, first)
@@ -263,3 +293,10 @@ def local_user_check(setup: MailSetup, aliases: dict[str, str], creds: dict[str,
             return False
         return name in named or (home / name).is_dir()
     return sandbox_user
+
+
+def _system_account(name: str) -> bool:
+    try:
+        return pwd.getpwnam(name).pw_uid != 0
+    except KeyError:
+        return False

@@ -34,7 +34,7 @@ from mailsetup.files import read_secret
 from mailsetup.model import MailSetup
 from mailsetup.mta import maildir
 from mailsetup.mta.data import READ_SIZE, DataState, Spool, lf_chunks, normalise_line_ends, receive_data
-from mailsetup.mta.policy import LOOPBACK, MAX_RECIPIENTS, Policy, local_user_check, policy_for
+from mailsetup.mta.policy import LOOPBACK, MAX_RECIPIENTS, Policy, policy_for
 from mailsetup.mta.queue import MailQueue, RelayWorker
 
 log = logging.getLogger("mailsetup.mta")
@@ -102,8 +102,7 @@ class Runtime:
             log.error("kept the loaded logins: %s", exc.message)
             return False
         self.creds, self.creds_stamp = creds, stamp
-        self.policy = policy_for(self.setup, self.aliases, local_user_check(self.setup, self.aliases, creds),
-                                 self.options.local_peers)
+        self.policy = policy_for(self.setup, self.aliases, creds, self.options.local_peers)
         log.info("loaded %s: %d login(s)", path, len(creds))
         return True
 
@@ -141,7 +140,7 @@ def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
     creds = {c.user: c.hash for c in creds_mod.read_credentials(Path(setup.layout.credentials))}
     key = queuekey.read_queue_key(Path(setup.queue.key_file)) if setup.queue.encryption else None
     queue = MailQueue(options.queue_dir or Path(setup.layout.queue_dir), key, setup.queue.compression)
-    policy = policy_for(setup, aliases, local_user_check(setup, aliases, creds), options.local_peers)
+    policy = policy_for(setup, aliases, creds, options.local_peers)
 
     @functools.lru_cache(maxsize=4096)
     def home(user: str) -> Path:
@@ -282,7 +281,10 @@ AUTH_DELAY = (0.17, 1.0)  # smtpd pauses a failed AUTH 0.15-1 s at random (measu
 # spaces. aiosmtpd's parser (the email package's) also takes `a@b`, `<a@b` (no ">"), comments and
 # quoted local parts, and a tab before the parameters; smtpd answers each 553 / 501 (measured), and
 # so do we. Blanks before the "<" are allowed, as smtpd allows them.
-_PATH_SHAPE = re.compile(r' *<[^<>()"\\\s]*>(?: +(?:\S.*)?)?\Z', re.S)
+_PATH_SHAPE = re.compile(r' *<([^<>()"\\\s]*)>(?: +(?:\S.*)?)?\Z', re.S)
+# ...and a domain that is one: labels, or an address literal in brackets. (The email parser's
+# answer to `<a@[>` differs between Python versions: 3.11 raised, 3.13 took it; smtpd says 553.)
+_PATH_DOMAIN = re.compile(r"(?:\[[^\[\]\\]*\]|[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)\Z")
 # Within that, the shape nearly every path has: <dot-atom@domain>, then nothing, or spaces and
 # parameters. aiosmtpd parses each with the email package's header parser and defines a class per
 # call: ~100 µs, a tenth of a message's CPU in `serve`. The rest (source routes, address literals)
@@ -341,7 +343,11 @@ class CappedSMTP(SMTP):
         self._timeout_cb()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        if not _PATH_SHAPE.match(arg):
+        shape = _PATH_SHAPE.match(arg)
+        if not shape:
+            return None, None
+        path = shape.group(1)
+        if "@" in path and not _PATH_DOMAIN.match(path.rpartition("@")[2]):
             return None, None
         plain = _PLAIN_PATH.match(arg)
         if plain is None:
