@@ -260,22 +260,11 @@ def serve(
 ) -> None:
     """Run the embedded MTA in the foreground on the set-up's files (Ctrl-C or SIGTERM stops it)."""
     from mailsetup.answers import load_setup
-    from mailsetup.model import validate_hostport, validate_listen, validate_port
-    from mailsetup.mta.server import MtaOptions, load_runtime
+    from mailsetup.mta.server import load_runtime, options_from_flags, serve_forever
 
-    setup = load_setup(root, os_name)
-    options = MtaOptions(
-        listen=validate_listen(listen, "--listen", "linux"),
-        smtp_port=validate_port(smtp_port, "--smtp-port") if smtp_port else 0,
-        submission_port=validate_port(submission_port, "--submission-port") if submission_port else 0,
-        relay_host=validate_hostport(relay_host, "--relay-host") if relay_host else None,
-        local_peers=frozenset() if loopback_is_remote else frozenset({"127.0.0.1", "::1"}),
-        max_connections=max_connections,
-        timeout=timeout,
-    )
-    from mailsetup.mta.server import serve_forever
-
-    serve_forever(load_runtime(setup, options), say=lambda text: _echo(text, err=True))
+    options = options_from_flags(listen, smtp_port, submission_port, relay_host, loopback_is_remote,
+                                 max_connections, timeout)
+    serve_forever(load_runtime(load_setup(root, os_name), options), say=lambda text: _echo(text, err=True))
 
 
 def _run_smoke_and_report(setup, as_json: bool, smtp_port: int = 0, submission_port: int = 0,
@@ -319,18 +308,12 @@ def doctor(
     debug: Debug = False,
 ) -> None:
     """Check the set-up's health: each check ✓ / ! / ✗ with why and what to do. Exit 1 on any ✗."""
-    import json
-
     from mailsetup.answers import load_setup
     from mailsetup.doctor import Doctor
     from mailsetup.report import print_doctor
 
     doc = Doctor(load_setup(root, os_name))
-    findings = doc.run()
-    if as_json:
-        typer.echo(json.dumps([f.as_dict() for f in findings], indent=2))
-    else:
-        print_doctor(findings)
+    print_doctor(doc.run(), as_json)
     if not doc.ok:
         raise typer.Exit(1)
 

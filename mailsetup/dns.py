@@ -206,11 +206,7 @@ def show_records(setup: MailSetup, ips_given: list[str], check: bool, nameserver
                  as_json: bool) -> bool:
     """`mailsetup dns`: the records (as text or JSON), compared with live DNS when `check`; False
     when a comparison failed."""
-    import json
-
-    import typer
-
-    from mailsetup.report import print_dns
+    from mailsetup.report import print_dns, print_json
 
     ips, left_out = address_records_for(setup, validate_ips(ips_given))
     records = wanted_records(setup, ips)
@@ -223,7 +219,7 @@ def show_records(setup: MailSetup, ips_given: list[str], check: bool, nameserver
                    "left_out": [{"ip": addr, "why": why} for addr, why in left_out]}
         if comparisons is not None:
             payload["check"] = [c.as_dict() for c in comparisons]
-        typer.echo(json.dumps(payload, indent=2))
+        print_json(payload)
     else:
         print_dns(setup, records, ptr_advice(setup, ips), bool(ips), comparisons, [why for _, why in left_out])
     return not (comparisons is not None and any(c.status == "fail" for c in comparisons))

@@ -6,7 +6,6 @@ one model) → plan (every file in memory) → confirm → apply (and smtpd -n) 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -336,9 +335,9 @@ def report(run: Run, out: Out, smoke_ok: bool) -> int:
 
 def _emit_json(out: Out) -> None:
     if out.opts.as_json:
-        import typer
+        from mailsetup.report import print_json
 
-        typer.echo(json.dumps(out.report, indent=2))
+        print_json(out.report)
 
 
 def _queue_key_rotation_plan(setup, opts: InitOptions, out: Out, interactive: bool) -> tuple[bool, list]:

@@ -86,12 +86,17 @@ def print_warnings(warnings: list[str]) -> None:
         typer.echo(_style(f"  ! {warning}", "yellow"), err=True)
 
 
+def print_json(value) -> None:
+    """Every command's --json output: one document on stdout, indented the same way."""
+    import json
+
+    typer.echo(json.dumps(value, indent=2))
+
+
 def print_smoke(sr, as_json: bool = False) -> None:
     """The smoke report as text (✓/✗ and a total) or as a JSON list of its checks."""
     if as_json:
-        import json
-
-        typer.echo(json.dumps([c.as_dict() for c in sr.checks], indent=2))
+        print_json([c.as_dict() for c in sr.checks])
         return
     typer.echo("Smoke test (on loopback, with the set-up's own files):")
     for c in sr.checks:
@@ -106,7 +111,11 @@ _MARKS = {"ok": "✓", "warn": "!", "fail": "✗"}
 _COLORS = {"ok": None, "warn": "yellow", "fail": "red"}
 
 
-def print_doctor(findings) -> None:
+def print_doctor(findings, as_json: bool = False) -> None:
+    """doctor's findings as text (✓ / ! / ✗ and a count) or as a JSON list."""
+    if as_json:
+        print_json([f.as_dict() for f in findings])
+        return
     for f in findings:
         typer.echo(_style(f"{_MARKS[f.status]} {f.name}: {f.detail}", _COLORS[f.status]))
     fails = sum(f.status == "fail" for f in findings)

@@ -71,6 +71,23 @@ class MtaOptions:
     retry_first: float = 1.0
 
 
+def options_from_flags(listen: str, smtp_port: int, submission_port: int, relay_host: str | None,
+                       loopback_is_remote: bool, max_connections: int, timeout: float) -> MtaOptions:
+    """`mailsetup serve`'s flags, each checked by the model's validator for that kind of value (a bad
+    one is a one-line error naming its flag); a port of 0 means any free one."""
+    from mailsetup.model import validate_hostport, validate_listen, validate_port
+
+    return MtaOptions(
+        listen=validate_listen(listen, "--listen", "linux"),
+        smtp_port=validate_port(smtp_port, "--smtp-port") if smtp_port else 0,
+        submission_port=validate_port(submission_port, "--submission-port") if submission_port else 0,
+        relay_host=validate_hostport(relay_host, "--relay-host") if relay_host else None,
+        local_peers=frozenset() if loopback_is_remote else LOOPBACK,
+        max_connections=max_connections,
+        timeout=timeout,
+    )
+
+
 @dataclass
 class Runtime:
     """Everything the MTA reads from the set-up's files on disk, loaded once at start."""
