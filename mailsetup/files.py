@@ -39,10 +39,19 @@ class FileChange:
     # (uid, gid) the file is given, e.g. root and the group of smtpd's lookup process, which must
     # re-read a table; its directory is then made enterable by that group. None: keep/inherit.
     owner: tuple[int, int] | None = None
+    # The disk is read once to show the plan (its listing, diff summary and JSON all ask), and once
+    # more, fresh, by apply_plan right before it writes.
+    _judged: list[str] = field(default_factory=list, compare=False, repr=False)
 
-    def state(self) -> str:
-        """'new', 'replaced' or 'unchanged' against what is on disk now. As root, a file another
-        user could steer is refused here already, before anything is shown or written."""
+    def state(self, fresh: bool = False) -> str:
+        """'new', 'replaced' or 'unchanged' against what is on disk (read on the first call, or now
+        when `fresh`). As root, a file another user could steer is refused here already, before
+        anything is shown or written."""
+        if fresh or not self._judged:
+            self._judged[:] = [self._judge()]
+        return self._judged[0]
+
+    def _judge(self) -> str:
         try:
             current = read_current(self.path)
         except OSError:
@@ -846,7 +855,7 @@ def apply_plan(plan: Plan | Sequence[FileChange], keep_backups: int | None = Non
     results: list[Applied] = []
     try:
         for change in changes:
-            state = change.state()
+            state = change.state(fresh=True)
             if state == "unchanged":
                 results.append(Applied(change.path, state, None))
                 continue
@@ -856,6 +865,7 @@ def apply_plan(plan: Plan | Sequence[FileChange], keep_backups: int | None = Non
             if change.owner is not None:
                 _let_group_enter(target.parent, change.owner[1], opened_dirs)
             results.append(Applied(target, state, backup, before, change.secret))
+            change._judged.clear()  # the disk now holds it: the next state() looks again
     except BaseException as exc:
         _undo(done, created_dirs)
         for directory, uid, gid, mode in reversed(opened_dirs):

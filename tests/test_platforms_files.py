@@ -137,3 +137,22 @@ def test_as_root_another_users_file_is_refused_and_roots_file_keeps_its_group(tm
     [applied] = apply_plan([FileChange(f, b"new\n", 0o640, "creds")])
     assert (f.stat().st_uid, f.stat().st_gid) == (0, 65534)
     assert (applied.backup.stat().st_gid, stat.S_IMODE(applied.backup.stat().st_mode)) == (65534, 0o640)
+
+
+def test_a_plan_reads_each_file_once_to_show_it_and_once_more_to_write_it(tmp_path: Path, monkeypatch):
+    """Listing a plan, its JSON and its diff summary all ask each file's state: the disk is read
+    once for all of them, and once more, fresh, right before the write (it may have changed)."""
+    from mailsetup import files
+
+    reads: list[Path] = []
+    real = files.read_current
+    monkeypatch.setattr(files, "read_current", lambda path: reads.append(path) or real(path))
+    (tmp_path / "old").write_bytes(b"old\n")
+    plan = files.Plan()
+    for name in ("new", "old"):
+        plan.add(files.FileChange(tmp_path / name, b"content\n", 0o644, "test"))
+    assert [c.state() for c in plan.pending()] == ["new", "replaced"]
+    assert [c.state() for c in plan.changes] * 3 == ["new", "replaced"] * 3
+    files.apply_plan(plan)
+    assert sorted(reads) == sorted([tmp_path / "new", tmp_path / "old"] * 2)
+    assert [c.state() for c in plan.changes] == ["unchanged", "unchanged"]
