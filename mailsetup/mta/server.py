@@ -34,7 +34,7 @@ from mailsetup.files import read_secret
 from mailsetup.model import MailSetup
 from mailsetup.mta import maildir
 from mailsetup.mta.data import READ_SIZE, DataState, Spool, lf_chunks, normalise_line_ends, receive_data
-from mailsetup.mta.policy import LOOPBACK, MAX_RECIPIENTS, Policy, policy_for
+from mailsetup.mta.policy import LOOPBACK, MAX_RECIPIENTS, Policy, policy_for, sender_refusal
 from mailsetup.mta.queue import MailQueue, RelayWorker
 
 log = logging.getLogger("mailsetup.mta")
@@ -183,6 +183,14 @@ class Handler:
         self.rt = rt
         self.listener = listener
         self.worker = worker
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        refusal = sender_refusal(address)
+        if refusal is not None:
+            return refusal.reply()
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         peer = session.peer[0] if isinstance(session.peer, tuple) else None
