@@ -977,7 +977,7 @@ def _owner_only_in(dir_fd: int, name: str) -> None:
     fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1 and st.st_mode & 0o077:
             os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o600)
     finally:
         os.close(fd)
@@ -986,8 +986,10 @@ def _owner_only_in(dir_fd: int, name: str) -> None:
 def _own_backups(dir_fd: int, name: str) -> list[tuple[str, int, str]]:
     """(stamp, number, entry) of each backup of the file `name` in the directory: exactly
     NAME.YYYYmmdd-HHMMSS.bak or NAME.YYYYmmdd-HHMMSS.N.bak, a regular file (never a link) owned by
-    whoever runs mailsetup. In a directory only root can change (or a sticky one, where no one else
-    can rename root's files) what is judged here is what gets removed."""
+    whoever runs mailsetup, with no other name: a backup is a fresh copy, so a second link is a file
+    of root's someone hard-linked here (a group-writable one, in a sticky folder), not ours. In a
+    directory only root can change (or a sticky one, where no one else can rename root's files)
+    what is judged here is what gets removed."""
     pattern = re.compile(re.escape(name) + r"\.(\d{8}-\d{6})(?:\.([1-9]\d{0,5}))?\.bak")
     found = []
     for entry in os.listdir(dir_fd):
@@ -998,6 +1000,6 @@ def _own_backups(dir_fd: int, name: str) -> list[tuple[str, int, str]]:
             st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:  # removed meanwhile
             continue
-        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
             found.append((m.group(1), int(m.group(2) or 0), entry))
     return found

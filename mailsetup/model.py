@@ -175,10 +175,11 @@ def validate_key_type(value: Any, flag: str = "--key-type") -> str:
 
 
 def validate_days(value: Any, flag: str = "--days") -> int:
-    """A certificate lifetime: a whole number of days, up to a hundred years."""
+    """A certificate lifetime: a whole number of days, up to a hundred years. Read as the digits it
+    is written with, as a port is: an answers file's `true` (int() makes it 1) or 365.9 is refused."""
     try:
-        days = int(value)
-    except (TypeError, ValueError):
+        days = int(str(value), 10)
+    except ValueError:
         raise MailsetupError(f"{flag}: {value!r} is not a number of days") from None
     if not 1 <= days <= 36500:
         raise MailsetupError(f"{flag}: {days} is outside 1..36500")

@@ -341,3 +341,17 @@ def test_a_credentials_error_quotes_no_user(tmp_path: Path):
     with pytest.raises(MailsetupError) as err:
         parse_credentials("secretuser $2b$12$abc\nsecretuser $2b$12$def\n", "creds")
     assert str(err.value) == "creds:2: duplicate user (also on line 1)"
+
+
+@pytest.mark.parametrize("value", ["true", "365.9"])
+def test_days_in_an_answers_file_must_be_a_whole_number_not_a_boolean_or_a_fraction(tmp_path: Path, value: str):
+    """`days = true` made a certificate valid for one day (int(True) is 1) and recorded `days = 1`;
+    `days = 365.9` was cut to 365. Both are bad input: one line, exit 2, nothing written."""
+    answers = tmp_path / "answers.toml"
+    answers.write_text(f'domain = "example.test"\nadmin = "alice"\ndays = {value}\n')
+    root = tmp_path / "root"
+    r = run_cli("init", "--yes", "--root", root, "--os", "debian", "--answers", answers, "--no-smoke")
+    assert r.code == 2, r.out + r.err
+    assert r.err_lines == [f"mailsetup: error: --days: {value.title() if value == 'true' else value} "
+                           "is not a number of days"]
+    assert not root.exists()

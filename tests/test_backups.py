@@ -221,3 +221,27 @@ def test_a_secrets_backup_an_older_run_left_readable_is_made_0600(tmp_path: Path
     r = run_cli("keygen", "--out", key, "--force")
     assert r.code == 0, r.err
     assert len(backups(key)) == 2 and {mode(key.with_name(n)) for n in backups(key)} == {0o600}
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="a root-owned file hard-linked into a shared folder needs root")
+def test_a_hard_link_named_like_a_backup_in_a_sticky_folder_is_neither_chmodded_nor_removed(tmp_path: Path):
+    # In a sticky folder like /tmp anyone can plant a name; with fs.protected_hardlinks a user may
+    # still hard-link a root-owned file they can read and write (a group-writable one), and without
+    # it any root file. The name looks like a backup of a secret, and the file is root's and regular:
+    # only its second link says it is not a copy mailsetup made.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    victim = tmp_path / "group-file"
+    victim.write_text("shared with a group\n")
+    victim.chmod(0o664)
+    key = shared / "queue.key"
+    planted = key.with_name(f"{key.name}.20000101-000000.bak")
+    os.link(victim, planted)
+    assert run_cli("keygen", "--out", key).code == 0
+    for _ in range(7):
+        r = run_cli("keygen", "--out", key, "--force")
+        assert r.code == 0, r.err
+    assert mode(victim) == 0o664  # not taken to 0600 as if it were a backup of the key
+    assert planted.exists() and victim.stat().st_nlink == 2
+    assert len(backups(key) - {planted.name}) == 5

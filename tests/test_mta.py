@@ -298,3 +298,60 @@ def test_serve_without_a_setup_is_one_line(tmp_path: Path):
     r = run_cli("serve", "--root", tmp_path / "empty")
     assert r.code == 2
     assert len(r.err_lines) == 1 and "no mailsetup set-up found" in r.err
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_log_flood_while_stderr_is_not_read_keeps_serve_bounded(tmp_path: Path):
+    """serve's log lines wait in memory for a writer thread. When stderr stops being read (a paused
+    terminal, a stuck journal pipe) that thread blocks, and every refused recipient a client sends
+    (each ~0.5 KB of log) waited for ever: a remote client grew the server without bound. Expected:
+    memory stays bounded (the lines that cannot wait are counted and dropped, not kept)."""
+    import contextlib
+    import threading
+
+    from conftest import MAILSETUP
+    from mta_kit import free_port, wait_port
+
+    root = provision(tmp_path / "root")
+    port, sub = free_port(), free_port()
+    proc = subprocess.Popen([MAILSETUP, "serve", "--root", str(root), "--smtp-port", str(port), "--submission-port",
+                             str(sub), "--loopback-is-remote"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        wait_port(sub)
+        time.sleep(0.5)
+        before = _rss_kb(proc.pid)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        replies = [0]
+
+        def drain() -> None:
+            with contextlib.suppress(OSError):
+                while data := sock.recv(65536):
+                    replies[0] += data.count(b"\r\n")
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        rcpt = b"RCPT TO:<a@" + b"x" * 60 + b"." + b".".join([b"y" * 60] * 6) + b".example>\r\n"
+        assert len(rcpt) < 510  # under the command line limit (512, as smtpd's)
+        sock.sendall(b"EHLO client.example.net\r\nMAIL FROM:<a@example.net>\r\n")
+        n = 40000
+        for _ in range(n // 500):
+            sock.sendall(rcpt * 500)
+        deadline = time.monotonic() + 120
+        while replies[0] < n + 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert replies[0] >= n + 2, replies[0]
+        grown = _rss_kb(proc.pid) - before
+        sock.close()
+        assert grown < 20_000, f"serve grew {grown} KB holding log lines nobody can write"
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stderr.close()

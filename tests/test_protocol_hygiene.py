@@ -574,3 +574,19 @@ def test_a_path_the_parser_trips_on_is_refused_like_smtpd_not_an_exception(pair:
                                b"MAIL FROM:<a@example.net>\r\n", b"RCPT TO:" + arg + b"\r\n", b"RSET\r\n")
         assert [r[:1] for r in replies["embedded"]] == [r[:1] for r in replies["smtpd"]], (arg, replies)
         assert not any("Error: (" in r for r in replies["embedded"]), replies["embedded"]
+
+
+@needs_real_smtpd
+def test_a_sender_smtpd_refuses_is_refused_not_written_into_return_path(pair: Pair):
+    """MAIL FROM reached no check past the path's shape: a control character (which went on into
+    the Maildir's Return-Path and the log), a dot out of place, a label starting with "-" or longer
+    than 63 were taken with 250 where smtpd 7.4 answers 553. Senders smtpd takes still pass."""
+    refused = (b"<a\x01b@example.net>", b"<a\x7fb@example.net>", b"<a\x1bb@example.net>", b"<a@[\x01]>",
+               b"<.a@example.net>", b"<a.@example.net>", b"<a..b@example.net>", b"<a@-b.example>",
+               b"<a@" + b"b" * 64 + b".example>", b"<a@[1.2.3.x]>")
+    taken = (b"<>", b"<a@example.net>", b"<a%b@example.net>", b"<a!b@example.net>", b"<a@b_c.example>",
+             b"<a@b-.example>", b"<a@[1.2.3.4]>", b"<postmaster>", b"<a@b>  SIZE=1")
+    for arg in refused + taken:
+        replies = pair.session(b"EHLO client.example.net\r\n", b"MAIL FROM:" + arg + b"\r\n", b"RSET\r\n")
+        assert replies["smtpd"][1][:1] == (b"5" if arg in refused else b"2").decode(), (arg, replies)
+        assert replies["embedded"][1][:1] == replies["smtpd"][1][:1], (arg, replies)

@@ -332,3 +332,24 @@ def test_backups_that_still_open_queued_mail_are_never_pruned(tmp_path: Path):
     assert r.code == 0, r.err
     assert len(list(key.parent.glob("queue.key.*.bak"))) == 2
     assert len(list((root / "etc").glob("smtpd.conf.*.bak"))) == 2
+
+
+def test_keygen_over_the_live_queue_key_never_prunes_the_backup_that_opens_queued_mail(tmp_path: Path):
+    """`keygen --out KEY --force` over a set-up's queue key keeps backups to a number too, but it
+    cannot tell which spool that key serves: the backup that still opens queued mail must stay."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    root = tmp_path / "root"
+    assert run_cli("init", "--yes", "--root", root, "--os", "debian", "--domain", "example.test", "--admin",
+                   "alice", "--no-smoke").code == 0
+    key = root / "etc/mailsetup/queue.key"
+    first = key.read_text().strip()
+    msg = root / "var/spool/smtpd/queue/18/18505550"
+    msg.mkdir(parents=True)
+    iv = os.urandom(12)
+    (msg / "18505550f819b47d").write_bytes(b"\x01" + iv + AESGCM(first.encode()).encrypt(iv, b"envelope", None))
+    for _ in range(6):
+        r = run_cli("keygen", "--out", key, "--force")
+        assert r.code == 0, r.err
+    kept = {p.read_text().strip() for p in key.parent.glob("queue.key.*.bak")}
+    assert first in kept  # the only key that opens the queued envelope

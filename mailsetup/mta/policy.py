@@ -52,6 +52,35 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
 
+# A sender as smtpd 7.4 takes it in MAIL FROM (its valid_localpart / valid_domainpart, checked
+# against it in tests/test_protocol_hygiene.py): a dot-atom local part of atext (which, unlike a
+# recipient's, may hold "%" and "!"), and a domain of labels of letters, digits, "_" and "-" (not
+# first), at most 63 long, or an address literal. No control character ever gets past: the sender
+# is written into Return-Path and the log as it came.
+_SENDER_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SENDER_LOCAL = re.compile(rf"{_SENDER_ATOM}(?:\.{_SENDER_ATOM})*\Z")
+_SENDER_DOMAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\Z")
+
+
+def sender_refusal(address: str) -> Decision | None:
+    """Why MAIL FROM's path (as aiosmtpd hands it: out of its brackets, "<>" for the null sender)
+    is refused, or None."""
+    if address in ("", "<>"):
+        return None
+    local, at, domain = address.rpartition("@") if "@" in address else (address, "", "")
+    if not _SENDER_LOCAL.match(local):
+        return _refuse(553, "5.1.0 sender address syntax error")
+    if at and domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        try:
+            ipaddress.ip_address(literal[5:] if literal.lower().startswith("ipv6:") else literal)
+        except ValueError:
+            return _refuse(553, "5.1.0 sender address syntax error")
+    elif at and not _SENDER_DOMAIN.match(domain):
+        return _refuse(553, "5.1.0 sender address syntax error")
+    return None
+
+
 def split_address(address: str) -> tuple[str, str] | Decision:
     """(local part, lower-cased domain) of a plain address, or the refusal for a tricky one.
 

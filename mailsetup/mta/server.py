@@ -34,7 +34,7 @@ from mailsetup.files import read_secret
 from mailsetup.model import MailSetup
 from mailsetup.mta import maildir
 from mailsetup.mta.data import READ_SIZE, DataState, Spool, lf_chunks, normalise_line_ends, receive_data
-from mailsetup.mta.policy import LOOPBACK, MAX_RECIPIENTS, Policy, policy_for
+from mailsetup.mta.policy import LOOPBACK, MAX_RECIPIENTS, Policy, policy_for, sender_refusal
 from mailsetup.mta.queue import MailQueue, RelayWorker
 
 log = logging.getLogger("mailsetup.mta")
@@ -183,6 +183,14 @@ class Handler:
         self.rt = rt
         self.listener = listener
         self.worker = worker
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        refusal = sender_refusal(address)
+        if refusal is not None:
+            return refusal.reply()
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         peer = session.peer[0] if isinstance(session.peer, tuple) else None
@@ -618,9 +626,13 @@ class EmbeddedMta:
 class _BatchedLog(logging.Handler):
     """Records are only queued by the thread that logs them; a writer thread formats and writes what
     gathered every BATCH_SECONDS, in one write. A warning or worse is written at once; stop() writes
-    the rest."""
+    the rest. While stderr is not being read (a paused terminal, a stuck pipe) the writer blocks:
+    at most MAX_PENDING lines wait, the rest are counted and the count is written when it can be,
+    so a client's flood of refusals cannot grow the server without bound."""
 
     BATCH_SECONDS = 0.05
+    MAX_PENDING = 10_000  # ~5 MB of the longest lines a client can cause
+    dropped = 0
 
     def __init__(self, stream, formatter: logging.Formatter):
         super().__init__()
@@ -635,18 +647,24 @@ class _BatchedLog(logging.Handler):
         self.thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
+        if len(self.pending) >= self.MAX_PENDING:
+            self.dropped += 1  # not atomic across threads: a count off by one, never a line kept
+            return
         self.pending.append(record)  # atomic; no lock, no wake-up
         if record.levelno >= logging.WARNING:
             self.wake.set()
 
     def _write_pending(self) -> None:
         lines = []
+        dropped, self.dropped = self.dropped, 0
         while self.pending:
             record = self.pending.popleft()
             try:
                 lines.append(self.format(record) + "\n")
             except Exception:  # noqa: BLE001 - a bad record must not stop the log
                 self.handleError(record)
+        if dropped:
+            lines.append(f"{dropped} log line(s) dropped: stderr was not being read\n")
         if lines:
             try:
                 self.stream.write("".join(lines))
