@@ -23,10 +23,10 @@ def smtpd_version_or_installed(given: str | None) -> str | None:
 
 
 def write_new(changes: list[FileChange], force: bool, flag: str, make_dirs: bool = False,
-              root: Path | None = None, os_name: str | None = None) -> None:
+              root: Path | None = None, os_name: str | None = None, prune: bool = True) -> None:
     """Write files the user named: never over one without --force (its backup is kept then, as many
-    as the set-up under `root`, or this host's, keeps), never into a folder that does not exist
-    unless it is the layout's own (make_dirs)."""
+    as the set-up under `root`, or this host's, keeps; every one when not `prune`), never into a
+    folder that does not exist unless it is the layout's own (make_dirs)."""
     from mailsetup.answers import kept_backups
 
     for change in changes:
@@ -36,7 +36,7 @@ def write_new(changes: list[FileChange], force: bool, flag: str, make_dirs: bool
             raise MailsetupError(f"{flag}: {change.path} exists; pass --force to replace it (a backup is kept)")
         if change.path.is_dir():
             raise MailsetupError(f"{flag}: {change.path} is a directory")
-    for result in apply_plan(changes, kept_backups(root, os_name)):
+    for result in apply_plan(changes, kept_backups(root, os_name) if prune else None):
         if result.backup:
             echo(f"kept the old {result.path} as {result.backup}")
 
@@ -74,8 +74,10 @@ def render_conf(raw: dict, queue_key_file: Path | None, aliases_format: str, out
 
         typer.echo(text, nl=False)
         return
+    # Never pruned here: smtpd.conf carries the queue key, and an older one may be all that still
+    # opens mail in the queue (init prunes, after checking the queue; a queue key is a few bytes).
     write_new([FileChange(out, text.encode(), 0o600, "--out")], force, "--out", root=raw.get("root"),
-              os_name=raw.get("os"))
+              os_name=raw.get("os"), prune=False)
     echo(f"wrote {out} (0600)")
 
 
@@ -123,8 +125,9 @@ def make_queue_key(out: Path | None, force: bool) -> None:
     if out is None:
         echo(key)
         return
+    # Every backup kept (see render_conf): an old queue key may be the only way into queued mail.
     write_new([FileChange(out, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE, "--out", secret=True)], force,
-              "--out")
+              "--out", prune=False)
     echo(f"wrote {out} (0600); smtpd.conf: queue encryption <the key in {out}>", err=True)
 
 

@@ -81,12 +81,17 @@ def test_keep_backups_2_is_recorded_and_a_rerun_keeps_to_it(sandbox: Path):
     assert len(backups(creds)) == 2 and len(backups(conf)) == 2
 
 
+def _cert(key: Path, *extra: object):
+    return run_cli("cert", "--hostname", "mail.example.test", "--out-cert", key.with_name("c.pem"), "--out-key", key,
+                   *extra)
+
+
 def test_a_command_without_a_set_up_keeps_five(tmp_path: Path):
-    key = tmp_path / "queue.key"
+    key = tmp_path / "k.pem"
     made = []
     for _ in range(7):
         before = backups(key)
-        r = run_cli("keygen", "--out", key, "--force")
+        r = _cert(key, "--force")
         assert r.code == 0, r.err
         made += sorted(backups(key) - before)
     assert backups(key) == set(made[-5:]) and len(made) == 6  # the first run replaced nothing
@@ -213,12 +218,12 @@ def test_a_run_smtpd_refuses_removes_no_backup(sandbox: Path):
 
 
 def test_a_secrets_backup_an_older_run_left_readable_is_made_0600(tmp_path: Path):
-    key = tmp_path / "queue.key"
-    assert run_cli("keygen", "--out", key).code == 0
+    key = tmp_path / "k.pem"
+    assert _cert(key).code == 0
     older = key.with_name(f"{key.name}.20000101-000000.bak")  # as an older mailsetup may have left one
-    older.write_text("0123456789abcdef0123456789abcdef\n")
+    older.write_text("an older key\n")
     older.chmod(0o640)
-    r = run_cli("keygen", "--out", key, "--force")
+    r = _cert(key, "--force")
     assert r.code == 0, r.err
     assert len(backups(key)) == 2 and {mode(key.with_name(n)) for n in backups(key)} == {0o600}
 
@@ -235,12 +240,12 @@ def test_a_hard_link_named_like_a_backup_in_a_sticky_folder_is_neither_chmodded_
     victim = tmp_path / "group-file"
     victim.write_text("shared with a group\n")
     victim.chmod(0o664)
-    key = shared / "queue.key"
+    key = shared / "k.pem"
     planted = key.with_name(f"{key.name}.20000101-000000.bak")
     os.link(victim, planted)
-    assert run_cli("keygen", "--out", key).code == 0
+    assert _cert(key).code == 0
     for _ in range(7):
-        r = run_cli("keygen", "--out", key, "--force")
+        r = _cert(key, "--force")
         assert r.code == 0, r.err
     assert mode(victim) == 0o664  # not taken to 0600 as if it were a backup of the key
     assert planted.exists() and victim.stat().st_nlink == 2
