@@ -157,11 +157,17 @@ def validate_listen(value: Any, flag: str, os_name: str) -> str:
     return text
 
 
-def validate_port(value: Any, flag: str) -> int:
+def _whole_number(value: Any, flag: str, what: str) -> int:
+    """A whole number read from the digits it is written with: an answers file's `true` (which int()
+    makes 1) or 365.9 is refused, not turned into a number."""
     try:
-        port = int(str(value), 10)
+        return int(str(value), 10)
     except ValueError:
-        raise MailsetupError(f"{flag}: {value!r} is not a port number") from None
+        raise MailsetupError(f"{flag}: {value!r} is not {what}") from None
+
+
+def validate_port(value: Any, flag: str) -> int:
+    port = _whole_number(value, flag, "a port number")
     if not 1 <= port <= 65535:
         raise MailsetupError(f"{flag}: {port} is not a port number (1-65535)")
     return port
@@ -175,12 +181,8 @@ def validate_key_type(value: Any, flag: str = "--key-type") -> str:
 
 
 def validate_days(value: Any, flag: str = "--days") -> int:
-    """A certificate lifetime: a whole number of days, up to a hundred years. Read as the digits it
-    is written with, as a port is: an answers file's `true` (int() makes it 1) or 365.9 is refused."""
-    try:
-        days = int(str(value), 10)
-    except ValueError:
-        raise MailsetupError(f"{flag}: {value!r} is not a number of days") from None
+    """A certificate lifetime: a whole number of days, up to a hundred years."""
+    days = _whole_number(value, flag, "a number of days")
     if not 1 <= days <= 36500:
         raise MailsetupError(f"{flag}: {days} is outside 1..36500")
     return days
