@@ -210,7 +210,9 @@ def validate_keep_backups(value: Any, flag: str = "--keep-backups") -> int:
 
 
 def parse_version(value: Any, flag: str = "--smtpd-version") -> tuple[int, int]:
-    m = re.match(r"^\s*(\d+)\.(\d+)", str(value))
+    """7.4, 6.0.3, or as `smtpd -h` prints it (6.8.0p2, 7.4.0-portable); nothing after it: a version
+    with words behind it ("7.4 evil") is a mistake, not 7.4."""
+    m = re.fullmatch(r"\s*(\d+)\.(\d+)(?:\.\d+)?(?:p\d+)?(?:-[A-Za-z]+)?\s*", str(value))
     if not m:
         raise MailsetupError(f"{flag}: {value!r} is not a version like 7.4 or 6.0.3")
     return int(m.group(1)), int(m.group(2))

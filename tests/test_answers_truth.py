@@ -355,3 +355,23 @@ def test_days_in_an_answers_file_must_be_a_whole_number_not_a_boolean_or_a_fract
     assert r.err_lines == [f"mailsetup: error: --days: {value.title() if value == 'true' else value} "
                            "is not a number of days"]
     assert not root.exists()
+
+
+@pytest.mark.parametrize("version", ["7.4 evil", "7.4;", "7", "seven"])
+def test_a_version_with_anything_after_it_is_refused_not_cut_short(tmp_path: Path, version: str):
+    """`smtpd_version = "7.4 evil"` was read as 7.4. A version is the digits smtpd -h prints
+    (7.4.0-portable, 6.8.0p2) or a short one (7.4), nothing more; a refusal names it, writes nothing."""
+    answers = tmp_path / "answers.toml"
+    answers.write_text(f'domain = "example.test"\nadmin = "alice"\nsmtpd_version = "{version}"\n')
+    r = run_cli("init", "--yes", "--root", tmp_path / "root", "--os", "debian", "--answers", answers, "--no-smoke")
+    assert r.code == 2
+    assert r.err_lines == [f"mailsetup: error: --smtpd-version: {version!r} is not a version like 7.4 or 6.0.3"]
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("version", ["7.4.0-portable", "6.8.0p2", " 7.4 ", "7.6"])
+def test_versions_as_smtpd_prints_them_are_taken(tmp_path: Path, version: str):
+    aliases = tmp_path / "aliases"
+    aliases.write_text("root: alice\npostmaster: root\nabuse: root\n")
+    r = run_cli("aliases", "--check", "--smtpd-version", version, aliases)
+    assert r.code == 0, r.err
