@@ -47,6 +47,21 @@ def world_readable_files_holding(root: Path, needle: str) -> list[str]:
 # --- 1. the smoke test on a real host delivers through the admin's own links ------------------------
 
 
+# In a private mount namespace: the host's /etc under an overlay (upper and work dirs $1, $2: what
+# the run writes stays out of the real /etc) and a tmpfs /home with alice's home in it; the test's
+# own steps follow.
+_OWN_ETC_AND_HOME = ('mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc || exit 99; '
+                     'mount -t tmpfs -o mode=0755 tmpfs /home || exit 99; '
+                     'mkdir -m 700 /home/alice && chown alice:alice /home/alice && ')
+
+
+def _overlay_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    return upper, work
+
+
 @pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare")
 def test_init_on_a_real_host_never_follows_the_admins_maildir_link_into_a_folder_of_roots(tmp_path: Path):
     """`mailsetup init` as root on a real host ends with the embedded smoke test, which delivers
@@ -59,12 +74,8 @@ def test_init_on_a_real_host_never_follows_the_admins_maildir_link_into_a_folder
     ensure_system_user("alice")
     victim = tmp_path / "victim"
     victim.mkdir(mode=0o700)
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir()
-    work.mkdir()
-    script = ('mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc || exit 99; '
-              'mount -t tmpfs -o mode=0755 tmpfs /home || exit 99; '
-              'mkdir -m 700 /home/alice && chown alice:alice /home/alice && '
+    upper, work = _overlay_dirs(tmp_path)
+    script = (_OWN_ETC_AND_HOME +
               'runuser -u alice -- ln -s "$3" /home/alice/Maildir || exit 98; '
               'shift 3; exec "$@"')
     proc = subprocess.run(
@@ -87,12 +98,8 @@ def test_init_on_a_real_host_is_not_hung_by_a_fifo_in_the_admins_maildir(tmp_pat
     from test_real_smtpd import ensure_system_user
 
     ensure_system_user("alice")
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir()
-    work.mkdir()
-    script = ('mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc || exit 99; '
-              'mount -t tmpfs -o mode=0755 tmpfs /home || exit 99; '
-              'mkdir -m 700 /home/alice && chown alice:alice /home/alice && '
+    upper, work = _overlay_dirs(tmp_path)
+    script = (_OWN_ETC_AND_HOME +
               "runuser -u alice -- sh -c 'mkdir -p ~/Maildir/new ~/Maildir/tmp ~/Maildir/cur && "
               "mkfifo ~/Maildir/new/fifo' || exit 98; "
               'shift 2; exec "$@"')
@@ -156,12 +163,8 @@ def test_init_on_a_real_host_never_lets_the_admin_make_root_delete_a_file(tmp_pa
     victim.mkdir()
     (victim / "precious").write_text("root's data\n")
     (victim / "precious").chmod(0o600)
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir()
-    work.mkdir()
-    script = ('mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc || exit 99; '
-              'mount -t tmpfs -o mode=0755 tmpfs /home || exit 99; '
-              'mkdir -m 700 /home/alice && chown alice:alice /home/alice && '
+    upper, work = _overlay_dirs(tmp_path)
+    script = (_OWN_ETC_AND_HOME +
               "runuser -u alice -- sh -c 'mkdir -p ~/Maildir/new ~/Maildir/tmp ~/Maildir/cur' || exit 98; "
               'runuser -u alice -- python3 -c "$4" "$3" & sleep 0.5; '
               'shift 4; "$@"; rc=$?; wait; exit $rc')
@@ -258,19 +261,12 @@ def test_a_kill_right_after_the_queue_drained_still_resumes_intake(tmp_path: Pat
     queued_mail() again (two more smtpctl calls) before initflow enters the try that resumes smtpd. A
     SIGTERM (or Ctrl-C) in that window exits 130 with smtpd's intake still paused and no word of it:
     an MX that takes no mail until someone notices."""
-    from test_queue_rotation import KEY, SEND, Host, intake_open
+    from test_queue_rotation import KEY, Host, intake_open
 
     h = Host()
     cli = None
     try:
-        r = h.mailsetup("init", "--yes", "--domain", "example.test", "--admin", "ops@elsewhere.test", "--no-smoke")
-        assert r.code == 0, r.err
-        h.start_smtpd()
-        h.python(SEND, 2)
-        deadline = time.monotonic() + 10
-        while len(h.queue()) < 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(h.queue()) == 4
+        h.provision_with_stuck_mail()
         key = h.path(KEY).read_text()
         wrap = h.base / "wrap"
         wrap.mkdir()

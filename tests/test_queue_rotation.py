@@ -116,6 +116,15 @@ class Host:
     def queue(self) -> list[str]:
         return [line for line in self.run("smtpctl", "show", "queue").stdout.splitlines() if line.strip()]
 
+    def provision_with_stuck_mail(self) -> None:
+        """`mailsetup init`, then smtpd started and holding 4 envelopes it cannot deliver."""
+        r = self.mailsetup("init", "--yes", "--domain", "example.test", "--admin", "ops@elsewhere.test",
+                           "--no-smoke")
+        assert r.code == 0, r.err
+        self.start_smtpd()
+        self.python(SEND, 2)
+        assert len(self.queue_after(10.0, until=4)) == 4
+
     def queue_after(self, seconds: float, until: int | None = None) -> list[str]:
         """`smtpctl show queue` once `until` envelopes are listed, or after `seconds` (smtpd loads
         its queue from disk in the background after it starts)."""
@@ -141,14 +150,7 @@ def host():
     """The host after `mailsetup init`, its smtpd running and holding 4 envelopes it cannot deliver."""
     h = Host()
     try:
-        r = h.mailsetup("init", "--yes", "--domain", "example.test", "--admin", "ops@elsewhere.test", "--no-smoke")
-        assert r.code == 0, r.err
-        h.start_smtpd()
-        h.python(SEND, 2)
-        deadline = time.monotonic() + 10
-        while len(h.queue()) < 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(h.queue()) == 4
+        h.provision_with_stuck_mail()
         yield h
     finally:
         h.close()
