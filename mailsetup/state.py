@@ -153,7 +153,11 @@ def interrupt_on_termination():
 def drain_opensmtpd(timeout: float, say) -> None:
     """Stop taking new mail (`smtpctl pause smtp`) and wait until smtpd's queue is empty. On a
     timeout, an interrupt or any error smtpd's intake is resumed before the exception goes on."""
-    proc = _smtpctl("pause", "smtp")
+    try:
+        proc = _smtpctl("pause", "smtp")
+    except BaseException:  # interrupted while smtpctl ran: smtpd may be paused already
+        resume_opensmtpd(say)
+        raise
     if proc is None or proc.returncode != 0:
         raise MailsetupError("--drain: smtpd is not running (smtpctl pause smtp failed); its queued mail cannot "
                              "drain; start it, or pass --force-rotate to strand that mail", exit_code=1)
