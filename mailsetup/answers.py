@@ -5,47 +5,32 @@ from it. Keys are the flag names without dashes (`smtp_port` for --smtp-port).
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mailsetup.errors import MailsetupError
 from mailsetup.platforms import LAYOUTS, detect_os, get_layout, sandboxed
 
-ANSWERS_MODE = 0o644
-KEYS = (
-    "domain", "hostname", "os", "admin", "tls", "key_type", "days", "cert", "key", "listen", "smtp_port",
-    "submission_port", "smtpd_version", "queue_compression", "queue_encryption", "max_message_size",
-    "keep_backups",
-)
 SECRET_WORDS = ("password", "secret", "queue_key")
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value)
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-    if any(ord(c) < 32 for c in escaped):
-        raise MailsetupError(f"answers: {text!r} has a control character")
-    return f'"{escaped}"'
+class AnswersFile(dict):
+    """The keys of an answers file, and where each was set: an error names `FILE:LINE: --flag` (a
+    key is its flag's name)."""
+
+    def __init__(self, path: Path, data: bytes, values: dict[str, Any]):
+        super().__init__(values)
+        self.path = path
+        self._lines = _lines_of(data)
+
+    def where(self, key: str) -> str:
+        from mailsetup.model import flag_of
+
+        line = self._lines.get(key)
+        return f"{self.path}:{line}: {flag_of(key)}" if line else f"{self.path}: {flag_of(key)}"
 
 
-def render_answers(answers: Mapping[str, Any]) -> bytes:
-    lines = ["# mailsetup answers: what `mailsetup init` chose (no secrets). A re-run starts from here.\n"]
-    for key in KEYS:
-        value = answers.get(key)
-        if value is None or value == []:
-            continue
-        lines.append(f"{key} = {_toml_value(value)}\n")
-    return "".join(lines).encode()
-
-
-def load_answers(path: Path, ours: bool = False) -> dict[str, Any]:
+def load_answers(path: Path, ours: bool = False) -> AnswersFile:
     """An answers file: `--answers FILE` (read as whoever controls its path), or with `ours` the one
     the last run wrote, which root acts on and so reads only from a path no other user controls."""
     from mailsetup.files import read_input, read_secret
@@ -68,26 +53,30 @@ def load_answers(path: Path, ours: bool = False) -> dict[str, Any]:
             msg, _, where = msg.partition(" (at line ")
             line = ":" + where.split(",")[0]
         raise MailsetupError(f"{path}{line}: {msg}") from None
-    unknown = sorted(set(parsed) - set(KEYS))
+    from mailsetup.questions import SAVED_KEYS
+
+    unknown = sorted(set(parsed) - set(SAVED_KEYS))
     if unknown:
-        raise MailsetupError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(KEYS)})")
+        raise MailsetupError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(SAVED_KEYS)})")
     for key in parsed:
         if any(word in key for word in SECRET_WORDS):
             raise MailsetupError(f"{path}: {key!r}: secrets never go in the answers file")
-    if "keep_backups" in parsed:  # judged here, where its line is known
+    loaded = AnswersFile(Path(path), data, parsed)
+    if "keep_backups" in loaded:  # read by later commands on its own (kept_backups)
         from mailsetup.model import validate_keep_backups
 
-        parsed["keep_backups"] = validate_keep_backups(
-            parsed["keep_backups"], f"{path}{_line_of(data, 'keep_backups')}: keep_backups")
-    return parsed
+        loaded["keep_backups"] = validate_keep_backups(loaded["keep_backups"], loaded.where("keep_backups"))
+    return loaded
 
 
-def _line_of(data: bytes, key: str) -> str:
-    """":N", the line where `key` is set in a TOML file's text ("" when it is not found plainly)."""
+def _lines_of(data: bytes) -> dict[str, int]:
+    """The line where each key is set plainly (`key = …`) in a TOML file's text."""
+    lines: dict[str, int] = {}
     for number, line in enumerate(data.decode("utf-8").split("\n"), 1):
-        if line.split("=", 1)[0].strip().strip("\"'") == key:
-            return f":{number}"
-    return ""
+        key = line.split("=", 1)[0].strip().strip("\"'")
+        if "=" in line and key not in lines:
+            lines[key] = number
+    return lines
 
 
 def kept_backups(root: Path | None, os_name: str | None = None) -> int:
@@ -137,6 +126,8 @@ def load_setup(root: Path | None, os_name: str | None = None):
     if root is not None:
         answers["root"] = str(root.absolute())
     try:
-        return build_setup(answers)
+        return build_setup(answers, where=answers.where)
     except MailsetupError as exc:
+        if exc.message.startswith(str(path)):
+            raise
         raise MailsetupError(f"{path}: {exc.message}") from None

@@ -15,7 +15,7 @@ from typing import Any
 from mailsetup import answers as answers_mod
 from mailsetup.errors import Interrupted, MailsetupError
 from mailsetup.model import MailSetup
-from mailsetup.questions import Answers, require_answers
+from mailsetup.questions import Answers, check_given, require_answers
 
 
 @dataclass
@@ -162,17 +162,16 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
 def resolve(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any], out: Out) -> Run:
     """Every choice into one model: the answers' layers, the wizard for what is missing (or the
     unattended prompter naming the flag), the re-run's action, the first user's password."""
-    from mailsetup.model import build_setup, validate_admin
+    from mailsetup.model import build_setup
 
     answers, rerun = gather(flags, opts, detected)
     version_note = answers.installed_version_wins()
-    if "admin" in flags:  # before anything is asked: the wizard offers it as a default
-        validate_admin(flags["admin"])
+    check_given(answers)  # before anything is asked: a bad flag or file value is not asked around
     interactive = opts.interactive and not opts.yes and not opts.as_json
     rotate = opts.rotate_cert, opts.rotate_queue_key
     password, setup = None, None
     if rerun and interactive:
-        setup = build_setup(answers)
+        setup = build_setup(answers, answers.where)
         rotate, password, changed = _ask_rerun(setup, answers, rotate, out)
         if changed:
             setup = None  # built again from the changed answers
@@ -182,7 +181,7 @@ def resolve(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any], 
         password = wizard.ask_missing(answers)
     else:
         require_answers(answers)
-    run = Run(setup=setup or build_setup(answers), interactive=interactive, rotate_cert=rotate[0],
+    run = Run(setup=setup or build_setup(answers, answers.where), interactive=interactive, rotate_cert=rotate[0],
               rotate_qk=rotate[1], version_note=version_note)
     run.new_user = _first_user(run, password, opts, out)
     return run
@@ -235,12 +234,9 @@ def plan(run: Run, opts: InitOptions, out: Out) -> None:
                                     new_user=run.new_user)
     if run.version_note:
         prov.notes.insert(0, run.version_note)
+    out.report["files"] = prov.files_report()
     if not opts.as_json and not opts.quiet:
         report.print_plan(prov, show_diff=opts.diff or opts.dry_run or run.interactive)
-    out.report["files"] = [
-        {"path": str(c.path), "mode": f"{c.mode:04o}", "state": c.state(), "reason": c.reason}
-        for c in prov.plan.changes
-    ]
     out.warnings.extend(prov.warnings)
     out.report["warnings"] = list(out.warnings)
     if run.version_note:
@@ -271,7 +267,8 @@ def confirm(run: Run, opts: InitOptions, out: Out) -> bool:
 
 def apply(run: Run, opts: InitOptions, out: Out, phase: dict[str, bool]) -> None:
     """Write (draining smtpd first when the queue key rotates), then smtpd -n judges the result."""
-    from mailsetup import provision, report, state
+    from mailsetup import apply as apply_step
+    from mailsetup import report, state
 
     setup = run.setup
     with state.interrupt_on_termination():  # a kill or a hang-up while paused must resume smtpd too
@@ -279,12 +276,13 @@ def apply(run: Run, opts: InitOptions, out: Out, phase: dict[str, bool]) -> None
             _drain(setup, opts, out)  # resumes smtpd itself when it fails or is interrupted
             run.paused = True
         try:
-            run.results, verdict = provision.apply_and_verify(run.prov)
+            run.results, verdict = apply_step.apply_and_verify(run.prov)
         except BaseException:
             if run.paused:
                 state.resume_opensmtpd(out.say)
             raise
     phase["written"] = True
+    defect = apply_step.installed_smtpd_warning()
     if run.paused:
         from mailsetup.platforms import restart_command
 
@@ -293,7 +291,7 @@ def apply(run: Run, opts: InitOptions, out: Out, phase: dict[str, bool]) -> None
                  + (restart_command(setup.layout) if setup.root is None else setup.layout.restart))
     if not opts.quiet and not opts.as_json:
         report.print_applied(run.results)
-        report.print_verdict(verdict, provision.installed_smtpd_warning())
+        report.print_verdict(verdict, defect)
     out.report["smtpd_check"] = {"ran": verdict.ran, "ok": verdict.ok, "detail": verdict.text}
     if run.rotate_qk:
         out.say("queue key rotated; the old one is kept in a dated 0600 backup beside it.")
@@ -311,19 +309,18 @@ def prove(run: Run, out: Out) -> bool:
 
     with out.working("smoke test…"):
         sr = smoke(run.setup)
-    out.report["smoke"] = [c.as_dict() for c in sr.checks]
+    out.report["smoke"], ok = [c.as_dict() for c in sr.checks], sr.ok
     if not out.opts.as_json and not out.opts.quiet:
         report.print_smoke(sr)
-    return sr.ok
+    return ok
 
 
 def report(run: Run, out: Out, smoke_ok: bool) -> int:
     """Next steps (after a write), the warnings last, the JSON report; a failed smoke test fails the run."""
-    from mailsetup import provision
     from mailsetup import report as report_mod
 
     if not out.opts.dry_run:
-        out.report["next_steps"] = provision.next_steps(run.setup)
+        out.report["next_steps"] = report_mod.next_steps(run.setup)
         if not out.opts.as_json and not out.opts.quiet:
             report_mod.print_next_steps(run.setup)
     out.say_warnings()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -218,7 +218,7 @@ def parse_version(value: Any, flag: str = "--smtpd-version") -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _bool(value: Any, flag: str) -> bool:
+def validate_bool(value: Any, flag: str) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -314,30 +314,38 @@ def _user_path(value: Any, flag: str) -> Path:
         raise MailsetupError(f"{flag}: {value!r} names the home of an unknown user") from None
 
 
-def build_setup(raw: Mapping[str, Any]) -> MailSetup:
-    """Validate raw answers (keys are flag names without dashes, '_' for '-') into a MailSetup."""
-    domain = validate_dns_name(raw.get("domain"), "--domain")
-    hostname = validate_dns_name(raw.get("hostname") or default_hostname(domain), "--hostname")
+def flag_of(key: str) -> str:
+    """The option that answers `key`: --KEY with '-' for '_'."""
+    return "--" + key.replace("_", "-")
+
+
+def build_setup(raw: Mapping[str, Any], where: Callable[[str], str] = flag_of) -> MailSetup:
+    """Validate raw answers (keys are flag names without dashes, '_' for '-') into a MailSetup.
+    `where(key)` names the place a bad value came from: its flag, or the answers file and line."""
+    domain = validate_dns_name(raw.get("domain"), where("domain"))
+    hostname = validate_dns_name(raw.get("hostname") or default_hostname(domain), where("hostname"))
     root = _root(raw.get("root"))
-    layout = _layout(raw.get("os"))
+    layout = _layout(raw.get("os"), where("os"))
     os_name = layout.name
     layout = sandboxed(layout, root)
-    tls = _tls(raw, layout, hostname)
+    tls = _tls(raw, layout, hostname, where)
     queue = Queue(
-        compression=_bool(raw.get("queue_compression", True), "--queue-compression"),
-        encryption=_bool(raw.get("queue_encryption", True), "--queue-encryption"),
+        compression=validate_bool(raw.get("queue_compression", True), where("queue_compression")),
+        encryption=validate_bool(raw.get("queue_encryption", True), where("queue_encryption")),
         key_file=layout.queue_key,
     )
     return MailSetup(
         domain=domain, hostname=hostname, os_name=os_name, layout=layout, root=root,
-        tls=tls, queue=queue, listeners=_listeners(raw, layout, os_name),
-        aliases_import=_user_path(raw["aliases"], "--aliases") if raw.get("aliases") else None,
-        smtpd_version=parse_version(raw["smtpd_version"]) if raw.get("smtpd_version") else DEFAULT_SMTPD_VERSION,
-        max_message_size=_message_size(raw.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE)),
-        keep_backups=validate_keep_backups(raw.get("keep_backups", DEFAULT_KEEP_BACKUPS)),
-        admin=validate_admin(raw["admin"]) if raw.get("admin") is not None else None,
-        first_user=_first_user(raw.get("user")),
-        smoke=_bool(raw.get("smoke", True), "--smoke"),
+        tls=tls, queue=queue, listeners=_listeners(raw, layout, os_name, where),
+        aliases_import=_user_path(raw["aliases"], where("aliases")) if raw.get("aliases") else None,
+        smtpd_version=(parse_version(raw["smtpd_version"], where("smtpd_version")) if raw.get("smtpd_version")
+                       else DEFAULT_SMTPD_VERSION),
+        max_message_size=validate_message_size(raw.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE),
+                                               where("max_message_size")),
+        keep_backups=validate_keep_backups(raw.get("keep_backups", DEFAULT_KEEP_BACKUPS), where("keep_backups")),
+        admin=validate_admin(raw["admin"], where("admin")) if raw.get("admin") is not None else None,
+        first_user=_first_user(raw.get("user"), where("user")),
+        smoke=validate_bool(raw.get("smoke", True), where("smoke")),
         answered=frozenset(k for k, v in raw.items() if v is not None),
     )
 
@@ -352,9 +360,9 @@ def _root(value: Any) -> Path | None:
     return Path(root_text)
 
 
-def _layout(os_given: Any) -> Layout:
+def _layout(os_given: Any, flag: str = "--os") -> Layout:
     if os_given:
-        refuse_injection(str(os_given), "--os")
+        refuse_injection(str(os_given), flag)
         return get_layout(str(os_given))
     detected = detect_os()
     if detected is None:
@@ -365,18 +373,24 @@ def _layout(os_given: Any) -> Layout:
     return get_layout(detected)
 
 
-def _tls(raw: Mapping[str, Any], layout: Layout, hostname: str) -> Tls:
-    key_type = validate_key_type(raw.get("key_type"))
-    days = validate_days(raw.get("days", 3650))
-    tls_mode = str(raw.get("tls") or ("existing" if raw.get("cert") or raw.get("key") else "self-signed"))
-    if tls_mode not in ("self-signed", "existing", "csr"):
-        raise MailsetupError(f"--tls: {tls_mode!r} is not self-signed, existing or csr")
+def validate_tls(value: Any, flag: str = "--tls") -> str:
+    text = str(value)
+    if text not in ("self-signed", "existing", "csr"):
+        raise MailsetupError(f"{flag}: {text!r} is not self-signed, existing or csr")
+    return text
+
+
+def _tls(raw: Mapping[str, Any], layout: Layout, hostname: str, where: Callable[[str], str]) -> Tls:
+    key_type = validate_key_type(raw.get("key_type"), where("key_type"))
+    days = validate_days(raw.get("days", 3650), where("days"))
+    tls_mode = validate_tls(raw.get("tls") or ("existing" if raw.get("cert") or raw.get("key") else "self-signed"),
+                            where("tls"))
     if tls_mode == "existing":
         if not (raw.get("cert") and raw.get("key")):
             raise MailsetupError("--cert and --key: give both files of an existing certificate, or neither")
         return Tls(
-            cert=validate_path(Path(str(raw["cert"])).absolute(), "--cert"),
-            key=validate_path(Path(str(raw["key"])).absolute(), "--key"),
+            cert=validate_path(Path(str(raw["cert"])).absolute(), where("cert")),
+            key=validate_path(Path(str(raw["key"])).absolute(), where("key")),
             key_type=key_type, days=days, source="existing",
         )
     if raw.get("cert") or raw.get("key"):
@@ -388,21 +402,21 @@ def _tls(raw: Mapping[str, Any], layout: Layout, hostname: str) -> Tls:
     )
 
 
-def _listeners(raw: Mapping[str, Any], layout: Layout, os_name: str) -> tuple[Listener, ...]:
-    listen_raw = raw.get("listen") or [layout.default_listen]
-    if isinstance(listen_raw, str):
-        listen_raw = [listen_raw]
-    if not isinstance(listen_raw, list | tuple) or not all(isinstance(x, str) for x in listen_raw):
-        raise MailsetupError(f"--listen: {listen_raw!r} is not an address or a list of addresses")
-    addresses: list[str] = []
-    for item in listen_raw:
-        addr = validate_listen(item, "--listen", os_name)
-        if addr not in addresses:
-            addresses.append(addr)
-    smtp_port = validate_port(raw.get("smtp_port", 25), "--smtp-port")
-    sub_port = validate_port(raw.get("submission_port", 587), "--submission-port")
+def validate_addresses(value: Any, flag: str, os_name: str) -> list[str]:
+    """--listen: one address or interface, or a list of them; each once."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(x, str) for x in items):
+        raise MailsetupError(f"{flag}: {value!r} is not an address or a list of addresses")
+    return list(dict.fromkeys(validate_listen(item, flag, os_name) for item in items))
+
+
+def _listeners(raw: Mapping[str, Any], layout: Layout, os_name: str,
+               where: Callable[[str], str]) -> tuple[Listener, ...]:
+    addresses = validate_addresses(raw.get("listen") or [layout.default_listen], where("listen"), os_name)
+    smtp_port = validate_port(raw.get("smtp_port", 25), where("smtp_port"))
+    sub_port = validate_port(raw.get("submission_port", 587), where("submission_port"))
     if smtp_port == sub_port:
-        raise MailsetupError(f"--submission-port: {sub_port} is also the SMTP port")
+        raise MailsetupError(f"{where('submission_port')}: {sub_port} is also the SMTP port")
     listeners: list[Listener] = []
     for addr in addresses:
         listeners.append(Listener("smtp", addr, smtp_port, "starttls", "optional"))
@@ -410,19 +424,19 @@ def _listeners(raw: Mapping[str, Any], layout: Layout, os_name: str) -> tuple[Li
     return tuple(listeners)
 
 
-def _message_size(value: Any) -> int:
+def validate_message_size(value: Any, flag: str = "--max-message-size") -> int:
     try:
         size = int(value)
     except (TypeError, ValueError):
-        raise MailsetupError(f"--max-message-size: {value!r} is not a number of bytes") from None
+        raise MailsetupError(f"{flag}: {value!r} is not a number of bytes") from None
     if size < 1024:
-        raise MailsetupError(f"--max-message-size: {size} is too small (at least 1024 bytes)")
+        raise MailsetupError(f"{flag}: {size} is too small (at least 1024 bytes)")
     return size
 
 
-def _first_user(value: Any) -> str | None:
+def _first_user(value: Any, flag: str = "--user") -> str | None:
     if not value:
         return None
     from mailsetup.credentials import validate_username
 
-    return validate_username(str(value), "--user")
+    return validate_username(str(value), flag)

@@ -11,19 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailsetup import aliases as aliases_mod
-from mailsetup import answers as answers_mod
-from mailsetup import credentials, queuekey, spool
+from mailsetup import credentials, queuekey
 from mailsetup.errors import MailsetupError
-from mailsetup.files import Applied, FileChange, Plan, apply_plan, prune_backups, read_input, undo_applied
+from mailsetup.files import FileChange, Plan, read_input
 from mailsetup.model import MailSetup, validate_admin
 from mailsetup.opensmtpd import (
-    check_config,
     open_relay_rules,
-    openssl_major,
-    smtpd_version,
-    tls_defect,
 )
-from mailsetup.render import render_smtpd_conf
+from mailsetup.render import ANSWERS_MODE, render_answers, render_smtpd_conf
 
 CONF_MODE = 0o600  # it carries the queue key, and smtpd reads it with no secrecy check
 QUEUE_KEY_REDACT = queuekey.QUEUE_KEY_LINE + r"(?P<secret>(?!stdin\b)[^\s-]\S*)"
@@ -37,6 +32,11 @@ class Provisioning:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     key_type_in_use: str | None = None  # of the certificate that will be on disk
+
+    def files_report(self) -> list[dict[str, str]]:
+        """The plan's files as --json reports them."""
+        return [{"path": str(c.path), "mode": f"{c.mode:04o}", "state": c.state(), "reason": c.reason}
+                for c in self.plan.changes]
 
 
 def default_aliases_text(setup: MailSetup, admin: str | None) -> str:
@@ -259,8 +259,8 @@ def build_plan(setup: MailSetup, rotate_cert: bool = False, rotate_queue_key: bo
     prov.plan.add(FileChange(Path(setup.layout.smtpd_conf), conf.encode(), CONF_MODE,
                              "smtpd.conf", redact=(QUEUE_KEY_REDACT,)))
     answers = recorded_answers(setup, prov.key_type_in_use)
-    prov.plan.add(FileChange(Path(setup.layout.answers), answers_mod.render_answers(answers),
-                             answers_mod.ANSWERS_MODE, "answers (no secrets): re-runs start from these"))
+    prov.plan.add(FileChange(Path(setup.layout.answers), render_answers(answers),
+                             ANSWERS_MODE, "answers (no secrets): re-runs start from these"))
     prov.warnings.extend(_environment_warnings(setup))
     return prov
 
@@ -273,102 +273,3 @@ def _environment_warnings(setup: MailSetup) -> list[str]:
             f"most 0740); run `chown root {setup.tls.key} {setup.tls.cert}` before starting smtpd"
         )
     return out
-
-
-@dataclass
-class ConfigVerdict:
-    ran: bool
-    ok: bool
-    text: str
-
-
-def verify_with_smtpd(setup: MailSetup) -> ConfigVerdict:
-    """`smtpd -n` on the written smtpd.conf, when smtpd is installed and can judge it."""
-    if os.geteuid() != 0:
-        return ConfigVerdict(False, True, "smtpd -n skipped: it needs root (smtpd checks the key's owner)")
-    result = check_config(Path(setup.layout.smtpd_conf))
-    if result is None:
-        return ConfigVerdict(False, True, "smtpd -n skipped: OpenSMTPD is not installed here")
-    verdict = result.output.splitlines()[-1] if result.output else ""
-    return ConfigVerdict(True, result.ok, verdict if result.ok else result.output)
-
-
-def installed_smtpd_warning() -> str | None:
-    found = smtpd_version()
-    if found is None:
-        return None
-    return tls_defect((found[0], found[1]), openssl_major())
-
-
-def apply_and_verify(prov: Provisioning) -> tuple[list[Applied], ConfigVerdict]:
-    """Write the plan; if the real smtpd refuses the result, put every file back and fail."""
-    results = apply_plan(prov.plan)
-    try:
-        verdict = verify_with_smtpd(prov.setup)
-    except BaseException:  # Ctrl-C or a crash while smtpd judges: unchecked files do not stay
-        undo_applied(results)
-        raise
-    if verdict.ran and not verdict.ok:
-        undo_applied(results)
-        raise MailsetupError(
-            f"smtpd -n refused the new configuration, so every file was put back: {verdict.text}"
-            + _version_mismatch(prov.setup),
-            exit_code=1,
-        )
-    # Only now: a refused run above puts the old files back. Never the backups that still open
-    # queued mail: while the spool holds envelopes the current key cannot read, every kept queue
-    # key (and smtpd.conf, which carries it) is the way back to them (`doctor` names the one).
-    held = _backups_that_open_queued_mail(prov.setup)
-    prune_backups([r for r in results if Path(r.path) not in held], prov.setup.keep_backups)
-    return results, verdict
-
-
-def _backups_that_open_queued_mail(setup: MailSetup) -> set[Path]:
-    """The files whose backups must all stay: the queue key and smtpd.conf, while any queued
-    envelope does not open with the current key (or the queue cannot be read to tell)."""
-    if not setup.queue.encryption:
-        return set()
-    precious = {Path(setup.queue.key_file), Path(setup.layout.smtpd_conf)}
-    try:
-        stranded = spool.unreadable_envelopes(Path(setup.layout.spool),
-                                             queuekey.read_queue_key(Path(setup.queue.key_file)))
-    except (OSError, MailsetupError):
-        return precious
-    return precious if stranded else set()
-
-
-def _version_mismatch(setup: MailSetup) -> str:
-    """Why smtpd -n may refuse: the file was rendered for another smtpd than the one installed."""
-    found = smtpd_version()
-    if found is None or (found[0], found[1]) == setup.smtpd_version:
-        return ""
-    wanted = f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}"
-    return (f" (it was rendered for smtpd {wanted} but the installed smtpd is {found[0]}.{found[1]}; "
-            "leave out the smtpd version you gave (--smtpd-version, or in --answers) to render for the "
-            "installed one)")
-
-
-def next_steps(setup: MailSetup) -> list[str]:
-    """What the person does next, fitted to where the files went: a sandbox gets how to run smtpd on
-    it; a real host gets the restart command of its service manager (see platforms.restart_command)."""
-    from mailsetup.platforms import restart_command
-
-    layout = setup.layout
-    root_arg = f" --root {setup.root}" if setup.root else ""
-    steps = [
-        f"Publish DNS: {setup.domain}. IN MX 10 {setup.hostname}.   and A/AAAA records for the addresses smtpd "
-        f"listens on (mailsetup dns{root_arg} --ip PUBLIC_ADDRESS prints them all)",
-    ]
-    if setup.root is not None:
-        ports = " and ".join(str(p) for p in sorted({lst.port for lst in setup.listeners}))
-        steps += [
-            f"Try it with the real smtpd on loopback: mailsetup smoke{root_arg} --engine opensmtpd",
-            f"Run smtpd on this sandbox (as root, in the foreground; it takes ports {ports} and "
-            f"/var/spool/smtpd): smtpd -d -f {layout.smtpd_conf}",
-            f"On the {layout.title} host itself: {layout.restart}",
-        ]
-    else:
-        steps.append(f"Restart OpenSMTPD: {restart_command(layout)}")
-    steps.append("After editing aliases: mailsetup aliases "
-                 f"{layout.aliases} --out {layout.aliases_db} && smtpctl update table aliases")
-    return steps

@@ -10,15 +10,27 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mailsetup import model
 from mailsetup.errors import MailsetupError
-from mailsetup.model import KEY_TYPES, default_hostname, validate_admin, validate_dns_name, validate_key_type
-from mailsetup.platforms import LAYOUTS, detect_os
+from mailsetup.model import KEY_TYPES, default_hostname, flag_of
+from mailsetup.platforms import LAYOUTS, detect_os, get_layout
+
+Check = Callable[[Any, str, Mapping[str, Any]], Any]  # (value, where it came from, the other answers)
 
 
-def _username_or_blank(value: Any, answers: Mapping[str, Any]) -> str:
+def _username_or_blank(value: Any, where: str, answers: Mapping[str, Any]) -> str:
     from mailsetup.credentials import validate_username
 
-    return validate_username(value, "--user") if value else ""
+    return validate_username(value, where) if value else ""
+
+
+def _os(value: Any, where: str, answers: Mapping[str, Any]) -> str:
+    model.refuse_injection(str(value), where)
+    return get_layout(str(value)).name
+
+
+def _os_of(answers: Mapping[str, Any]) -> str:
+    return str(answers.get("os") or detect_os() or "debian")
 
 
 @dataclass(frozen=True)
@@ -26,8 +38,9 @@ class Question:
     key: str  # the answers key; the flag is --KEY with '-' for '_'
     prompt: str
     flag: str
-    kind: str  # text | select | confirm | path
-    validate: Callable[[Any, Mapping[str, Any]], Any] | None = None  # the one check of this value
+    kind: str  # text | select | confirm | path | setting (a flag or answers key, never asked)
+    validate: Check | None = None  # the one check of this value
+    saved: bool = True  # recorded in answers.toml (and so a key an answers file may set)
     default: Callable[[Mapping[str, Any]], Any] = lambda a: None
     choices: Callable[[], list[tuple[str, str]]] | None = None  # (value, label)
     when: Callable[[Answers], bool] = lambda a: True  # asked only when it applies
@@ -49,39 +62,56 @@ TLS_CHOICES = [
 
 QUESTIONS: tuple[Question, ...] = (
     Question("domain", "Mail domain (--domain):", "--domain", "text",
-             validate=lambda v, a: validate_dns_name(v, "--domain"), default=_current("domain", ""),
+             validate=lambda v, w, a: model.validate_dns_name(v, w), default=_current("domain", ""),
              required="the mail domain, e.g. --domain example.org"),
     Question("hostname", "Mail host name, its FQDN (--hostname):", "--hostname", "text",
-             validate=lambda v, a: validate_dns_name(v, "--hostname"),
-             default=lambda a: a.get("hostname") or default_hostname(validate_dns_name(a["domain"], "--domain"))),
-    Question("os", "OS layout (--os):", "--os", "select",
+             validate=lambda v, w, a: model.validate_dns_name(v, w),
+             default=lambda a: a.get("hostname") or default_hostname(model.validate_dns_name(a["domain"], "--domain"))),
+    Question("os", "OS layout (--os):", "--os", "select", validate=_os,
              default=lambda a: a.get("os") or detect_os() or "debian",
              choices=lambda: [(name, f"{name} ({LAYOUTS[name].title})") for name in LAYOUTS]),
     Question("tls", "TLS certificate (--tls):", "--tls", "select", choices=lambda: TLS_CHOICES,
-             when=lambda a: not (a.get("cert") and a.get("key"))),
+             validate=lambda v, w, a: model.validate_tls(v, w), when=lambda a: not (a.get("cert") and a.get("key"))),
     Question("cert", "Certificate file (--cert):", "--cert", "path", reask=False,
              when=lambda a: a.get("tls") == "existing"),
     Question("key", "Its private key file (--key):", "--key", "path", reask=False,
              when=lambda a: a.get("tls") == "existing"),
     Question("key_type", "Key type (--key-type):", "--key-type", "select",
-             validate=lambda v, a: validate_key_type(v), default=_current("key_type", "rsa-2048"),
+             validate=lambda v, w, a: model.validate_key_type(v, w), default=_current("key_type", "rsa-2048"),
              choices=lambda: [(k, k) for k in KEY_TYPES], when=lambda a: a.get("tls", "self-signed") != "existing"),
+    Question("days", "Certificate lifetime in days (--days):", "--days", "setting",
+             validate=lambda v, w, a: model.validate_days(v, w)),
     Question("queue_compression", "Compress the queue (--queue-compression)?", "--queue-compression", "confirm",
-             default=lambda a: a.get("queue_compression", True)),
+             validate=lambda v, w, a: model.validate_bool(v, w), default=lambda a: a.get("queue_compression", True)),
     Question("queue_encryption", "Encrypt the queue (--queue-encryption)?", "--queue-encryption", "confirm",
-             default=lambda a: a.get("queue_encryption", True)),
-    Question("aliases", "Aliases file (--aliases):", "--aliases", "path",
+             validate=lambda v, w, a: model.validate_bool(v, w), default=lambda a: a.get("queue_encryption", True)),
+    Question("aliases", "Aliases file (--aliases):", "--aliases", "path", saved=False,
              ask_first="Import an existing aliases file (--aliases)?",
              when=lambda a: "admin" not in a.given),  # --admin given: the default aliases, no import
     Question("admin", "Who reads root's, postmaster's and abuse's mail? A local user or an address (--admin):",
-             "--admin", "text", validate=lambda v, a: validate_admin(v, real_host=not a.get("root")),
+             "--admin", "text", validate=lambda v, w, a: model.validate_admin(v, w, real_host=not a.get("root")),
              default=lambda a: str(a.get("admin") or a.get("user") or ""), when=lambda a: not a.get("aliases")),
-    Question("user", "First mail user for submission, blank for none (--user):", "--user", "text",
+    Question("user", "First mail user for submission, blank for none (--user):", "--user", "text", saved=False,
              validate=_username_or_blank, default=lambda a: str(a.get("admin") or ""), then_password=True),
-    Question("smoke", "Run the smoke test when done (--smoke)?", "--smoke", "confirm", default=lambda a: True),
+    Question("listen", "Addresses or interfaces smtpd listens on (--listen):", "--listen", "setting",
+             validate=lambda v, w, a: model.validate_addresses(v, w, _os_of(a))),
+    Question("smtp_port", "Port of the MX listener (--smtp-port):", "--smtp-port", "setting",
+             validate=lambda v, w, a: model.validate_port(v, w)),
+    Question("submission_port", "Port of the submission listener (--submission-port):", "--submission-port",
+             "setting", validate=lambda v, w, a: model.validate_port(v, w)),
+    Question("smtpd_version", "The smtpd version to write for (--smtpd-version):", "--smtpd-version", "setting",
+             validate=lambda v, w, a: model.parse_version(v, w)),
+    Question("max_message_size", "Largest message accepted, in bytes (--max-message-size):",
+             "--max-message-size", "setting", validate=lambda v, w, a: model.validate_message_size(v, w)),
+    Question("keep_backups", "Dated backups kept of each file (--keep-backups):", "--keep-backups", "setting",
+             validate=lambda v, w, a: model.validate_keep_backups(v, w)),
+    Question("smoke", "Run the smoke test when done (--smoke)?", "--smoke", "confirm", saved=False,
+             validate=lambda v, w, a: model.validate_bool(v, w), default=lambda a: True),
 )
 
 BY_KEY = {q.key: q for q in QUESTIONS}
+SAVED_KEYS = tuple(q.key for q in QUESTIONS if q.saved)  # what answers.toml may hold
+assert all(q.flag == flag_of(q.key) for q in QUESTIONS)
 
 # From the most to the least binding. The wizard's answers sit under the flags (a flag is never
 # asked) and over the answers file and the last run (whose values it offers as defaults).
@@ -99,6 +129,8 @@ class Answers(Mapping[str, Any]):
             name: {k: v for k, v in (layers.get(name.replace(" ", "_")) or {}).items() if v is not None}
             for name in LAYERS}
         self._chain = ChainMap(*(self.layers[name] for name in LAYERS))
+        # A layer read from a file (answers.load_answers) knows the line of each key.
+        self._files = {name: layers.get(name.replace(" ", "_")) for name in ("file", "last run")}
 
     def __getitem__(self, key: str) -> Any:
         return self._chain[key]
@@ -111,6 +143,13 @@ class Answers(Mapping[str, Any]):
 
     def source(self, key: str) -> str | None:
         return next((name for name in LAYERS if key in self.layers[name]), None)
+
+    def where(self, key: str) -> str:
+        """Where a value came from, as an error names it: `FILE:LINE: --flag` for a value read from
+        an answers file, else the flag that gives it."""
+        layer = self.source(key)
+        origin = self._files.get(layer) if layer else None
+        return origin.where(key) if hasattr(origin, "where") else flag_of(key)
 
     @property
     def given(self) -> set[str]:
@@ -147,6 +186,14 @@ def require_answers(answers: Mapping[str, Any]) -> None:
         raise MailsetupError(f"missing {', '.join(q.flag for q in missing)} ({missing[0].required})")
 
 
+def check_given(answers: Answers) -> None:
+    """Every value a flag or the --answers file gave, judged by its row's validator before anything
+    is asked: a bad one stops the run in one line naming the flag, or the file and line."""
+    for q in QUESTIONS:
+        if q.validate is not None and answers.source(q.key) in ("flags", "file"):
+            q.validate(answers[q.key], answers.where(q.key), answers)
+
+
 def check_typed(question: Question, answers: Mapping[str, Any]) -> Callable[[str], bool | str] | None:
     """The question's validator as a prompt wants it: True, or the sentence that says why not."""
     if question.validate is None:
@@ -155,7 +202,7 @@ def check_typed(question: Question, answers: Mapping[str, Any]) -> Callable[[str
 
     def validate(text: str) -> bool | str:
         try:
-            check(text, answers)
+            check(text, question.flag, answers)
         except MailsetupError as exc:
             return exc.message
         return True

@@ -146,3 +146,30 @@ def render_smtpd_conf(setup: MailSetup, queue_key: str | None, aliases_format: s
     text = _environment().get_template(template_name(setup)).render(**context)
     # Collapse the blank lines that skipped blocks leave behind.
     return re.sub(r"\n{3,}", "\n\n", text)
+
+
+ANSWERS_MODE = 0o644
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value)
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    if any(ord(c) < 32 for c in escaped):
+        raise MailsetupError(f"answers: {text!r} has a control character")
+    return f'"{escaped}"'
+
+
+def render_answers(answers: dict[str, object]) -> bytes:
+    """answers.toml: the recorded choices, one `key = value` line each, in the order given."""
+    lines = ["# mailsetup answers: what `mailsetup init` chose (no secrets). A re-run starts from here.\n"]
+    for key, value in answers.items():
+        if value is None or value == []:
+            continue
+        lines.append(f"{key} = {_toml_value(value)}\n")
+    return "".join(lines).encode()

@@ -69,8 +69,6 @@ def print_verdict(verdict, defect: str | None) -> None:
 
 
 def print_next_steps(setup: MailSetup) -> None:
-    from mailsetup.provision import next_steps
-
     typer.echo("Next steps:")
     for step in next_steps(setup):
         typer.echo(f"  {step}")
@@ -145,3 +143,29 @@ def print_dns(setup: MailSetup, records, ptr: list[str], have_ips: bool, compari
     for c in comparisons:
         found = f" (found: {', '.join(c.found)})" if c.found and c.status != "ok" else ""
         typer.echo(_style(f"{_MARKS[c.status]} {c.record.type} {c.record.name}: {c.detail}{found}", _COLORS[c.status]))
+
+
+def next_steps(setup: MailSetup) -> list[str]:
+    """What the person does next, fitted to where the files went: a sandbox gets how to run smtpd on
+    it; a real host gets the restart command of its service manager (see platforms.restart_command)."""
+    from mailsetup.platforms import restart_command
+
+    layout = setup.layout
+    root_arg = f" --root {setup.root}" if setup.root else ""
+    steps = [
+        f"Publish DNS: {setup.domain}. IN MX 10 {setup.hostname}.   and A/AAAA records for the addresses smtpd "
+        f"listens on (mailsetup dns{root_arg} --ip PUBLIC_ADDRESS prints them all)",
+    ]
+    if setup.root is not None:
+        ports = " and ".join(str(p) for p in sorted({lst.port for lst in setup.listeners}))
+        steps += [
+            f"Try it with the real smtpd on loopback: mailsetup smoke{root_arg} --engine opensmtpd",
+            f"Run smtpd on this sandbox (as root, in the foreground; it takes ports {ports} and "
+            f"/var/spool/smtpd): smtpd -d -f {layout.smtpd_conf}",
+            f"On the {layout.title} host itself: {layout.restart}",
+        ]
+    else:
+        steps.append(f"Restart OpenSMTPD: {restart_command(layout)}")
+    steps.append("After editing aliases: mailsetup aliases "
+                 f"{layout.aliases} --out {layout.aliases_db} && smtpctl update table aliases")
+    return steps

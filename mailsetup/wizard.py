@@ -16,7 +16,7 @@ def _ask(question) -> Any:
 
 def _wanted(q: Question, answers: Answers, change_all: bool) -> bool:
     """Not given by a flag, it applies, and it has no answer yet (or the user changes everything)."""
-    if q.key in answers.given or not q.when(answers):
+    if q.kind == "setting" or q.key in answers.given or not q.when(answers):
         return False
     return (change_all and q.reask) or answers.get(q.key) in (None, "")
 

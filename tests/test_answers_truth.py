@@ -352,7 +352,7 @@ def test_days_in_an_answers_file_must_be_a_whole_number_not_a_boolean_or_a_fract
     root = tmp_path / "root"
     r = run_cli("init", "--yes", "--root", root, "--os", "debian", "--answers", answers, "--no-smoke")
     assert r.code == 2, r.out + r.err
-    assert r.err_lines == [f"mailsetup: error: --days: {value.title() if value == 'true' else value} "
+    assert r.err_lines == [f"mailsetup: error: {answers}:3: --days: {value.title() if value == 'true' else value} "
                            "is not a number of days"]
     assert not root.exists()
 
@@ -365,7 +365,8 @@ def test_a_version_with_anything_after_it_is_refused_not_cut_short(tmp_path: Pat
     answers.write_text(f'domain = "example.test"\nadmin = "alice"\nsmtpd_version = "{version}"\n')
     r = run_cli("init", "--yes", "--root", tmp_path / "root", "--os", "debian", "--answers", answers, "--no-smoke")
     assert r.code == 2
-    assert r.err_lines == [f"mailsetup: error: --smtpd-version: {version!r} is not a version like 7.4 or 6.0.3"]
+    assert r.err_lines == [f"mailsetup: error: {answers}:3: --smtpd-version: {version!r} is not a version like 7.4 or "
+                           "6.0.3"]
     assert not (tmp_path / "root").exists()
 
 

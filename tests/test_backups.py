@@ -133,7 +133,7 @@ def test_links_other_users_files_and_look_alikes_are_never_removed(sandbox: Path
     (("--keep-backups", "0"), None, "--keep-backups: 0 is too few: keep at least 1 backup of each file"),
     (("--keep-backups", "x"), None, "--keep-backups: 'x' is not a number of backups (1 or more)"),
     ((), 'domain = "example.test"\n\nkeep_backups = -1\n',
-     "{answers}:3: keep_backups: -1 is too few: keep at least 1 backup of each file"),
+     "{answers}:3: --keep-backups: -1 is too few: keep at least 1 backup of each file"),
 ], ids=["zero", "not-a-number", "answers-file"])
 def test_a_bad_number_of_backups_is_one_line_naming_the_flag_or_line(sandbox: Path, tmp_path: Path, args, answers,
                                                                      error):
@@ -154,7 +154,7 @@ def test_a_bad_number_in_the_recorded_answers_names_its_line(sandbox: Path):
     line = answers.read_text().count("\n")
     r = run_cli("cert", "--hostname", "mail.example.test", "--os", "debian", "--root", sandbox, "--force")
     assert (r.code, r.err_lines) == (
-        2, [f"mailsetup: error: {answers}:{line}: keep_backups: 'many' is not a number of backups (1 or more)"])
+        2, [f"mailsetup: error: {answers}:{line}: --keep-backups: 'many' is not a number of backups (1 or more)"])
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="the table is shared with smtpd's group only when root runs mailsetup")

@@ -118,3 +118,84 @@ def test_a_rerun_that_changes_settings_asks_again_and_records_the_new_choice(tmp
     assert "root's mail now goes to bob (was alice)" in text and "Smoke test skipped." in text
     recorded = (root / "etc/mailsetup/answers.toml").read_text()
     assert 'admin = "bob"' in recorded and 'key_type = "ecdsa-p256"' in recorded
+
+
+def _trace_init(flags: dict, monkeypatch, stdin: str = "") -> list[str]:
+    """The modules `init`'s steps call into, in order (each entry is a call made by initflow itself
+    into another mailsetup module; consecutive calls into one module count once)."""
+    import io
+    import sys
+
+    from mailsetup import initflow
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    entered: list[str] = []
+
+    def profile(frame, event, arg):
+        if event != "call" or frame.f_back is None:
+            return
+        module, caller = frame.f_globals.get("__name__", ""), frame.f_back.f_globals.get("__name__", "")
+        if caller == "mailsetup.initflow" and module.startswith("mailsetup.") and module != caller:
+            if not entered or entered[-1] != module:
+                entered.append(module)
+
+    opts = initflow.InitOptions(yes=True, as_json=True, interactive=False, password_stdin=bool(stdin),
+                                rotate_cert="rotate" in flags, rotate_queue_key="rotate" in flags)
+    sys.setprofile(profile)
+    try:
+        code = initflow.run_init({k: v for k, v in flags.items() if k != "rotate"}, opts, {"smtpd_version": "7.4"})
+    finally:
+        sys.setprofile(None)
+    assert code == 0
+    return [m.removeprefix("mailsetup.") for m in entered]
+
+
+def test_following_init_from_its_flags_to_the_files_no_step_goes_back(sandbox: Path, monkeypatch, capsys):
+    """resolve → plan → confirm → apply → prove → report: each module is entered once, in the order
+    of the steps. `report` is the one output object, which every step talks through (a person must
+    see the plan before saying yes), so it is left out of the count."""
+    flags = {"domain": "example.test", "admin": "alice", "root": str(sandbox), "os": "debian", "user": "dave"}
+    first = [m for m in _trace_init(flags, monkeypatch, stdin="Secr3t-pass\n") if m != "report"]
+    assert first == ["answers", "questions", "model", "credentials", "provision", "files", "apply", "smoke"]
+    again = [m for m in _trace_init({**flags, "rotate": True}, monkeypatch, stdin="Secr3t-pass\n") if m != "report"]
+    assert len(again) == len(set(again)), again
+    assert again[:3] == ["answers", "questions", "model"] and again[-2:] == ["apply", "smoke"], again
+    assert '"ok": true' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("line", "error"), [
+    ("days = true", "--days: True is not a number of days"),
+    ("smtp_port = 70000", "--smtp-port: 70000 is not a port number (1-65535)"),
+    ('listen = "all"', "--listen: 'all' is an OpenBSD interface group"),
+    ('tls = "acme-later"', "--tls: 'acme-later' is not self-signed, existing or csr"),
+    ("queue_encryption = \"maybe\"", "--queue-encryption: 'maybe' is not yes or no"),
+])
+def test_a_bad_value_in_an_answers_file_is_named_by_file_and_line(tmp_path: Path, line: str, error: str):
+    """Every answers key is a row of the question table with its validator: a bad value in an
+    --answers file stops the run before anything is asked or written, naming the file and line."""
+    answers = tmp_path / "answers.toml"
+    answers.write_text(f'# mine\ndomain = "example.test"\nadmin = "alice"\n{line}\n')
+    r = run_cli("init", "--yes", "--root", tmp_path / "root", "--os", "debian", "--answers", answers, "--no-smoke")
+    assert r.code == 2, r.out + r.err
+    assert r.err_lines[0].startswith(f"mailsetup: error: {answers}:4: {error}"), r.err_lines
+    assert len(r.err_lines) == 1 and not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--listen", "all"), ("--tls", "acme-later")])
+def test_the_same_bad_value_given_as_a_flag_is_named_by_the_flag(tmp_path: Path, flag: str, value: str):
+    answers = tmp_path / "answers.toml"
+    answers.write_text('domain = "example.test"\nadmin = "alice"\n')
+    r = run_cli("init", "--yes", "--root", tmp_path / "root", "--os", "debian", "--answers", answers, "--no-smoke",
+                flag, value)
+    assert r.code == 2 and r.err_lines[0].startswith(f"mailsetup: error: {flag}: {value!r} "), r.err_lines
+
+
+def test_a_hand_edited_bad_value_in_answers_toml_is_named_by_its_line(sandbox: Path):
+    assert run_cli(*init_args(sandbox, "--no-smoke")).code == 0
+    recorded = sandbox / "etc/mailsetup/answers.toml"
+    lines = recorded.read_text().splitlines()
+    lines.append("smtp_port = 0")
+    recorded.write_text("\n".join(lines) + "\n")
+    r = run_cli("doctor", "--root", sandbox)
+    assert r.code == 2, r.out + r.err
+    assert r.err_lines == [f"mailsetup: error: {recorded}:{len(lines)}: --smtp-port: 0 is not a port number (1-65535)"]
