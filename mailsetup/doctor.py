@@ -471,3 +471,13 @@ def port_owner(port: int) -> tuple[int, str] | None:
         except OSError:
             continue
     return (0, "an unknown process")
+
+
+def doctor_command(root, os_name: str | None, as_json: bool) -> bool:
+    """`mailsetup doctor`: every check printed; whether none failed."""
+    from mailsetup.answers import load_setup
+    from mailsetup.report import print_doctor
+
+    doc = Doctor(load_setup(root, os_name))
+    print_doctor(doc.run(), as_json)
+    return doc.ok

@@ -169,3 +169,9 @@ def next_steps(setup: MailSetup) -> list[str]:
     steps.append("After editing aliases: mailsetup aliases "
                  f"{layout.aliases} --out {layout.aliases_db} && smtpctl update table aliases")
     return steps
+
+
+def one_line(text: str) -> str:
+    """A message stays one line whatever a name in it holds: control characters are shown escaped, so
+    a file name cannot forge a second line."""
+    return "".join(c if " " <= c != "\x7f" else repr(c)[1:-1] for c in text)

@@ -542,3 +542,17 @@ class _Client(smtplib.SMTP):
     def connect(self, host: str = "localhost", port: int = 0, source_address=None):
         self.banner = super().connect(host, port, source_address)  # (code, text) of the greeting
         return self.banner
+
+
+def smoke_command(root, os_name: str | None, as_json: bool, smtp_port: int, submission_port: int, engine: str,
+                  smtpd: str | None) -> bool:
+    """`mailsetup smoke`: the set-up's files proven on the chosen engine, the checks printed."""
+    from mailsetup.answers import load_setup
+    from mailsetup.report import print_smoke
+
+    if engine not in ("embedded", "opensmtpd"):
+        raise MailsetupError(f"--engine: {engine!r} is not embedded or opensmtpd")
+    report = run_smoke(load_setup(root, os_name), smtp_port=smtp_port, submission_port=submission_port,
+                       engine=engine, smtpd=smtpd)
+    print_smoke(report, as_json)
+    return report.ok

@@ -729,3 +729,14 @@ def serve_forever(rt: Runtime, say) -> None:
     finally:
         listener.stop()
     say("stopped")
+
+
+def serve_from_flags(root, os_name: str | None, listen: str, smtp_port: int, submission_port: int,
+                     relay_host: str | None, loopback_is_remote: bool, max_connections: int, timeout: float) -> None:
+    """`mailsetup serve`: the embedded MTA on the set-up's files until a signal stops it."""
+    from mailsetup.answers import load_setup
+    from mailsetup.report import echo
+
+    options = options_from_flags(listen, smtp_port, submission_port, relay_host, loopback_is_remote,
+                                 max_connections, timeout)
+    serve_forever(load_runtime(load_setup(root, os_name), options), say=lambda text: echo(text, err=True))
