@@ -48,7 +48,7 @@ def init(domain: o.Domain = None, hostname: o.Hostname = None, os_name: o.OsName
          answers: o.AnswersPath = None, rotate: o.Rotate = False, rotate_cert: o.RotateCert = False,
          rotate_queue_key: o.RotateQueueKey = False, drain: o.Drain = False, drain_timeout: o.DrainTimeout = 300.0,
          force_rotate: o.ForceRotate = False, yes: o.Yes = False, dry_run: o.DryRun = False, diff: o.Diff = False,
-         smoke_flag: o.Smoke = None, quiet: o.Quiet = False, as_json: o.InitJson = False,
+         dkim: o.Dkim = None, smoke_flag: o.Smoke = None, quiet: o.Quiet = False, as_json: o.InitJson = False,
          debug: o.Debug = False) -> None:
     """Provision everything (certificate, queue key, aliases, smtpd.conf), check it, smoke-test it.
 

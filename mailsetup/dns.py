@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from mailsetup.errors import MailsetupError
 from mailsetup.model import MailSetup
@@ -19,8 +20,32 @@ class Record:
     why: str
 
     def zone_line(self) -> str:
-        value = f'"{self.value}"' if self.type == "TXT" else self.value
+        # A TXT string holds at most 255 bytes: a longer value (a DKIM RSA key) is several strings,
+        # which DNS joins again.
+        value = " ".join(f'"{self.value[i:i + 255]}"' for i in range(0, len(self.value), 255)) \
+            if self.type == "TXT" else self.value
         return f"{self.name:<32} 3600 IN {self.type:<5} {value}"
+
+
+def dkim_records(setup: MailSetup, today=None) -> list[Record]:
+    """One TXT per DKIM key DNS should serve: the active ones, the pending ones (which sign only
+    once DNS serves them), and the retiring ones until their date. The key is read from disk."""
+    import datetime as dt
+
+    from mailsetup import dkim
+
+    if not setup.dkim:
+        return []
+    today = today or dt.date.today()
+    folder = setup.layout.dkim_dir
+    records = []
+    for key in dkim.published(dkim.read_state(Path(setup.layout.dkim_state)), today):
+        why = {"active": f"DKIM ({key.algorithm}): the key that signs now",
+               "pending": f"DKIM ({key.algorithm}): the next key; it signs once DNS serves this",
+               "retiring": f"DKIM ({key.algorithm}): replaced; keep published until {key.retire_after}"}[key.stage]
+        text = dkim.record_text(dkim.read_key(folder, key), key.algorithm, str(key.path(folder)))
+        records.append(Record(key.record_name(setup.domain) + ".", "TXT", text, why))
+    return records
 
 
 def wanted_records(setup: MailSetup, ips: list[str]) -> list[Record]:
@@ -34,7 +59,7 @@ def wanted_records(setup: MailSetup, ips: list[str]) -> list[Record]:
         Record(f"_dmarc.{d}", "TXT", f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{setup.domain}",
                "DMARC: quarantine mail that fails SPF/DKIM alignment; reports to postmaster"),
     ]
-    return records
+    return records + dkim_records(setup)
 
 
 # Addresses the world cannot send to: a listener on one sits behind a router whose public address is

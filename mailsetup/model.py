@@ -277,6 +277,7 @@ class MailSetup:
     first_user: str | None = None  # a login init adds; its password travels beside the model, never in it
     keep_backups: int = DEFAULT_KEEP_BACKUPS  # dated backups kept of each file written
     smoke: bool = True  # init runs the smoke test once the files are written
+    dkim: bool = False  # outgoing mail is DKIM-signed (RSA and Ed25519), by smtpd's filter or the embedded MTA
     # The keys some layer answered (flags, answers file, last run, wizard): the answers file records
     # these, so a default stays a default and follows the layout (or the key type on disk) next time.
     answered: frozenset[str] = frozenset()
@@ -346,6 +347,7 @@ def build_setup(raw: Mapping[str, Any], where: Callable[[str], str] = flag_of) -
         admin=validate_admin(raw["admin"], where("admin")) if raw.get("admin") is not None else None,
         first_user=_first_user(raw.get("user"), where("user")),
         smoke=validate_bool(raw.get("smoke", True), where("smoke")),
+        dkim=validate_bool(raw.get("dkim", False), where("dkim")),
         answered=frozenset(k for k, v in raw.items() if v is not None),
     )
 

@@ -32,6 +32,8 @@ class Layout:
     default_listen: str  # the external interface/address for ports 25 and 587
     localhost_listener: str  # how this OS's smtpd.conf names the loopback listener
     spool: PurePosixPath = PurePosixPath("/var/spool/smtpd")  # PATH_SPOOL: the same in every package
+    dkim_dir: PurePosixPath = PurePosixPath("/etc/mail/dkim")  # the DKIM keys (the filter's README's place)
+    dkim_user: str = "_dkimsign"  # opensmtpd-filter-dkimsign's user and group (Debian, OpenBSD)
 
     @property
     def aliases_db(self) -> PurePosixPath:
@@ -48,6 +50,11 @@ class Layout:
     @property
     def credentials(self) -> PurePosixPath:
         return self.state_dir / "credentials"
+
+    @property
+    def dkim_state(self) -> PurePosixPath:
+        """Which DKIM key signs, which waits for its record, which retires (no secrets)."""
+        return self.state_dir / "dkim.toml"
 
     @property
     def queue_dir(self) -> PurePosixPath:
@@ -84,6 +91,7 @@ LAYOUTS: dict[str, Layout] = {
         PurePosixPath("/usr/local/etc/mail/aliases"), PurePosixPath("/usr/local/etc/ssl/certs"),
         PurePosixPath("/usr/local/etc/ssl/private"), PurePosixPath("/usr/local/etc/mailsetup"),
         PurePosixPath("/home"), "service smtpd restart", "_smtpd", "0.0.0.0", "localhost",
+        dkim_dir=PurePosixPath("/usr/local/etc/mail/dkim"),
     ),
     "openbsd": Layout(
         "openbsd", "OpenBSD", PurePosixPath("/etc/mail/smtpd.conf"), PurePosixPath("/etc/mail/aliases"),
@@ -177,6 +185,7 @@ def sandboxed(layout: Layout, root: Path | None) -> Layout:
         state_dir=under(layout.state_dir),
         home_dir=under(layout.home_dir),
         spool=under(layout.spool),
+        dkim_dir=under(layout.dkim_dir),
     )
 
 

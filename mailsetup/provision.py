@@ -5,6 +5,7 @@ Existing keys, certificates and queue keys are kept on a re-run; rotation is an 
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class Provisioning:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     key_type_in_use: str | None = None  # of the certificate that will be on disk
+    dkim_keys: list = field(default_factory=list)  # dkim.DkimKey: every key the state file will list
 
     def files_report(self) -> list[dict[str, str]]:
         """The plan's files as --json reports them."""
@@ -138,6 +140,33 @@ def _plan_queue_key(setup: MailSetup, prov: Provisioning, rotate: bool) -> str |
     return key
 
 
+def _plan_dkim(setup: MailSetup, prov: Provisioning, today: dt.date | None = None) -> None:
+    """The DKIM keys: kept as the state file lists them; a first pair (RSA and Ed25519, active) when
+    signing is on and none is active yet. Keys are never removed here."""
+    from mailsetup import dkim
+
+    keys = dkim.read_state(Path(setup.layout.dkim_state))
+    prov.dkim_keys = keys
+    if not setup.dkim:
+        return
+    folder = setup.layout.dkim_dir
+    for key in dkim.signing(keys):  # each listed key must still be there, readable and of its kind
+        dkim.public_value(dkim.read_key(folder, key), key.algorithm, str(key.path(folder)))
+    if dkim.signing(keys):
+        prov.notes.append("kept the DKIM keys " + ", ".join(k.selector for k in dkim.signing(keys)))
+        return
+    today = today or dt.date.today()
+    mode, owner = dkim.key_access(setup.layout.dkim_user)
+    new = dkim.new_pair("active", today, {k.selector for k in keys})
+    for key in new:
+        prov.plan.add(FileChange(Path(key.path(folder)), dkim.generate_key(key.algorithm), mode,
+                                 f"DKIM {key.algorithm} key, selector {key.selector}", secret=True, owner=owner))
+    prov.dkim_keys = keys + new
+    prov.plan.add(FileChange(Path(setup.layout.dkim_state), dkim.render_state(prov.dkim_keys), dkim.STATE_MODE,
+                             "DKIM keys and their stages (no secrets)"))
+    prov.notes.append("publish the DKIM records before mail is judged by them: mailsetup dns")
+
+
 def _with_admin(text: str, entries: list, admin: str, prov: Provisioning) -> str:
     """Make root's mail go to `admin`: change an existing `root:` entry, or add one."""
     root = next((e for e in entries if e.name == "root"), None)
@@ -232,7 +261,7 @@ def recorded_answers(setup: MailSetup, key_type: str | None = None) -> dict:
         "submission_port": next(lst.port for lst in setup.listeners if lst.name == "submission"),
         "smtpd_version": f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}",
         "queue_compression": setup.queue.compression, "queue_encryption": setup.queue.encryption,
-        "max_message_size": setup.max_message_size, "keep_backups": setup.keep_backups,
+        "max_message_size": setup.max_message_size, "keep_backups": setup.keep_backups, "dkim": setup.dkim,
     }
     always = {"domain", "hostname", "os", "admin", "key_type", "cert", "key", "smtpd_version"}
     return {k: v for k, v in values.items() if v is not None and (k in always or k in setup.answered)}
@@ -251,7 +280,8 @@ def build_plan(setup: MailSetup, rotate_cert: bool = False, rotate_queue_key: bo
     queue_key = _plan_queue_key(setup, prov, rotate_queue_key)
     _plan_aliases(setup, prov, setup.admin)
     _plan_credentials(setup, prov, new_user)
-    conf = render_smtpd_conf(setup, queue_key, prov.aliases_format)
+    _plan_dkim(setup, prov)
+    conf = render_smtpd_conf(setup, queue_key, prov.aliases_format, dkim_keys=prov.dkim_keys)
     findings = open_relay_rules(conf)
     if findings:  # the template cannot produce one; this guards the template itself
         f = findings[0]

@@ -93,6 +93,8 @@ QUESTIONS: tuple[Question, ...] = (
              default=lambda a: str(a.get("admin") or a.get("user") or ""), when=lambda a: not a.get("aliases")),
     Question("user", "First mail user for submission, blank for none (--user):", "--user", "text", saved=False,
              validate=_username_or_blank, default=lambda a: str(a.get("admin") or ""), then_password=True),
+    Question("dkim", "Sign outgoing mail with DKIM, RSA and Ed25519 (--dkim)?", "--dkim", "setting",
+             validate=lambda v, w, a: model.validate_bool(v, w)),
     Question("listen", "Addresses or interfaces smtpd listens on (--listen):", "--listen", "setting",
              validate=lambda v, w, a: model.validate_addresses(v, w, _os_of(a))),
     Question("smtp_port", "Port of the MX listener (--smtp-port):", "--smtp-port", "setting",

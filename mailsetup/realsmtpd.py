@@ -36,13 +36,20 @@ def loopback_config(setup: MailSetup, smtp_port: int, submission_port: int, rela
     real one, relaying to a sink on `relay_port`. It uses the set-up's own files (cert, key, queue
     key, aliases.db or the aliases file, credentials)."""
     return render_smtpd_conf(loopback_setup(setup, smtp_port, submission_port, listen), *_render_inputs(setup),
-                             relay_host=f"smtp://127.0.0.1:{relay_port}")
+                             relay_host=f"smtp://127.0.0.1:{relay_port}", dkim_keys=dkim_keys_on_disk(setup))
 
 
 def _render_inputs(setup: MailSetup) -> tuple[str | None, str]:
     """The queue key and the aliases table format the written smtpd.conf was rendered with."""
     queue_key = read_queue_key(Path(setup.queue.key_file)) if setup.queue.encryption else None
     return queue_key, "db" if Path(setup.layout.aliases_db).exists() else "file"
+
+
+def dkim_keys_on_disk(setup: MailSetup) -> list:
+    """The DKIM keys the state file lists (none when signing is off)."""
+    from mailsetup import dkim
+
+    return dkim.read_state(Path(setup.layout.dkim_state)) if setup.dkim else []
 
 
 def _rules(text: str) -> list[tuple[int, str]]:
@@ -59,7 +66,7 @@ def check_written_config(setup: MailSetup) -> None:
         found = _rules(read_secret(path).decode(errors="replace"))
     except FileNotFoundError:
         raise MailsetupError(f"{path}: missing; run `mailsetup init` first", exit_code=1) from None
-    wanted = _rules(render_smtpd_conf(setup, *_render_inputs(setup)))
+    wanted = _rules(render_smtpd_conf(setup, *_render_inputs(setup), dkim_keys=dkim_keys_on_disk(setup)))
     for i in range(max(len(found), len(wanted))):
         if i >= len(found) or i >= len(wanted) or found[i][1] != wanted[i][1]:
             where = f"{path}:{found[i][0]}" if i < len(found) else f"{path}: ends before a line"

@@ -44,6 +44,19 @@ def _comment(value: object) -> Filtered:
     return Filtered(text)
 
 
+_TOKEN = re.compile(r"^[A-Za-z0-9/._:-]+$")
+
+
+def _command(tokens: object) -> Filtered:
+    """A filter's command line, quoted: each word a plain token (no space, quote or shell character),
+    so a domain or a path can never add a word or end the string."""
+    words = [str(t) for t in tokens]  # type: ignore[union-attr]
+    for word in words:
+        if not _TOKEN.fullmatch(word):
+            raise MailsetupError(f"refusing to render {word!r} into a smtpd.conf filter command")
+    return Filtered('"' + " ".join(words) + '"')
+
+
 def _finalize(value: object) -> object:
     if value is None or isinstance(value, Filtered):
         return "" if value is None else value
@@ -62,7 +75,7 @@ def _environment():
         lstrip_blocks=True,
         finalize=_finalize,
     )
-    env.filters.update(bare=_bare, quote=_quote, comment=_comment)
+    env.filters.update(bare=_bare, quote=_quote, comment=_comment, command=_command)
     return env
 
 
@@ -79,6 +92,31 @@ class _ListenerView:
     port: int
     tls_word: str
     auth_word: str
+    signs: bool = False  # DKIM-signs what it takes (submission)
+
+
+@dataclass(frozen=True)
+class _FilterView:
+    name: str
+    command: list[str]
+
+
+def _dkim_filters(setup: MailSetup, dkim_keys: list | None) -> list[_FilterView]:
+    """One filter-dkimsign per signing key, RSA first (empty when DKIM is off)."""
+    from mailsetup import dkim
+
+    if not setup.dkim:
+        return []
+    if not setup.modern_grammar:
+        raise MailsetupError(f"--dkim: smtpd {setup.smtpd_version[0]}.{setup.smtpd_version[1]} has no filters; "
+                             "DKIM signing needs smtpd 6.6 or later")
+    keys = dkim.signing(dkim_keys or [])
+    if not keys:
+        raise MailsetupError("internal error: DKIM is on but no key signs", exit_code=1)
+    return [_FilterView(f"dkimsign_{k.algorithm}",
+                        ["filter-dkimsign", *(["-a", k.signature_algorithm] if k.algorithm != "rsa" else []),
+                         "-d", setup.domain, "-s", k.selector, "-k", str(k.path(setup.layout.dkim_dir))])
+            for k in keys]
 
 
 def _localhost_listener(setup: MailSetup) -> str | None:
@@ -100,7 +138,7 @@ def template_name(setup: MailSetup) -> str:
 
 
 def render_smtpd_conf(setup: MailSetup, queue_key: str | None, aliases_format: str = "db",
-                      relay_host: str | None = None) -> str:
+                      relay_host: str | None = None, dkim_keys: list | None = None) -> str:
     """The smtpd.conf text for `setup`; `queue_key` is required when queue encryption is on.
 
     `aliases_format` is "db" (aliases.db, as makemap writes it) or "file" (the aliases file itself,
@@ -118,9 +156,11 @@ def render_smtpd_conf(setup: MailSetup, queue_key: str | None, aliases_format: s
             port=listener.port,
             tls_word="tls" if listener.tls == "starttls" else "tls-require",
             auth_word="auth-optional" if listener.auth == "optional" else "auth",
+            signs=setup.dkim and listener.name == "submission",
         )
         for listener in setup.listeners
     ]
+    dkim_filters = _dkim_filters(setup, dkim_keys)
     major, minor = setup.smtpd_version
     context = {
         "version": __version__,
@@ -142,6 +182,9 @@ def render_smtpd_conf(setup: MailSetup, queue_key: str | None, aliases_format: s
         "listeners": listeners,
         "maildir": setup.maildir_template,
         "relay_host": relay_host,
+        "dkim_filters": dkim_filters,
+        "dkim_chain": Filtered(", ".join(_quote(f.name) for f in dkim_filters)),
+        "dkim_user": setup.layout.dkim_user,
     }
     text = _environment().get_template(template_name(setup)).render(**context)
     # Collapse the blank lines that skipped blocks leave behind.

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import smtplib
@@ -203,6 +204,8 @@ class _OpenSmtpd:
         smtp = self.ports_wanted[0] or _free_port()
         sub = self.ports_wanted[1] or _free_port()
         _check_reachable_by_smtpd(Path(self.setup.layout.aliases_db))
+        if self.setup.dkim:  # filter-dkimsign opens its key as its own user
+            _check_reachable_by_smtpd(Path(self.setup.layout.dkim_dir), "filter-dkimsign cannot open its key")
         check_written_config(self.setup)
         conf = loopback_config(self.setup, smtp, sub, self.sink.port)
         aliases = aliases_mod.read_aliases_db(Path(self.setup.layout.aliases_db))
@@ -248,13 +251,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _check_reachable_by_smtpd(path: Path) -> None:
-    """smtpd opens db: tables after dropping to its own user (measured on 7.4): every directory on the
-    way must let others through."""
+def _check_reachable_by_smtpd(path: Path, fails: str = "'lookup: failed to open table aliases'") -> None:
+    """smtpd opens db: tables after dropping to its own user (measured on 7.4), and the DKIM filter
+    runs as its own: every directory on the way must let others through."""
     for parent in path.parents:
         if parent.exists() and not parent.stat().st_mode & 0o001:
             raise MailsetupError(f"{parent} (mode {parent.stat().st_mode & 0o777:04o}) keeps smtpd's unprivileged "
-                                 f"lookup process from {path}: 'lookup: failed to open table aliases'", exit_code=1)
+                                 f"processes from {path}: {fails}", exit_code=1)
 
 
 def run_smoke(setup: MailSetup, smtp_port: int = 0, submission_port: int = 0, engine: str = "embedded",
@@ -340,7 +343,8 @@ class _SmokeRun:
         if self.embedded:
             add("queued mail encrypted at rest" if self.setup.queue.encryption
                 else "queued mail at rest (encryption off)", self.at_rest)
-        add("relay delivers to the relay host", self.reached_sink)
+        if add("relay delivers to the relay host", self.reached_sink) and self.setup.dkim:
+            add("DKIM signatures verify against the records `mailsetup dns` prints", self.dkim_signed)
 
     known_defect = False
 
@@ -481,6 +485,40 @@ class _SmokeRun:
         assert helo == self.setup.hostname, f"the relay introduced itself as {helo!r}, not {self.setup.hostname}"
         retried = " after one temporary failure" if self.embedded else ""
         return f"relayed to the sink on :{self.sink.port}{retried}, introducing itself as {helo}"
+
+    def dkim_signed(self) -> str:
+        """Both signatures (RSA and Ed25519) on the relayed message verify with dkimpy against the
+        TXT records `mailsetup dns` prints; the same message with one byte of its body changed does not."""
+        import dkim as dkimpy
+
+        from mailsetup.dns import dkim_records
+
+        records = {r.name.lower().encode(): r.value.encode() for r in dkim_records(self.setup)}
+
+        def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
+            return records.get(name.lower() if name.endswith(b".") else name.lower() + b".")
+
+        message = next(m[2] for m in self.sink.messages if self.token.encode() in m[2])
+        signatures = [v for k, v in dkimpy.DKIM(message).headers if k.lower() == b"dkim-signature"]
+        found = sorted(dict(p.split(b"=", 1) for p in (x.strip() for x in re.sub(rb"\s+", b"", v).split(b";")) if p
+                            ).get(b"s", b"?").decode() for v in signatures)
+        assert signatures, "the relayed message carries no DKIM-Signature"
+        from mailsetup.dkim import read_state, signing
+
+        wanted = sorted(k.selector for k in signing(read_state(Path(self.setup.layout.dkim_state))))
+        assert found == wanted, f"signed with {', '.join(found)}, not with the active keys {', '.join(wanted)}"
+        def verifies(message: bytes, idx: int) -> bool:
+            try:
+                return dkimpy.DKIM(message).verify(idx=idx, dnsfunc=dnsfunc)
+            except dkimpy.DKIMException:  # a body hash mismatch is raised, not returned
+                return False
+
+        verified = [verifies(message, i) for i in range(len(signatures))]
+        assert all(verified), f"a DKIM signature does not verify (selectors {', '.join(found)}): {verified}"
+        head, sep, body = message.partition(b"\r\n\r\n")
+        tampered = head + sep + body.replace(self.token.encode(), self.token.encode()[::-1])
+        assert not any(verifies(tampered, i) for i in range(len(signatures))), "a changed body still verifies"
+        return f"{len(signatures)} signatures ({', '.join(found)}) verify; a changed body fails"
 
     # --- and after them -----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
@@ -103,6 +104,7 @@ class Runtime:
     options: MtaOptions
     stats: dict = field(default_factory=lambda: {"delivered": 0, "queued": 0, "refused": 0})
     creds_stamp: tuple | None = None  # of the credentials file loaded: a change means reload
+    signer: Any = None  # dkim.Signer when DKIM is on: mail taken on submission leaves signed
 
     def reload_credentials(self, force: bool = False) -> bool:
         """Re-read the credentials table when it changed on disk (or when forced, on SIGHUP), so
@@ -158,6 +160,11 @@ def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
     key = queuekey.read_queue_key(Path(setup.queue.key_file)) if setup.queue.encryption else None
     queue = MailQueue(options.queue_dir or Path(setup.layout.queue_dir), key, setup.queue.compression)
     policy = policy_for(setup, aliases, creds, options.local_peers)
+    signer = None
+    if setup.dkim:
+        from mailsetup.dkim import Signer
+
+        signer = Signer.load(setup.domain, setup.layout.dkim_dir, Path(setup.layout.dkim_state))
 
     @functools.lru_cache(maxsize=4096)
     def home(user: str) -> Path:
@@ -173,7 +180,8 @@ def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
             return pw.pw_uid, pw.pw_gid
         return None
 
-    return Runtime(setup, tls, aliases, creds, queue, policy, home, owner, options, creds_stamp=creds_stamp)
+    return Runtime(setup, tls, aliases, creds, queue, policy, home, owner, options, creds_stamp=creds_stamp,
+                   signer=signer)
 
 
 class Handler:
@@ -256,8 +264,21 @@ class Handler:
         )
         return f"250 2.0.0 Ok: {'queued as ' + qid if qid else 'delivered'}"
 
+    def _signatures(self, spool: Spool) -> bytes:
+        """DKIM-Signature lines for mail taken on submission (smtpd's filter signs there too); the
+        message is signed as received, CRLF lines, before our Received line goes on top."""
+        if self.rt.signer is None or self.listener != "submission":
+            return b""
+        message = b"".join(spool.chunks()) if spool.in_file else spool.getvalue()
+        try:
+            return self.rt.signer.headers(message)
+        except Exception as exc:  # dkimpy's errors: the message still goes, unsigned, and the log says so
+            log.error("%s DKIM signing failed, sent unsigned: %s", self.listener, exc)
+            return b""
+
     def _store(self, mail_from: str, users: tuple[str, ...], relay: tuple[str, ...], received: bytes,
                spool: Spool) -> str | None:
+        received = self._signatures(spool) + received
         # Maildir readers (mutt, Dovecot) expect Unix line ends, as smtpd's own maildir delivery writes.
         if spool.in_file:  # a big message: streamed from its spool file, a chunk at a time, per copy
             def message() -> Iterator[bytes]:
