@@ -47,7 +47,9 @@ def init(domain: o.Domain = None, hostname: o.Hostname = None, os_name: o.OsName
          keep_backups: o.KeepBackups = None, user: o.FirstUser = None, password_stdin: o.PasswordStdin = False,
          answers: o.AnswersPath = None, rotate: o.Rotate = False, rotate_cert: o.RotateCert = False,
          rotate_queue_key: o.RotateQueueKey = False, drain: o.Drain = False, drain_timeout: o.DrainTimeout = 300.0,
-         force_rotate: o.ForceRotate = False, yes: o.Yes = False, dry_run: o.DryRun = False, diff: o.Diff = False,
+         force_rotate: o.ForceRotate = False, rotate_dkim: o.RotateDkim = False,
+         force_dkim_switch: o.ForceDkimSwitch = False, nameserver: o.InitNameserver = None, yes: o.Yes = False,
+         dry_run: o.DryRun = False, diff: o.Diff = False,
          dkim: o.Dkim = None, smoke_flag: o.Smoke = None, quiet: o.Quiet = False, as_json: o.InitJson = False,
          debug: o.Debug = False) -> None:
     """Provision everything (certificate, queue key, aliases, smtpd.conf), check it, smoke-test it.
@@ -137,11 +139,23 @@ def doctor(root: o.Root = None, os_name: o.OsName = None, as_json: o.DoctorJson 
 @app.command()
 def dns(root: o.Root = None, os_name: o.OsName = None, ip: o.Ip = None, check: o.DnsCheck = False,
         nameserver: o.Nameserver = None, as_json: o.DnsJson = False, debug: o.Debug = False) -> None:
-    """The DNS records to publish (MX, A/AAAA, SPF, DMARC) and PTR advice; --check compares with live DNS."""
+    """The DNS records to publish (MX, A/AAAA, SPF, DMARC, DKIM) and PTR advice; --check compares with live DNS."""
     from mailsetup.answers import load_setup
     from mailsetup.dns import show_records
 
     _exit(show_records(load_setup(root, os_name), ip or [], check, nameserver, as_json))
+
+
+@app.command("dkim")
+def dkim_cmd(root: o.Root = None, os_name: o.OsName = None, rotate: o.DkimRotate = False,
+             force_switch: o.ForceDkimSwitch = False, nameserver: o.InitNameserver = None, yes: o.Yes = False,
+             dry_run: o.DryRun = False, as_json: o.InitJson = False, debug: o.Debug = False) -> None:
+    """DKIM-sign an existing set-up's mail, rotate its keys in stages, or switch to the pending ones."""
+    from mailsetup.initflow import run_dkim
+
+    code = run_dkim(root, os_name, rotate, force_switch, nameserver, yes, dry_run, as_json)
+    if code:
+        raise typer.Exit(code)
 
 
 @user_app.command("add")

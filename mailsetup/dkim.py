@@ -141,6 +141,50 @@ def retire(key: DkimKey, today: dt.date, days: int = RETIREMENT_DAYS) -> DkimKey
     return replace(key, stage="retiring", retire_after=today + dt.timedelta(days=days))
 
 
+@dataclass
+class Step:
+    """What one run does to the keys: the state it leaves, the keys to generate, what to tell."""
+
+    keys: list[DkimKey]
+    new: list[DkimKey]
+    notes: list[str]
+
+
+def next_state(keys: list[DkimKey], *, rotate: bool, switch: bool, today: dt.date, taken: set[str]) -> Step:
+    """The stages moved on by one run (Stalwart's pending → active → retiring → retired):
+    - no active key: a first pair, active at once (nothing was signed before);
+    - a retiring key whose date has come is retired (forgotten; its file may be deleted);
+    - `switch` (DNS serves the pending records, or forced): pending → active, active → retiring;
+    - `rotate`: a new pending pair, whose records are to be published before the next run switches."""
+    notes: list[str] = []
+    kept = [k for k in keys if not (k.stage == "retiring" and k.retire_after and k.retire_after <= today)]
+    for k in keys:
+        if k not in kept:
+            notes.append(f"DKIM key {k.selector} retired: its record may be removed; its key file is no longer used")
+    if not signing(kept):
+        new = new_pair("active", today, taken | {k.selector for k in kept})
+        return Step(kept + new, new, notes + ["new DKIM keys " + ", ".join(k.selector for k in new)
+                                             + ": publish their records (mailsetup dns)"])
+    pending = [k for k in kept if k.stage == "pending"]
+    if pending and switch:
+        kept = [retire(k, today) if k.stage == "active" else replace(k, stage="active") if k.stage == "pending"
+                else k for k in kept]
+        until = today + dt.timedelta(days=RETIREMENT_DAYS)
+        notes.append("DKIM signing moved to " + ", ".join(k.selector for k in pending)
+                     + f"; keep the old records published until {until}")
+        pending = []
+    new: list[DkimKey] = []
+    if rotate and pending:
+        notes.append("a DKIM rotation is already pending (" + ", ".join(k.selector for k in pending)
+                     + "): publish its records; the next run switches once DNS serves them")
+    elif rotate:
+        new = new_pair("pending", today, taken | {k.selector for k in kept})
+        kept = kept + new
+        notes.append("next DKIM keys " + ", ".join(k.selector for k in new) + ": publish their records "
+                     "(mailsetup dns), check with `mailsetup dns --check`; the next run switches to them")
+    return Step(kept, new, notes)
+
+
 # --- the state file ------------------------------------------------------------------------------------
 
 def render_state(keys: list[DkimKey]) -> bytes:

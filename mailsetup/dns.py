@@ -48,6 +48,19 @@ def dkim_records(setup: MailSetup, today=None) -> list[Record]:
     return records
 
 
+def unpublished_pending_dkim(setup: MailSetup, nameserver: str | None) -> list[Comparison] | None:
+    """None when no DKIM key is pending; else the pending keys' records DNS does not serve as
+    printed (asked of `nameserver`, ADDR[:PORT], or the system's resolver): [] when all are."""
+    from mailsetup import dkim
+
+    pending = {k.selector for k in dkim.read_state(Path(setup.layout.dkim_state)) if k.stage == "pending"}
+    if not pending:
+        return None
+    records = [r for r in dkim_records(setup) if r.name.split(".", 1)[0] in pending]
+    server, port = parse_nameserver(nameserver) if nameserver else (None, 53)
+    return [c for c in check_records(records, server, port) if c.status != "ok"]
+
+
 def wanted_records(setup: MailSetup, ips: list[str]) -> list[Record]:
     d, h = setup.domain + ".", setup.hostname + "."
     records = [Record(d, "MX", f"10 {h}", "mail for the domain goes to the mail host")]

@@ -311,6 +311,34 @@ class Doctor:
             return FAIL, f"{self.conf}:{f.line}: `{f.text}` {f.why}"
         return OK, "relay only for authenticated or local senders"
 
+    def dkim(self) -> tuple[str, str]:
+        from mailsetup import dkim
+
+        setup = self.setup
+        if not setup.dkim:
+            return WARN, ("off: large providers junk or refuse unsigned mail; `mailsetup dkim` makes the keys "
+                          "and signs (install opensmtpd-filter-dkimsign first)")
+        keys = dkim.read_state(Path(setup.layout.dkim_state))
+        active = dkim.signing(keys)
+        if not active:
+            return FAIL, f"{setup.layout.dkim_state} lists no active key, so nothing is signed; run `mailsetup dkim`"
+        if setup.root is None and not Path(setup.layout.dkim_filter).exists():
+            return FAIL, (f"{setup.layout.dkim_filter} is missing, so smtpd cannot start its signing filter; "
+                          "apt-get install opensmtpd-filter-dkimsign")
+        folder = setup.layout.dkim_dir
+        for key in active:
+            path = Path(key.path(folder))
+            dkim.public_value(dkim.read_key(folder, key), key.algorithm, str(path))
+            tried = readable_as(path, setup.layout.dkim_user)
+            if tried is not None and tried[0] is not None:
+                return FAIL, (f"the filter's user {setup.layout.dkim_user} cannot read {path} ({tried[1]}); "
+                              "re-run `mailsetup dkim`")
+        detail = "signing with " + ", ".join(f"{k.selector} ({k.algorithm})" for k in active)
+        pending = [k.selector for k in keys if k.stage == "pending"]
+        if pending:
+            detail += "; pending " + ", ".join(pending) + ": publish their records, then `mailsetup dkim` switches"
+        return OK, detail
+
     def run(self) -> list[Finding]:
         for name, fn in (
             ("smtpd -n accepts smtpd.conf", self.smtpd_config),
@@ -329,6 +357,7 @@ class Doctor:
             ("credentials table re-readable by smtpd", self.credentials_reachable),
             ("ports", self.ports),
             ("smtpd version", self.smtpd_version),
+            ("DKIM signing", self.dkim),
         ):
             self.check(name, fn)
         return self.findings

@@ -15,7 +15,7 @@ from typing import Any
 from mailsetup import answers as answers_mod
 from mailsetup.errors import Interrupted, MailsetupError
 from mailsetup.model import MailSetup
-from mailsetup.questions import Answers, check_given, require_answers
+from mailsetup.questions import Answers, can_sign, check_given, require_answers
 
 
 @dataclass
@@ -28,6 +28,9 @@ class InitOptions:
     drain: bool = False
     drain_timeout: float = 300.0
     force_rotate: bool = False
+    rotate_dkim: bool = False
+    force_dkim_switch: bool = False
+    nameserver: str | None = None  # where the DKIM switch asks whether the next keys' records are served
     quiet: bool = False
     as_json: bool = False
     answers_file: Path | None = None
@@ -100,7 +103,10 @@ def gather(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]) -
     if opts.answers_file and not opts.answers_file.is_file():
         raise MailsetupError(f"--answers: {opts.answers_file}: no such file")
     from_file = answers_mod.load_answers(opts.answers_file) if opts.answers_file else {}
-    return Answers(flags=flags, file=from_file, last_run=previous, detected=detected), bool(previous)
+    answers = Answers(flags=flags, file=from_file, last_run=previous, detected=detected)
+    if previous is None:  # a new set-up signs with DKIM when it can; an existing one keeps its choice
+        answers.layers["detected"]["dkim"] = can_sign(answers)
+    return answers, bool(previous)
 
 
 def run_from_options(options: dict[str, Any]) -> int:
@@ -114,10 +120,23 @@ def run_from_options(options: dict[str, Any]) -> int:
         yes=p.pop("yes"), dry_run=p.pop("dry_run"), diff=p.pop("diff"), rotate_cert=rotate or rotate_cert,
         rotate_queue_key=rotate or rotate_qk, drain=p.pop("drain"), drain_timeout=p.pop("drain_timeout"),
         force_rotate=p.pop("force_rotate"), quiet=p.pop("quiet"), as_json=p.pop("as_json"),
+        rotate_dkim=p.pop("rotate_dkim"), force_dkim_switch=p.pop("force_dkim_switch"),
+        nameserver=p.pop("nameserver"),
         answers_file=p.pop("answers"), password_stdin=p.pop("password_stdin"),
     )
     p["os"], p["smoke"] = p.pop("os_name"), p.pop("smoke_flag")
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in p.items() if v not in (None, [])}
+    return run_init(flags, opts, _detected())
+
+
+def run_dkim(root: Path | None, os_name: str | None, rotate: bool, force_switch: bool, nameserver: str | None,
+             yes: bool, dry_run: bool, as_json: bool) -> int:
+    """`mailsetup dkim`: DKIM on an existing set-up, through init's own steps (its last answers,
+    with DKIM on): the first keys, a rotation (--rotate), or the switch to the pending keys."""
+    answers_mod.find_answers(root and root.absolute(), os_name)  # an existing set-up, or one clear line
+    flags = {k: v for k, v in {"root": str(root) if root else None, "os": os_name, "dkim": True}.items() if v}
+    opts = InitOptions(yes=yes, dry_run=dry_run, as_json=as_json, rotate_dkim=rotate, force_dkim_switch=force_switch,
+                       nameserver=nameserver)
     return run_init(flags, opts, _detected())
 
 
@@ -229,9 +248,10 @@ def plan(run: Run, opts: InitOptions, out: Out) -> None:
     setup = run.setup
     if run.rotate_qk and setup.queue.encryption and Path(setup.queue.key_file).exists():
         run.drain_first, run.stranded = _queue_key_rotation_plan(setup, opts, out, run.interactive)
+    switch = _dkim_switch(setup, opts, out)
     with out.working("generating keys…"):
         prov = provision.build_plan(setup, rotate_cert=run.rotate_cert, rotate_queue_key=run.rotate_qk,
-                                    new_user=run.new_user)
+                                    new_user=run.new_user, rotate_dkim=opts.rotate_dkim, dkim_switch=switch)
     if run.version_note:
         prov.notes.insert(0, run.version_note)
     out.report["files"] = prov.files_report()
@@ -242,6 +262,23 @@ def plan(run: Run, opts: InitOptions, out: Out) -> None:
     if run.version_note:
         out.report["notes"] = [run.version_note]
     run.prov = prov
+
+
+def _dkim_switch(setup: MailSetup, opts: InitOptions, out: Out) -> bool:
+    """Whether the pending DKIM keys start signing in this run: only once DNS serves their records
+    (asked now, of the system's resolver or --nameserver), or when forced."""
+    from mailsetup import dns
+
+    unpublished = dns.unpublished_pending_dkim(setup, opts.nameserver) if setup.dkim else None
+    if not unpublished:  # no pending keys (None), or all their records served ([])
+        return unpublished == []
+    if opts.force_dkim_switch:
+        out.warn("DKIM: switching to the pending keys without checking DNS (--force-dkim-switch)")
+        return True
+    for c in unpublished:
+        out.warn(f"DKIM: {c.record.name} is {c.detail}, so signing stays with the current keys; publish it "
+                 "(mailsetup dns) and run again, or pass --force-dkim-switch")
+    return False
 
 
 def confirm(run: Run, opts: InitOptions, out: Out) -> bool:

@@ -80,6 +80,11 @@ Drain = Annotated[bool, _opt("--drain", help="Before a queue key rotation, pause
 DrainTimeout = Annotated[float, _opt("--drain-timeout", metavar="SECONDS",
                                      help="How long --drain waits for an empty queue.")]
 ForceRotate = Annotated[bool, _opt("--force-rotate", help="Rotate the queue key even though mail is queued.")]
+RotateDkim = Annotated[bool, _opt("--rotate-dkim", help="Make the next DKIM keys (they sign once DNS serves them).")]
+ForceDkimSwitch = Annotated[bool, _opt("--force-dkim-switch",
+                                       help="Sign with the pending DKIM keys even though DNS does not serve them.")]
+InitNameserver = Annotated[str | None, _opt(
+    "--nameserver", help="Ask this DNS server (ADDR[:PORT]) whether new records are published.")]
 Yes = Annotated[bool, _opt("--yes", "-y", help="Write without asking.")]
 DryRun = Annotated[bool, _opt("--dry-run", help="Show the plan and diff; write nothing.")]
 Diff = Annotated[bool, _opt("--diff/--no-diff", help="Show the diff of each file.")]
@@ -128,3 +133,4 @@ UserName = Annotated[str, typer.Argument(help="The login (and local user) name."
 UserPasswordStdin = Annotated[bool, _opt("--password-stdin",
                                          help="Read the password from standard input (one line).")]
 RemovedUser = Annotated[str, typer.Argument(help="The login to remove.")]
+DkimRotate = Annotated[bool, _opt("--rotate", help="Make the next keys; they sign once DNS serves their records.")]

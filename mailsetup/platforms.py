@@ -34,6 +34,7 @@ class Layout:
     spool: PurePosixPath = PurePosixPath("/var/spool/smtpd")  # PATH_SPOOL: the same in every package
     dkim_dir: PurePosixPath = PurePosixPath("/etc/mail/dkim")  # the DKIM keys (the filter's README's place)
     dkim_user: str = "_dkimsign"  # opensmtpd-filter-dkimsign's user and group (Debian, OpenBSD)
+    dkim_filter: PurePosixPath = PurePosixPath("/usr/libexec/opensmtpd/filter-dkimsign")  # on this host
 
     @property
     def aliases_db(self) -> PurePosixPath:
@@ -92,11 +93,13 @@ LAYOUTS: dict[str, Layout] = {
         PurePosixPath("/usr/local/etc/ssl/private"), PurePosixPath("/usr/local/etc/mailsetup"),
         PurePosixPath("/home"), "service smtpd restart", "_smtpd", "0.0.0.0", "localhost",
         dkim_dir=PurePosixPath("/usr/local/etc/mail/dkim"),
+        dkim_filter=PurePosixPath("/usr/local/libexec/opensmtpd/filter-dkimsign"),
     ),
     "openbsd": Layout(
         "openbsd", "OpenBSD", PurePosixPath("/etc/mail/smtpd.conf"), PurePosixPath("/etc/mail/aliases"),
         PurePosixPath("/etc/ssl"), PurePosixPath("/etc/ssl/private"), PurePosixPath("/etc/mailsetup"),
         PurePosixPath("/home"), "rcctl restart smtpd", "_smtpd", "egress", "lo0",
+        dkim_filter=PurePosixPath("/usr/local/libexec/smtpd/filter-dkimsign"),
     ),
 }
 

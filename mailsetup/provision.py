@@ -140,31 +140,43 @@ def _plan_queue_key(setup: MailSetup, prov: Provisioning, rotate: bool) -> str |
     return key
 
 
-def _plan_dkim(setup: MailSetup, prov: Provisioning, today: dt.date | None = None) -> None:
-    """The DKIM keys: kept as the state file lists them; a first pair (RSA and Ed25519, active) when
-    signing is on and none is active yet. Keys are never removed here."""
+def _plan_dkim(setup: MailSetup, prov: Provisioning, rotate: bool = False, switch: bool = False,
+               today: dt.date | None = None) -> None:
+    """The DKIM keys moved on by one run (dkim.next_state): a first pair, a pending pair for a
+    rotation, the switch to it once DNS serves its records. A key file is never removed here."""
     from mailsetup import dkim
 
-    keys = dkim.read_state(Path(setup.layout.dkim_state))
+    state_path = Path(setup.layout.dkim_state)
+    keys = dkim.read_state(state_path)
     prov.dkim_keys = keys
     if not setup.dkim:
         return
+    if setup.root is None and not Path(setup.layout.dkim_filter).exists():
+        raise MailsetupError(f"--dkim: {setup.layout.dkim_filter} is missing, so smtpd could not sign",
+                             hint="install it (Debian: apt-get install opensmtpd-filter-dkimsign), or pass --no-dkim")
     folder = setup.layout.dkim_dir
-    for key in dkim.signing(keys):  # each listed key must still be there, readable and of its kind
-        dkim.public_value(dkim.read_key(folder, key), key.algorithm, str(key.path(folder)))
-    if dkim.signing(keys):
-        prov.notes.append("kept the DKIM keys " + ", ".join(k.selector for k in dkim.signing(keys)))
-        return
-    today = today or dt.date.today()
+    step = dkim.next_state(keys, rotate=rotate, switch=switch, today=today or dt.date.today(),
+                           taken=_files_in(Path(folder)))
+    for key in step.keys:  # each key kept must still be there, readable and of its kind
+        if key not in step.new and key.stage != "retiring":
+            dkim.public_value(dkim.read_key(folder, key), key.algorithm, str(key.path(folder)))
     mode, owner = dkim.key_access(setup.layout.dkim_user)
-    new = dkim.new_pair("active", today, {k.selector for k in keys})
-    for key in new:
+    for key in step.new:
         prov.plan.add(FileChange(Path(key.path(folder)), dkim.generate_key(key.algorithm), mode,
-                                 f"DKIM {key.algorithm} key, selector {key.selector}", secret=True, owner=owner))
-    prov.dkim_keys = keys + new
-    prov.plan.add(FileChange(Path(setup.layout.dkim_state), dkim.render_state(prov.dkim_keys), dkim.STATE_MODE,
+                                 f"DKIM {key.algorithm} key, selector {key.selector} ({key.stage})",
+                                 secret=True, owner=owner))
+    prov.dkim_keys = step.keys
+    prov.plan.add(FileChange(state_path, dkim.render_state(step.keys), dkim.STATE_MODE,
                              "DKIM keys and their stages (no secrets)"))
-    prov.notes.append("publish the DKIM records before mail is judged by them: mailsetup dns")
+    prov.notes.extend(step.notes or ["kept the DKIM keys " + ", ".join(k.selector for k in dkim.signing(step.keys))])
+
+
+def _files_in(folder: Path) -> set[str]:
+    """The selectors of the key files already in the DKIM folder (a new key never reuses a name)."""
+    try:
+        return {name[:-4] for name in os.listdir(folder) if name.endswith(".key")}
+    except OSError:
+        return set()
 
 
 def _with_admin(text: str, entries: list, admin: str, prov: Provisioning) -> str:
@@ -268,7 +280,8 @@ def recorded_answers(setup: MailSetup, key_type: str | None = None) -> dict:
 
 
 def build_plan(setup: MailSetup, rotate_cert: bool = False, rotate_queue_key: bool = False,
-               new_user: tuple[str, str] | None = None) -> Provisioning:
+               new_user: tuple[str, str] | None = None, rotate_dkim: bool = False,
+               dkim_switch: bool = False) -> Provisioning:
     """Every file init would write, in memory. Nothing on disk changes.
 
     `new_user` is (name, bcrypt hash) of a login to add.
@@ -280,7 +293,7 @@ def build_plan(setup: MailSetup, rotate_cert: bool = False, rotate_queue_key: bo
     queue_key = _plan_queue_key(setup, prov, rotate_queue_key)
     _plan_aliases(setup, prov, setup.admin)
     _plan_credentials(setup, prov, new_user)
-    _plan_dkim(setup, prov)
+    _plan_dkim(setup, prov, rotate_dkim, dkim_switch)
     conf = render_smtpd_conf(setup, queue_key, prov.aliases_format, dkim_keys=prov.dkim_keys)
     findings = open_relay_rules(conf)
     if findings:  # the template cannot produce one; this guards the template itself

@@ -93,8 +93,8 @@ QUESTIONS: tuple[Question, ...] = (
              default=lambda a: str(a.get("admin") or a.get("user") or ""), when=lambda a: not a.get("aliases")),
     Question("user", "First mail user for submission, blank for none (--user):", "--user", "text", saved=False,
              validate=_username_or_blank, default=lambda a: str(a.get("admin") or ""), then_password=True),
-    Question("dkim", "Sign outgoing mail with DKIM, RSA and Ed25519 (--dkim)?", "--dkim", "setting",
-             validate=lambda v, w, a: model.validate_bool(v, w)),
+    Question("dkim", "Sign outgoing mail with DKIM, RSA and Ed25519 (--dkim)?", "--dkim", "confirm",
+             validate=lambda v, w, a: model.validate_bool(v, w), default=lambda a: bool(a.get("dkim", True))),
     Question("listen", "Addresses or interfaces smtpd listens on (--listen):", "--listen", "setting",
              validate=lambda v, w, a: model.validate_addresses(v, w, _os_of(a))),
     Question("smtp_port", "Port of the MX listener (--smtp-port):", "--smtp-port", "setting",
@@ -186,6 +186,21 @@ def require_answers(answers: Mapping[str, Any]) -> None:
     missing = [q for q in QUESTIONS if q.required and not answers.get(q.key)]
     if missing:
         raise MailsetupError(f"missing {', '.join(q.flag for q in missing)} ({missing[0].required})")
+
+
+def can_sign(answers: Mapping[str, Any]) -> bool:
+    """DKIM's default for a new set-up: on, in a sandbox or where smtpd's DKIM filter is installed
+    (a smtpd.conf naming a missing filter keeps smtpd from starting), for smtpd 6.6 and later."""
+    version = answers.get("smtpd_version")
+    try:
+        if version and model.parse_version(version) < (6, 6):
+            return False
+        layout = get_layout(str(answers.get("os") or detect_os() or "debian"))
+    except MailsetupError:  # a bad value is judged, and named, with the other answers
+        return True
+    from pathlib import Path
+
+    return bool(answers.get("root")) or Path(layout.dkim_filter).exists()
 
 
 def check_given(answers: Answers) -> None:

@@ -107,7 +107,7 @@ def _dkim_filters(setup: MailSetup, dkim_keys: list | None) -> list[_FilterView]
 
     if not setup.dkim:
         return []
-    if not setup.modern_grammar:
+    if setup.smtpd_version < (6, 6):  # filters (proc-exec) came with 6.6
         raise MailsetupError(f"--dkim: smtpd {setup.smtpd_version[0]}.{setup.smtpd_version[1]} has no filters; "
                              "DKIM signing needs smtpd 6.6 or later")
     keys = dkim.signing(dkim_keys or [])

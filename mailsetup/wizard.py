@@ -18,7 +18,8 @@ def _wanted(q: Question, answers: Answers, change_all: bool) -> bool:
     """Not given by a flag, it applies, and it has no answer yet (or the user changes everything)."""
     if q.kind == "setting" or q.key in answers.given or not q.when(answers):
         return False
-    return (change_all and q.reask) or answers.get(q.key) in (None, "")
+    # A value only detected (DKIM on when the filter is installed) is the default offered, not an answer.
+    return (change_all and q.reask) or answers.get(q.key) in (None, "") or answers.source(q.key) == "detected"
 
 
 def _prompt(q: Question, answers: Answers):

@@ -233,3 +233,85 @@ def test_dkim_needs_the_modern_grammar(tmp_path: Path):
     assert r.code == 2, r.out + r.err
     assert r.err_lines == ["mailsetup: error: --dkim: smtpd 6.0 has no filters; DKIM signing needs smtpd 6.6 or later"]
     assert not (tmp_path / "root").exists()
+
+
+def _state(root: Path) -> dict[str, tuple[str, str | None]]:
+    import tomllib
+
+    data = tomllib.loads((root / "etc/mailsetup/dkim.toml").read_text())
+    return {k["selector"]: (k["stage"], str(k["retire_after"]) if "retire_after" in k else None) for k in data["key"]}
+
+
+def _signing(root: Path) -> list[str]:
+    return re.findall(r"-s (\S+) -k", (root / "etc/smtpd.conf").read_text())
+
+
+@pytest.mark.skipif(DNSMASQ is None, reason="needs dnsmasq")
+def test_rotation_moves_through_its_stages_with_dns_checked_at_each_step(root: Path):
+    import datetime as dt
+
+    first = _signing(root)
+    assert len(first) == 2
+    # 1. --rotate: the next pair, pending; signing stays with the first.
+    r = run_cli("dkim", "--root", root, "--rotate", "--yes")
+    assert r.code == 0, r.out + r.err
+    pending = [s for s, (stage, _) in _state(root).items() if stage == "pending"]
+    assert len(pending) == 2 and not set(pending) & set(first)
+    assert _signing(root) == first
+    assert "next DKIM keys" in r.out and "the next run switches to them" in r.out
+    records = _records(root)
+    assert {name.split(".")[0] for name in records} == set(first) | set(pending)  # all four to publish
+    # 2. DNS serves only the first pair: no switch, and it says which record is missing.
+    served = DnsServer({n: v for n, v in records.items() if n.split(".")[0] in first})
+    try:
+        r = run_cli("dkim", "--root", root, "--yes", "--nameserver", f"127.0.0.1:{served.port}")
+        assert r.code == 0, r.out + r.err
+        assert _signing(root) == first and all(_state(root)[s][0] == "pending" for s in pending)
+        for s in pending:  # a warning, so on stderr
+            assert f"{s}._domainkey.example.test. is missing, so signing stays with the current keys" in r.err
+        check = run_cli("dns", "--root", root, "--check", "--nameserver", f"127.0.0.1:{served.port}", "--json")
+        assert check.code == 1
+        verdicts = {c["name"].split(".")[0]: c["status"] for c in json.loads(check.out)["check"]
+                    if "._domainkey." in c["name"]}
+        assert verdicts == {**{s: "ok" for s in first}, **{s: "fail" for s in pending}}
+    finally:
+        served.stop()
+    # 3. DNS serves the next pair too: the run switches, and the old records are to stay a week.
+    served = DnsServer(records)
+    try:
+        r = run_cli("dkim", "--root", root, "--yes", "--nameserver", f"127.0.0.1:{served.port}")
+    finally:
+        served.stop()
+    assert r.code == 0, r.out + r.err
+    week = (dt.date.today() + dt.timedelta(days=7)).isoformat()
+    assert sorted(_signing(root)) == sorted(pending)
+    assert _state(root) == {**{s: ("active", None) for s in pending}, **{s: ("retiring", week) for s in first}}
+    assert f"keep the old records published until {week}" in r.out
+    zone = run_cli("dns", "--root", root).out
+    assert zone.count(f"keep published until {week}") == 2
+    # The smoke test that ran after the switch proved the new keys sign.
+    assert "DKIM signatures verify" in r.out and all(s in r.out for s in pending)
+    # 4. A week later the old keys are retired: gone from the state and from the records.
+    state = root / "etc/mailsetup/dkim.toml"
+    state.write_text(state.read_text().replace(f"retire_after = {week}", "retire_after = 2000-01-01"))
+    r = run_cli("dkim", "--root", root, "--yes")
+    assert r.code == 0, r.out + r.err
+    assert set(_state(root)) == set(pending)
+    assert {name.split(".")[0] for name in _records(root)} == set(pending)
+    assert r.out.count("retired: its record may be removed") == 2
+
+
+def test_a_switch_can_be_forced_without_dns_and_says_so(root: Path):
+    first = _signing(root)
+    assert run_cli("dkim", "--root", root, "--rotate", "--yes").code == 0
+    r = run_cli("dkim", "--root", root, "--yes", "--force-dkim-switch")
+    assert r.code == 0, r.out + r.err
+    assert not set(_signing(root)) & set(first)
+    assert "without checking DNS (--force-dkim-switch)" in r.out + r.err
+
+
+def test_dkim_on_a_host_with_no_setup_is_one_line(tmp_path: Path):
+    r = run_cli("dkim", "--root", tmp_path / "nothing", "--yes")
+    assert r.code == 2
+    assert r.err_lines == [f"mailsetup: error: no mailsetup set-up found under {tmp_path / 'nothing'} "
+                           "(no answers.toml); run `mailsetup init` first"]

@@ -111,6 +111,7 @@ def test_a_rerun_that_changes_settings_asks_again_and_records_the_new_choice(tmp
     answer(child, r"Import an existing aliases file", "n")
     answer(child, r"\(--admin\)", "\x15bob\r")
     answer(child, r"First mail user", "\x15\r")  # none this time
+    answer(child, r"Sign outgoing mail with DKIM", "\r")  # keep it on
     answer(child, r"Run the smoke test when done \(--smoke\)", "n")
     answer(child, r"Write these 3 file\(s\)\?", "y")
     code, text = finish(child)
@@ -156,7 +157,7 @@ def test_following_init_from_its_flags_to_the_files_no_step_goes_back(sandbox: P
     see the plan before saying yes), so it is left out of the count."""
     flags = {"domain": "example.test", "admin": "alice", "root": str(sandbox), "os": "debian", "user": "dave"}
     first = [m for m in _trace_init(flags, monkeypatch, stdin="Secr3t-pass\n") if m != "report"]
-    assert first == ["answers", "questions", "model", "credentials", "provision", "files", "apply", "smoke"]
+    assert first == ["answers", "questions", "model", "credentials", "dns", "provision", "files", "apply", "smoke"]
     again = [m for m in _trace_init({**flags, "rotate": True}, monkeypatch, stdin="Secr3t-pass\n") if m != "report"]
     assert len(again) == len(set(again)), again
     assert again[:3] == ["answers", "questions", "model"] and again[-2:] == ["apply", "smoke"], again

@@ -60,6 +60,7 @@ def first_run(root: Path) -> tuple[int, str]:
     answer(child, r"First mail user .*\(--user\)", "\r")  # default: alice
     answer(child, r"Password for alice", PASSWORD + "\r")
     answer(child, r"Again", PASSWORD + "\r")
+    answer(child, r"Sign outgoing mail with DKIM, RSA and Ed25519 \(--dkim\)", "y")
     answer(child, r"Run the smoke test", "y")
     answer(child, r"Write these \d+ file\(s\)\?", "y")
     return finish(child)
@@ -71,7 +72,7 @@ def test_first_run_asks_only_what_it_must_then_writes_and_smoke_tests(tmp_path: 
     assert code == 0, text
     assert "OS layout" not in text  # --os was given, so it is not asked
     assert "+listen on 0.0.0.0 port 587 tls-require" in text  # the diff was shown before writing
-    assert "11/11 passed" in text
+    assert "12/12 passed" in text
     assert "PRIVATE KEY" not in text and PASSWORD not in text
     assert "ecdsa-p256" in (root / "etc/mailsetup/answers.toml").read_text()
     assert (root / "etc/mailsetup/credentials").read_text().count("alice $2b$") == 1
@@ -111,7 +112,7 @@ def test_rerun_rotates_the_certificate_keeping_a_dated_backup(tmp_path: Path):
     [key_bak] = key.parent.glob("mail.example.test.key.*.bak")
     assert cert_bak.read_bytes() == old_cert and key_bak.read_bytes() == old_key
     assert (key_bak.stat().st_mode & 0o777) == 0o600
-    assert "11/11 passed" in text
+    assert "12/12 passed" in text
 
 
 def test_rerun_rotates_the_queue_key_when_the_queue_is_empty(tmp_path: Path):
@@ -150,7 +151,7 @@ def test_ctrl_c_at_the_final_confirmation_writes_nothing(tmp_path: Path):
     child = spawn("init", "--root", root, "--os", "debian", "--domain", "example.test", "--admin", "alice",
                   "--hostname", "mail.example.test",
                   "--tls", "self-signed", "--key-type", "rsa-2048", "--queue-compression", "--queue-encryption",
-                  "--user", "alice", "--no-smoke")
+                  "--user", "alice", "--dkim", "--no-smoke")
     answer(child, r"Password for alice", PASSWORD + "\r")
     answer(child, r"Again", PASSWORD + "\r")
     answer(child, r"Write these \d+ file\(s\)\?", "\x03")
@@ -164,7 +165,7 @@ def test_mismatched_passwords_are_asked_again(tmp_path: Path):
     child = spawn("init", "--root", root, "--os", "debian", "--domain", "example.test", "--admin", "bob",
                   "--hostname", "mail.example.test",
                   "--tls", "self-signed", "--key-type", "rsa-2048", "--queue-compression", "--queue-encryption",
-                  "--user", "bob", "--no-smoke")
+                  "--user", "bob", "--dkim", "--no-smoke")
     answer(child, r"Password for bob", PASSWORD + "\r")
     answer(child, r"Again", "something else\r")
     answer(child, r"Password for bob", PASSWORD + "\r")
