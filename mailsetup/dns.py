@@ -149,15 +149,21 @@ def group_of(record: Record) -> str:
 
 
 def mta_sts_on_disk(setup: MailSetup) -> str:
-    """Whether the policy file init wrote is the one the records announce: same, missing or differs."""
+    """Whether the policy file init wrote is the one the records announce: same, missing, differs or
+    unreadable. It is no secret: read as whoever controls its path (files.read_input)."""
+    import os
+
     from mailsetup.files import read_input
 
+    path = Path(setup.layout.mta_sts_policy)
+    if not os.path.lexists(path):
+        return "missing"
     try:
-        data = read_input(Path(setup.layout.mta_sts_policy))
+        data = read_input(path)
     except FileNotFoundError:
         return "missing"
     except (OSError, MailsetupError):
-        return "differs"
+        return "unreadable"
     return "same" if data == mta_sts_policy(setup).encode() else "differs"
 
 

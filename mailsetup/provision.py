@@ -173,8 +173,16 @@ def _plan_mta_sts(setup: MailSetup, prov: Provisioning) -> None:
 
     change = FileChange(Path(setup.layout.mta_sts_policy), dns.mta_sts_policy(setup).encode(), dns.MTA_STS_POLICY_MODE,
                         f"MTA-STS policy (mode {setup.mta_sts_mode}): serve it at {dns.mta_sts_url(setup)}")
+    try:
+        state = change.state()
+    except MailsetupError as exc:
+        # A web root another user owns (a chown -R www-data /var/www) is theirs: the mail set-up
+        # goes on without the file rather than stopping for it.
+        prov.warnings.append(f"MTA-STS policy not written: {exc.message}; its text is in `mailsetup dns --json` "
+                             "(mta_sts.policy), to put where your web server serves it")
+        return
     prov.plan.add(change)
-    if change.state() == "replaced":
+    if state == "replaced":
         prov.notes.append("the MTA-STS policy changed: publish its new _mta-sts id (mailsetup dns) so senders "
                           "fetch it again")
 

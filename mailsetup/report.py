@@ -172,9 +172,9 @@ def _mta_sts_lines(setup: MailSetup, info: dict) -> list[str]:
              f"fetched over a self-signed one); the CNAME above sends {host} to {setup.hostname}."]
     if info["on_disk"] == "missing":
         lines.append(_style(f"  ! {info['path']} is not there: run mailsetup init to write it", "yellow"))
-    elif info["on_disk"] == "differs":
-        lines.append(_style(f"  ! {info['path']} is not the policy these records announce: run mailsetup init",
-                            "yellow"))
+    elif info["on_disk"] in ("differs", "unreadable"):
+        why = "is not the policy these records announce" if info["on_disk"] == "differs" else "cannot be read"
+        lines.append(_style(f"  ! {info['path']} {why}: run mailsetup init", "yellow"))
     if info["mode"] == "testing":
         lines.append("  testing: senders still deliver when TLS fails and report it to postmaster (TLS-RPT); once "
                      "the reports show no failures, re-run init with --mta-sts-mode enforce and publish the new id.")

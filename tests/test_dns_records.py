@@ -150,6 +150,23 @@ def test_a_bad_or_hostile_mta_sts_mode_is_refused_and_nothing_is_written(tmp_pat
     assert lines == ["version: STSv1", "mode: none", "mx: mail.example.test", "max_age: 86400", ""]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the trust rules apply to root")
+def test_a_web_root_another_user_owns_is_left_alone_and_the_rest_is_written(tmp_path: Path):
+    sandbox = tmp_path / "root"
+    (sandbox / "var/www").mkdir(parents=True)
+    os.chown(sandbox / "var/www", 65534, 65534)  # nobody's, as after a `chown -R www-data /var/www`
+    r = run_cli("init", "--yes", "--no-smoke", "--domain", "example.test", "--os", "debian", "--root", sandbox,
+                "--admin", "alice")
+    assert r.code == 0, r.err
+    assert (f"  ! MTA-STS policy not written: refusing to write {sandbox / POLICY}: {sandbox / 'var/www'} is owned by "
+            "uid 65534") in r.err
+    assert "(mta_sts.policy), to put where your web server serves it" in r.err
+    assert not (sandbox / "var/www/mta-sts").exists()
+    assert (sandbox / "etc/smtpd.conf").exists()
+    r = run_cli("dns", "--root", sandbox, "--json")
+    assert json.loads(r.out)["mta_sts"]["on_disk"] == "missing"
+
+
 # --- dns --check against a real DNS server --------------------------------------------------------
 
 class Dnsmasq:
