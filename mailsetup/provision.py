@@ -182,6 +182,10 @@ def _plan_mta_sts(setup: MailSetup, prov: Provisioning) -> None:
                              "(mta_sts.policy), to put where your web server serves it")
         return
     prov.plan.add(change)
+    if setup.mta_sts_mode == "enforce" and setup.tls.source in ("self-signed", "csr"):
+        prov.warnings.append(f"--mta-sts-mode enforce with a self-signed certificate: senders that honour MTA-STS "
+                             f"will refuse to deliver to {setup.hostname}; give it a CA-trusted certificate first "
+                             "(--tls existing)")
     if state == "replaced":
         prov.notes.append("the MTA-STS policy changed: publish its new _mta-sts id (mailsetup dns) so senders "
                           "fetch it again")

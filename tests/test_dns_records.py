@@ -105,6 +105,9 @@ def test_enforce_changes_the_policy_and_its_id_and_testing_goes_back(root: Path)
     assert r.code == 0, r.err
     assert "the MTA-STS policy changed: publish its new _mta-sts id (mailsetup dns) so senders fetch it again" \
         in r.out
+    # the sandbox's certificate is self-signed: enforcing would turn every MTA-STS sender away
+    assert ("  ! --mta-sts-mode enforce with a self-signed certificate: senders that honour MTA-STS will refuse to "
+            "deliver to mail.example.test; give it a CA-trusted certificate first (--tls existing)") in r.err
     assert (root / POLICY).read_bytes().split(b"\r\n") == [
         b"version: STSv1", b"mode: enforce", b"mx: mail.example.test", b"max_age: 604800", b""]
     after = records(root)[("TXT", "_mta-sts.example.test.")]["value"]
