@@ -49,8 +49,8 @@ def init(domain: o.Domain = None, hostname: o.Hostname = None, os_name: o.OsName
          rotate_queue_key: o.RotateQueueKey = False, drain: o.Drain = False, drain_timeout: o.DrainTimeout = 300.0,
          force_rotate: o.ForceRotate = False, rotate_dkim: o.RotateDkim = False,
          force_dkim_switch: o.ForceDkimSwitch = False, nameserver: o.InitNameserver = None, yes: o.Yes = False,
-         dry_run: o.DryRun = False, diff: o.Diff = False,
-         dkim: o.Dkim = None, smoke_flag: o.Smoke = None, quiet: o.Quiet = False, as_json: o.InitJson = False,
+         dry_run: o.DryRun = False, diff: o.Diff = False, dkim: o.Dkim = None, mta_sts_mode: o.MtaStsMode = None,
+         smoke_flag: o.Smoke = None, quiet: o.Quiet = False, as_json: o.InitJson = False,
          debug: o.Debug = False) -> None:
     """Provision everything (certificate, queue key, aliases, smtpd.conf), check it, smoke-test it.
 
@@ -139,7 +139,8 @@ def doctor(root: o.Root = None, os_name: o.OsName = None, as_json: o.DoctorJson 
 @app.command()
 def dns(root: o.Root = None, os_name: o.OsName = None, ip: o.Ip = None, check: o.DnsCheck = False,
         nameserver: o.Nameserver = None, as_json: o.DnsJson = False, debug: o.Debug = False) -> None:
-    """The DNS records to publish (MX, A/AAAA, SPF, DMARC, DKIM) and PTR advice; --check compares with live DNS."""
+    """The DNS records to publish (MX, A/AAAA, SPF, DMARC, DKIM, MTA-STS, TLS-RPT, SRV) and PTR advice; --check
+    compares with live DNS."""
     from mailsetup.answers import load_setup
     from mailsetup.dns import show_records
 

@@ -1,9 +1,10 @@
-"""The DNS records a mail domain needs (MX, A/AAAA, SPF, DMARC, PTR advice), as a zone-file
-snippet and a table, and a comparison with what DNS answers now.
+"""The DNS records a mail domain needs (MX, A/AAAA, SPF, DMARC, DKIM, MTA-STS, TLS-RPT, client SRV,
+PTR advice), as a zone-file snippet and a table, and a comparison with what DNS answers now.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,7 +73,171 @@ def wanted_records(setup: MailSetup, ips: list[str]) -> list[Record]:
         Record(f"_dmarc.{d}", "TXT", f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{setup.domain}",
                "DMARC: quarantine mail that fails SPF/DKIM alignment; reports to postmaster"),
     ]
+    records += mta_sts_records(setup) + tlsrpt_records(setup) + client_srv_records(setup)
     return records + dkim_records(setup)
+
+
+# --- MTA-STS (RFC 8461), TLS-RPT (RFC 8460), client SRV (RFC 6186, 8314) -----------------------------
+
+# How long a sender keeps a policy it fetched. Testing: a day, so a mistake is forgotten by tomorrow.
+# Enforce: a week (RFC 8461 section 3.2 wants weeks or more, or an attacker who blocks the fetch
+# soon undoes it; a week still bounds how long a wrong policy bites). None: a day, then the records
+# can go (RFC 8461 section 8.3).
+MTA_STS_MAX_AGE = {"testing": 86400, "enforce": 604800, "none": 86400}
+MTA_STS_POLICY_MODE = 0o644  # a web server, whoever it runs as, must read it
+
+
+def mta_sts_policy(setup: MailSetup) -> str:
+    """The policy file RFC 8461 section 3.2 describes: `key: value` lines, each ended by CRLF (its
+    grammar takes LF or CRLF). The values are the validated mode and host name: nothing else."""
+    lines = ("version: STSv1", f"mode: {setup.mta_sts_mode}", f"mx: {setup.hostname}",
+             f"max_age: {MTA_STS_MAX_AGE[setup.mta_sts_mode]}")
+    return "".join(line + "\r\n" for line in lines)
+
+
+def mta_sts_id(policy: str) -> str:
+    """The TXT record's id: senders fetch the policy again only when it changes, so it is derived from
+    the policy text (RFC 8461: 1 to 32 letters and digits)."""
+    return hashlib.sha256(policy.encode()).hexdigest()[:20]
+
+
+def mta_sts_url(setup: MailSetup) -> str:
+    return f"https://mta-sts.{setup.domain}/.well-known/mta-sts.txt"
+
+
+def mta_sts_records(setup: MailSetup) -> list[Record]:
+    d = setup.domain + "."
+    mode = setup.mta_sts_mode
+    return [
+        Record(f"_mta-sts.{d}", "TXT", f"v=STSv1; id={mta_sts_id(mta_sts_policy(setup))}",
+               f"MTA-STS: senders fetch {mta_sts_url(setup)} (mode {mode}); a new id makes them fetch it again"),
+        Record(f"mta-sts.{d}", "CNAME", f"{setup.hostname}.",
+               "MTA-STS: the web server that serves the policy over HTTPS (a CA-trusted certificate "
+               f"for mta-sts.{setup.domain})"),
+    ]
+
+
+def tlsrpt_records(setup: MailSetup) -> list[Record]:
+    # postmaster, as DMARC's reports: init makes sure it reaches a person (RFC 2142 aliases)
+    return [Record(f"_smtp._tls.{setup.domain}.", "TXT", f"v=TLSRPTv1; rua=mailto:postmaster@{setup.domain}",
+                   "TLS-RPT: senders mail a daily report of failed TLS to postmaster")]
+
+
+def client_ports(setup: MailSetup) -> dict[str, int | None]:
+    """Each mail-client service of RFC 6186 and RFC 8314 and the port this set-up offers it on;
+    None: not offered here (no implicit-TLS submission listener, no IMAP server yet)."""
+    submission = next(lst.port for lst in setup.listeners if lst.name == "submission")
+    return {"submission": submission, "submissions": None, "imaps": None, "imap": None}
+
+
+def client_srv_records(setup: MailSetup) -> list[Record]:
+    records = []
+    for service, port in client_ports(setup).items():
+        name = f"_{service}._tcp.{setup.domain}."
+        if port is None:  # RFC 6186 section 4: the target "." says the service is not offered
+            records.append(Record(name, "SRV", "0 0 0 .", f"clients: no {service} here (RFC 6186: not offered)"))
+        else:
+            records.append(Record(name, "SRV", f"0 1 {port} {setup.hostname}.",
+                                  f"clients: {service} on {setup.hostname} port {port} (RFC 6186)"))
+    return records
+
+
+GROUPS = {
+    "routing": "where mail for the domain goes",
+    "authentication": "which mail is the domain's own (SPF, DKIM, DMARC)",
+    "tls": "TLS between mail servers (MTA-STS, TLS-RPT)",
+    "clients": "where mail programs find the server (RFC 6186 SRV)",
+}
+
+
+def group_of(record: Record) -> str:
+    """The GROUPS key a record is shown under."""
+    if record.type in ("MX", "A", "AAAA"):
+        return "routing"
+    if record.type == "SRV":
+        return "clients"
+    if record.name.startswith(("_mta-sts.", "mta-sts.", "_smtp._tls.")):
+        return "tls"
+    return "authentication"
+
+
+def mta_sts_on_disk(setup: MailSetup) -> str:
+    """Whether the policy file init wrote is the one the records announce: same, missing, differs or
+    unreadable. It is no secret: read as whoever controls its path (files.read_input)."""
+    import os
+
+    from mailsetup.files import read_input
+
+    path = Path(setup.layout.mta_sts_policy)
+    if not os.path.lexists(path):
+        return "missing"
+    try:
+        data = read_input(path)
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, MailsetupError):
+        return "unreadable"
+    return "same" if data == mta_sts_policy(setup).encode() else "differs"
+
+
+def _tags(text: str) -> dict[str, str]:
+    """`v=STSv1; id=abc` as {'v': 'STSv1', 'id': 'abc'}: spaces around ';' and '=' do not count."""
+    tags = {}
+    for part in text.split(";"):
+        key, sep, value = part.partition("=")
+        if sep:
+            tags[key.strip()] = value.strip()
+    return tags
+
+
+def _check_tls_and_clients(rec: Record, found: list[str], resolve) -> Comparison | None:
+    """The comparisons the generic one gets wrong for the MTA-STS, TLS-RPT and SRV records; None for
+    any other record. `resolve(name, type)` gives DNS's answers (normalised), [] for none."""
+    if rec.type == "TXT" and rec.value.startswith(("v=STSv1", "v=TLSRPTv1")):
+        version = _tags(rec.value)["v"]
+        same_kind = [f for f in found if _tags(f).get("v") == version]
+        if not same_kind:
+            return Comparison(rec, "fail", found, "missing")
+        if len(same_kind) > 1:  # RFC 8461 3.1 / RFC 8460 3: then senders act as if there were none
+            return Comparison(rec, "fail", found, f"{len(same_kind)} {version} records: senders ignore them all; "
+                                                  "keep one")
+        theirs, wanted = _tags(same_kind[0]), _tags(rec.value)
+        if theirs == wanted:
+            return Comparison(rec, "ok", found, "published")
+        if version == "STSv1" and set(theirs) == {"v", "id"}:
+            return Comparison(rec, "fail", found, f"published with id {theirs['id']}, but the current policy's id "
+                                                  f"is {wanted['id']}: senders keep the policy they cached until "
+                                                  "the id changes; publish the new one")
+        return Comparison(rec, "fail", found, f"differs: {same_kind[0]}")
+    if rec.type == "CNAME" and rec.name.startswith("mta-sts."):
+        if _normalise("CNAME", rec.value) in found:
+            return Comparison(rec, "ok", found, "published")
+        if found:
+            return Comparison(rec, "warn", found, f"points at {found[0]}, not this host: the web server there must "
+                                                  "serve the policy")
+        addresses = resolve(rec.name, "A") + resolve(rec.name, "AAAA")
+        if addresses:
+            return Comparison(rec, "warn", addresses, f"no CNAME, but it has its own address ({', '.join(addresses)})"
+                                                      ": the web server there must serve the policy")
+        return Comparison(rec, "fail", found, "missing: senders cannot fetch the MTA-STS policy")
+    if rec.type == "SRV" and rec.value.endswith(" ."):
+        # RFC 2782: the target "." alone says "not offered", whatever the numbers before it
+        offered = [f for f in found if not f.endswith(" .")]
+        if offered:
+            return Comparison(rec, "warn", found, "DNS offers this service, which mailsetup does not set up here: "
+                                                  "make sure it is served where the record points")
+        if found:
+            return Comparison(rec, "ok", found, "published (not offered)")
+    return None
+
+
+def _normalise_srv(text: str) -> str:
+    """dnspython prints `0 1 587 mail.example.test.`: one space between fields, the target in lower
+    case without its final dot, but "." (not offered) kept."""
+    fields = text.split()
+    if len(fields) == 4 and fields[3] != ".":
+        fields[3] = fields[3].lower().rstrip(".")
+    return " ".join(fields)
 
 
 # Addresses the world cannot send to: a listener on one sits behind a router whose public address is
@@ -173,6 +338,8 @@ def _normalise(rtype: str, text: str) -> str:
         # dnspython quotes TXT strings and splits long ones: "a" "b" -> ab
         parts = [p for p in text.split('"') if p.strip()] if '"' in text else [text]
         return "".join(parts)
+    if rtype == "SRV":
+        return _normalise_srv(text)
     return text.lower().rstrip(".")
 
 
@@ -199,6 +366,10 @@ def check_records(records: list[Record], nameserver: str | None, port: int = 53,
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
             out.append(Comparison(rec, "warn", [], f"DNS did not answer ({type(exc).__name__}): not checked"))
             continue
+        special = _check_tls_and_clients(rec, found, lambda name, rtype: _lookup(resolver, name, rtype))
+        if special is not None:
+            out.append(special)
+            continue
         wanted = _normalise(rec.type, rec.value)
         if rec.type == "TXT":
             prefix = rec.value.split(" ", 1)[0].split(";", 1)[0]
@@ -219,8 +390,29 @@ def check_records(records: list[Record], nameserver: str | None, port: int = 53,
     return out
 
 
+def _lookup(resolver, name: str, rtype: str) -> list[str]:
+    """DNS's answers for one more name, normalised; [] for none or no answer."""
+    import dns.exception
+    import dns.resolver
+
+    try:
+        answer = resolver.resolve(name, rtype, raise_on_no_answer=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoNameservers, dns.exception.Timeout):
+        return []
+    return [_normalise(rtype, r.to_text()) for r in answer] if answer.rrset else []
+
+
 def records_as_dicts(records: list[Record]) -> list[dict]:
-    return [asdict(r) for r in records]
+    return [{**asdict(r), "group": group_of(r)} for r in records]
+
+
+def mta_sts_info(setup: MailSetup) -> dict:
+    """What `dns` says of the MTA-STS policy: its mode and id, the file init wrote and whether it is
+    still the one the records announce, and where it must be served."""
+    policy = mta_sts_policy(setup)
+    return {"mode": setup.mta_sts_mode, "id": mta_sts_id(policy), "max_age": MTA_STS_MAX_AGE[setup.mta_sts_mode],
+            "path": str(setup.layout.mta_sts_policy), "on_disk": mta_sts_on_disk(setup), "url": mta_sts_url(setup),
+            "policy": policy}
 
 
 def parse_nameserver(value: str) -> tuple[str, int]:
@@ -254,10 +446,11 @@ def show_records(setup: MailSetup, ips_given: list[str], check: bool, nameserver
         comparisons = check_records(records, server, port)
     if as_json:
         payload = {"records": records_as_dicts(records), "ptr": ptr_advice(setup, ips),
-                   "left_out": [{"ip": addr, "why": why} for addr, why in left_out]}
+                   "left_out": [{"ip": addr, "why": why} for addr, why in left_out], "mta_sts": mta_sts_info(setup)}
         if comparisons is not None:
             payload["check"] = [c.as_dict() for c in comparisons]
         print_json(payload)
     else:
-        print_dns(setup, records, ptr_advice(setup, ips), bool(ips), comparisons, [why for _, why in left_out])
+        print_dns(setup, records, ptr_advice(setup, ips), bool(ips), comparisons, [why for _, why in left_out],
+                  mta_sts=mta_sts_info(setup))
     return not (comparisons is not None and any(c.status == "fail" for c in comparisons))

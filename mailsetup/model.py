@@ -229,6 +229,17 @@ def validate_bool(value: Any, flag: str) -> bool:
     raise MailsetupError(f"{flag}: {value!r} is not yes or no")
 
 
+MTA_STS_MODES = ("testing", "enforce", "none")
+
+
+def validate_mta_sts_mode(value: Any, flag: str = "--mta-sts-mode") -> str:
+    """RFC 8461's policy modes: testing (report, deliver anyway), enforce, none (withdrawing a policy)."""
+    text = str(value)
+    if text not in MTA_STS_MODES:
+        raise MailsetupError(f"{flag}: {text!r} is not testing, enforce or none")
+    return text
+
+
 @dataclass(frozen=True)
 class Tls:
     cert: PurePosixPath
@@ -278,6 +289,7 @@ class MailSetup:
     keep_backups: int = DEFAULT_KEEP_BACKUPS  # dated backups kept of each file written
     smoke: bool = True  # init runs the smoke test once the files are written
     dkim: bool = False  # outgoing mail is DKIM-signed (RSA and Ed25519), by smtpd's filter or the embedded MTA
+    mta_sts_mode: str = "testing"  # the MTA-STS policy's mode: testing first, enforce once reports are clean
     # The keys some layer answered (flags, answers file, last run, wizard): the answers file records
     # these, so a default stays a default and follows the layout (or the key type on disk) next time.
     answered: frozenset[str] = frozenset()
@@ -348,6 +360,7 @@ def build_setup(raw: Mapping[str, Any], where: Callable[[str], str] = flag_of) -
         first_user=_first_user(raw.get("user"), where("user")),
         smoke=validate_bool(raw.get("smoke", True), where("smoke")),
         dkim=validate_bool(raw.get("dkim", False), where("dkim")),
+        mta_sts_mode=validate_mta_sts_mode(raw.get("mta_sts_mode", "testing"), where("mta_sts_mode")),
         answered=frozenset(k for k, v in raw.items() if v is not None),
     )
 

@@ -68,6 +68,9 @@ KeepBackups = Annotated[int | None, _opt("--keep-backups", parser=_keep_backups,
                                          help="Dated backups kept of each file written (5); older ones are removed.")]
 FirstUser = Annotated[str | None, _opt("--user", help="Add this mail user (password: asked, or stdin).")]
 Dkim = Annotated[bool | None, _opt("--dkim/--no-dkim", help="Sign outgoing mail with DKIM (RSA and Ed25519).")]
+MtaStsMode = Annotated[str | None, _opt(
+    "--mta-sts-mode", metavar="MODE",
+    help="The MTA-STS policy's mode: testing (default; senders report, still deliver), enforce, or none.")]
 Smoke = Annotated[bool | None, _opt("--smoke/--no-smoke", help="Run the smoke test (yes).")]
 
 # --- how init runs ------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ class Layout:
     dkim_dir: PurePosixPath = PurePosixPath("/etc/mail/dkim")  # the DKIM keys (the filter's README's place)
     dkim_user: str = "_dkimsign"  # opensmtpd-filter-dkimsign's user and group (Debian, OpenBSD)
     dkim_filter: PurePosixPath = PurePosixPath("/usr/libexec/opensmtpd/filter-dkimsign")  # on this host
+    # The MTA-STS policy's web root: a web server serves it as https://mta-sts.DOMAIN/ (RFC 8461).
+    mta_sts_dir: PurePosixPath = PurePosixPath("/var/www/mta-sts")
 
     @property
     def aliases_db(self) -> PurePosixPath:
@@ -56,6 +58,11 @@ class Layout:
     def dkim_state(self) -> PurePosixPath:
         """Which DKIM key signs, which waits for its record, which retires (no secrets)."""
         return self.state_dir / "dkim.toml"
+
+    @property
+    def mta_sts_policy(self) -> PurePosixPath:
+        """The MTA-STS policy file, at the path RFC 8461 fixes under the web root."""
+        return self.mta_sts_dir / ".well-known" / "mta-sts.txt"
 
     @property
     def queue_dir(self) -> PurePosixPath:
@@ -92,7 +99,7 @@ LAYOUTS: dict[str, Layout] = {
         PurePosixPath("/usr/local/etc/mail/aliases"), PurePosixPath("/usr/local/etc/ssl/certs"),
         PurePosixPath("/usr/local/etc/ssl/private"), PurePosixPath("/usr/local/etc/mailsetup"),
         PurePosixPath("/home"), "service smtpd restart", "_smtpd", "0.0.0.0", "localhost",
-        dkim_dir=PurePosixPath("/usr/local/etc/mail/dkim"),
+        dkim_dir=PurePosixPath("/usr/local/etc/mail/dkim"), mta_sts_dir=PurePosixPath("/usr/local/www/mta-sts"),
         dkim_filter=PurePosixPath("/usr/local/libexec/opensmtpd/filter-dkimsign"),
     ),
     "openbsd": Layout(
@@ -189,6 +196,7 @@ def sandboxed(layout: Layout, root: Path | None) -> Layout:
         home_dir=under(layout.home_dir),
         spool=under(layout.spool),
         dkim_dir=under(layout.dkim_dir),
+        mta_sts_dir=under(layout.mta_sts_dir),
     )
 
 

@@ -179,6 +179,30 @@ def _files_in(folder: Path) -> set[str]:
         return set()
 
 
+def _plan_mta_sts(setup: MailSetup, prov: Provisioning) -> None:
+    """The MTA-STS policy file, where a web server can serve it; a changed one needs its new id in DNS."""
+    from mailsetup import dns
+
+    change = FileChange(Path(setup.layout.mta_sts_policy), dns.mta_sts_policy(setup).encode(), dns.MTA_STS_POLICY_MODE,
+                        f"MTA-STS policy (mode {setup.mta_sts_mode}): serve it at {dns.mta_sts_url(setup)}")
+    try:
+        state = change.state()
+    except MailsetupError as exc:
+        # A web root another user owns (a chown -R www-data /var/www) is theirs: the mail set-up
+        # goes on without the file rather than stopping for it.
+        prov.warnings.append(f"MTA-STS policy not written: {exc.message}; its text is in `mailsetup dns --json` "
+                             "(mta_sts.policy), to put where your web server serves it")
+        return
+    prov.plan.add(change)
+    if setup.mta_sts_mode == "enforce" and setup.tls.source in ("self-signed", "csr"):
+        prov.warnings.append(f"--mta-sts-mode enforce with a self-signed certificate: senders that honour MTA-STS "
+                             f"will refuse to deliver to {setup.hostname}; give it a CA-trusted certificate first "
+                             "(--tls existing)")
+    if state == "replaced":
+        prov.notes.append("the MTA-STS policy changed: publish its new _mta-sts id (mailsetup dns) so senders "
+                          "fetch it again")
+
+
 def _with_admin(text: str, entries: list, admin: str, prov: Provisioning) -> str:
     """Make root's mail go to `admin`: change an existing `root:` entry, or add one."""
     root = next((e for e in entries if e.name == "root"), None)
@@ -274,6 +298,7 @@ def recorded_answers(setup: MailSetup, key_type: str | None = None) -> dict:
         "smtpd_version": f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}",
         "queue_compression": setup.queue.compression, "queue_encryption": setup.queue.encryption,
         "max_message_size": setup.max_message_size, "keep_backups": setup.keep_backups, "dkim": setup.dkim,
+        "mta_sts_mode": setup.mta_sts_mode,
     }
     always = {"domain", "hostname", "os", "admin", "key_type", "cert", "key", "smtpd_version"}
     return {k: v for k, v in values.items() if v is not None and (k in always or k in setup.answered)}
@@ -294,6 +319,7 @@ def build_plan(setup: MailSetup, rotate_cert: bool = False, rotate_queue_key: bo
     _plan_aliases(setup, prov, setup.admin)
     _plan_credentials(setup, prov, new_user)
     _plan_dkim(setup, prov, rotate_dkim, dkim_switch)
+    _plan_mta_sts(setup, prov)
     conf = render_smtpd_conf(setup, queue_key, prov.aliases_format, dkim_keys=prov.dkim_keys)
     findings = open_relay_rules(conf)
     if findings:  # the template cannot produce one; this guards the template itself

@@ -95,6 +95,8 @@ QUESTIONS: tuple[Question, ...] = (
              validate=_username_or_blank, default=lambda a: str(a.get("admin") or ""), then_password=True),
     Question("dkim", "Sign outgoing mail with DKIM, RSA and Ed25519 (--dkim)?", "--dkim", "confirm",
              validate=lambda v, w, a: model.validate_bool(v, w), default=lambda a: bool(a.get("dkim", True))),
+    Question("mta_sts_mode", "MTA-STS policy mode: testing, enforce or none (--mta-sts-mode):", "--mta-sts-mode",
+             "setting", validate=lambda v, w, a: model.validate_mta_sts_mode(v, w)),
     Question("listen", "Addresses or interfaces smtpd listens on (--listen):", "--listen", "setting",
              validate=lambda v, w, a: model.validate_addresses(v, w, _os_of(a))),
     Question("smtp_port", "Port of the MX listener (--smtp-port):", "--smtp-port", "setting",

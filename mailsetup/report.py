@@ -123,26 +123,68 @@ def print_doctor(findings, as_json: bool = False) -> None:
 
 
 def print_dns(setup: MailSetup, records, ptr: list[str], have_ips: bool, comparisons,
-              left_out: list[str] = ()) -> None:
+              left_out: list[str] = (), mta_sts: dict | None = None) -> None:
+    from mailsetup.dns import GROUPS, client_ports, group_of
+
+    # Shown by what each record does; the snippet stays pasteable (its headings are zone comments).
+    ordered = [r for key in GROUPS for r in records if group_of(r) == key]
     typer.echo(f"; zone-file snippet for {setup.domain}")
-    for r in records:
-        typer.echo(r.zone_line())
-    for why in left_out:  # a zone-file comment: the snippet can still be pasted as it is
-        typer.echo(f"; {why}")
-    if not have_ips:
-        typer.echo(f"{setup.hostname + '.':<32} 3600 IN A     <this host's public IPv4: pass --ip>")
+    for key, title in GROUPS.items():
+        group = [r for r in ordered if group_of(r) == key]
+        if not group and key != "routing":
+            continue
+        typer.echo(f"; -- {title}")
+        for r in group:
+            typer.echo(r.zone_line())
+        if key == "routing":
+            for why in left_out:  # a zone-file comment: the snippet can still be pasted as it is
+                typer.echo(f"; {why}")
+            if not have_ips:
+                typer.echo(f"{setup.hostname + '.':<32} 3600 IN A     <this host's public IPv4: pass --ip>")
     typer.echo("")
     typer.echo(f"{'name':<32} {'type':<5} {'value':<60} why")
-    for r in records:
+    for r in ordered:
         typer.echo(f"{r.name:<32} {r.type:<5} {r.value:<60} {r.why}")
     for line in ptr:
         typer.echo(f"PTR: {line}")
+    if mta_sts is not None:
+        typer.echo("")
+        for line in _mta_sts_lines(setup, mta_sts):
+            typer.echo(line)
+    ports = client_ports(setup)
+    offered = [f"{name} on {setup.hostname} port {port}" for name, port in ports.items() if port is not None]
+    missing = [name for name, port in ports.items() if port is None]
+    typer.echo(f"Mail clients (RFC 6186) find {', '.join(offered)}"
+               + (f"; \"0 0 0 .\" says {', '.join(missing)} not offered here" if missing else "") + ".")
     if comparisons is None:
         return
     typer.echo("")
     for c in comparisons:
         found = f" (found: {', '.join(c.found)})" if c.found and c.status != "ok" else ""
         typer.echo(_style(f"{_MARKS[c.status]} {c.record.type} {c.record.name}: {c.detail}{found}", _COLORS[c.status]))
+
+
+def _mta_sts_lines(setup: MailSetup, info: dict) -> list[str]:
+    """Where the MTA-STS policy is, where it must be served, and what its mode means."""
+    host = f"mta-sts.{setup.domain}"
+    lines = [f"MTA-STS policy (mode {info['mode']}, id {info['id']}): {info['path']}",
+             f"  Serve it at {info['url']} with a CA-trusted certificate for {host} (senders ignore a policy "
+             f"fetched over a self-signed one); the CNAME above sends {host} to {setup.hostname}."]
+    if info["on_disk"] == "missing":
+        lines.append(_style(f"  ! {info['path']} is not there: run mailsetup init to write it", "yellow"))
+    elif info["on_disk"] in ("differs", "unreadable"):
+        why = "is not the policy these records announce" if info["on_disk"] == "differs" else "cannot be read"
+        lines.append(_style(f"  ! {info['path']} {why}: run mailsetup init", "yellow"))
+    if info["mode"] == "testing":
+        lines.append("  testing: senders still deliver when TLS fails and report it to postmaster (TLS-RPT); once "
+                     "the reports show no failures, re-run init with --mta-sts-mode enforce and publish the new id.")
+    elif info["mode"] == "enforce":
+        lines.append(f"  enforce: senders refuse to deliver unless TLS to {setup.hostname} works with a CA-trusted "
+                     "certificate; --mta-sts-mode testing goes back (publish the new id).")
+    else:
+        lines.append(f"  none: senders forget the policy; after max_age ({info['max_age']} s) the _mta-sts record, "
+                     f"the {host} name and the file may be removed.")
+    return lines
 
 
 def next_steps(setup: MailSetup) -> list[str]:

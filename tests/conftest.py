@@ -64,6 +64,14 @@ def smtpd_check(conf: Path) -> subprocess.CompletedProcess:
     return subprocess.run([SMTPD, "-n", "-f", str(conf)], capture_output=True, text=True, timeout=30)
 
 
+def own_var(upper: str, work: str) -> str:
+    """A shell step for a private mount namespace: /var under an overlay whose writes land in `upper`
+    (the test's own folder), so what a real-host init writes there (the MTA-STS policy under
+    /var/www) never reaches this machine's /var."""
+    return (f'mkdir -p "{upper}" "{work}" && '
+            f'mount -t overlay overlay -o "lowerdir=/var,upperdir={upper},workdir={work}" /var')
+
+
 def tree(root: Path) -> dict[str, bytes]:
     """Every file under root with its bytes: for 'nothing was written / changed' assertions."""
     if not root.exists():

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, MAILSETUP, Run
+from conftest import IS_ROOT, MAILSETUP, Run, own_var
 from mta_kit import free_port, wait_port
 
 pytestmark = pytest.mark.skipif(not (IS_ROOT and shutil.which("unshare") and shutil.which("useradd")),
@@ -42,7 +42,7 @@ class Host:
 
     def command(self, *args: object) -> list[str]:
         mounts = (f"mount --bind {self.etc} /etc && mount --bind {self.home} /home "
-                  "&& mount -t tmpfs tmpfs /run")
+                  f"&& mount -t tmpfs tmpfs /run && {own_var(f'{self.etc}.var', f'{self.etc}.var-work')}")
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh",
                 *map(str, args)]
 

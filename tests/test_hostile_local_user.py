@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, MAILSETUP, SMTPD, init_args, run_cli
+from conftest import IS_ROOT, MAILSETUP, SMTPD, init_args, own_var, run_cli
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="the attacks are on root's runs")
 
@@ -52,6 +52,7 @@ def world_readable_files_holding(root: Path, needle: str) -> list[str]:
 # own steps follow.
 _OWN_ETC_AND_HOME = ('mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc || exit 99; '
                      'mount -t tmpfs -o mode=0755 tmpfs /home || exit 99; '
+                     + own_var("$1.var", "$2.var") + ' || exit 99; '
                      'mkdir -m 700 /home/alice && chown alice:alice /home/alice && ')
 
 

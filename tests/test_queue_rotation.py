@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, MAILSETUP, SMTPD, Run, run_cli
+from conftest import IS_ROOT, MAILSETUP, SMTPD, Run, own_var, run_cli
 
 TOOLS = all(shutil.which(t) for t in ("unshare", "nsenter", "ip", "cp"))
 pytestmark = pytest.mark.skipif(not (SMTPD and IS_ROOT and TOOLS),
@@ -62,7 +62,8 @@ class Host:
         subprocess.run(["cp", "-a", "/etc", str(self.etc)], check=True)
         self.spool.mkdir(mode=0o711)
         self.smtpd: subprocess.Popen | None = None
-        script = ('mount --bind "$1" /etc && mount --bind "$2" /var/spool/smtpd && '
+        script = ('mount --bind "$1" /etc && ' + own_var(f"{self.etc}.var", f"{self.etc}.var-work") +
+                  ' && mount --bind "$2" /var/spool/smtpd && '
                   'mount -t tmpfs -o mode=0755 tmpfs /run && ip link set lo up && echo ready && exec sleep 600')
         self.holder = subprocess.Popen(
             ["unshare", "--mount", "--net", "--propagation", "private", "--", "sh", "-c", script, "sh",

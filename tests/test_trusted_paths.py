@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, MAILSETUP, init_args, run_cli, tree
+from conftest import IS_ROOT, MAILSETUP, init_args, own_var, run_cli, tree
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="the trust rules apply to root")
 
@@ -367,7 +367,7 @@ def on_this_host(tmp_path: Path, prepare: str, *args: object) -> tuple[subproces
     upper.mkdir()
     work.mkdir()
     script = ('mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc || exit 99; '
-              + prepare + '; shift 2; exec "$@"')
+              + own_var("$1.var", "$2.var") + ' || exit 99; ' + prepare + '; shift 2; exec "$@"')
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
                            str(upper), str(work), MAILSETUP, *map(str, args)],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, NO_COLOR="1"),
@@ -397,3 +397,5 @@ def test_on_this_host_roots_own_tree_is_written(tmp_path: Path):
     key = upper / "ssl/private/mail.example.test.key"
     assert key.stat().st_uid == 0 and stat.S_IMODE(key.stat().st_mode) == 0o600
     assert (upper / "mailsetup/queue.key").exists() and (upper / "smtpd.conf").exists()
+    policy = upper.with_name("upper.var") / "www/mta-sts/.well-known/mta-sts.txt"  # /var/www, in the overlay
+    assert policy.stat().st_uid == 0 and stat.S_IMODE(policy.stat().st_mode) == 0o644
