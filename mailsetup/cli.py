@@ -144,6 +144,17 @@ def dns(root: o.Root = None, os_name: o.OsName = None, ip: o.Ip = None, check: o
     _exit(show_records(load_setup(root, os_name), ip or [], check, nameserver, as_json))
 
 
+@app.command()
+def preflight(root: o.Root = None, os_name: o.OsName = None, ip: o.PreflightIp = None, nameserver: o.Nameserver = None,
+              probe: o.Probe = None, dnsbl: o.Dnsbl = None, timeout: o.PreflightTimeout = 5.0,
+              as_json: o.PreflightJson = False, debug: o.Debug = False) -> None:
+    """Will the internet take this host's mail? Its name, reverse DNS, MX, outbound port 25 and the
+    blocklists, each ✓ / ! / ✗ with what to do. Exit 1 on any ✗."""
+    from mailsetup.preflight import preflight_command, preflight_options
+
+    _exit(preflight_command(root, os_name, preflight_options(ip, nameserver, probe, dnsbl, timeout), as_json))
+
+
 @user_app.command("add")
 def user_add(name: o.UserName, password_stdin: o.UserPasswordStdin = False, root: o.Root = None,
              os_name: o.OsName = None, debug: o.Debug = False) -> None:
