@@ -32,6 +32,8 @@ class InitOptions:
     as_json: bool = False
     answers_file: Path | None = None
     password_stdin: bool = False
+    preflight: bool = True  # on a real host, before writing: what the internet will make of it
+    preflight_with: Any = None  # preflight.PreflightOptions (--ip, --nameserver, --probe, --dnsbl); None: defaults
     interactive: bool = field(default_factory=lambda: sys.stdin.isatty() and sys.stdout.isatty())
 
 
@@ -114,11 +116,19 @@ def run_from_options(options: dict[str, Any]) -> int:
         yes=p.pop("yes"), dry_run=p.pop("dry_run"), diff=p.pop("diff"), rotate_cert=rotate or rotate_cert,
         rotate_queue_key=rotate or rotate_qk, drain=p.pop("drain"), drain_timeout=p.pop("drain_timeout"),
         force_rotate=p.pop("force_rotate"), quiet=p.pop("quiet"), as_json=p.pop("as_json"),
-        answers_file=p.pop("answers"), password_stdin=p.pop("password_stdin"),
+        answers_file=p.pop("answers"), password_stdin=p.pop("password_stdin"), preflight=not p.pop("no_preflight"),
+        preflight_with=_preflight_options(p),
     )
     p["os"], p["smoke"] = p.pop("os_name"), p.pop("smoke_flag")
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in p.items() if v not in (None, [])}
     return run_init(flags, opts, _detected())
+
+
+def _preflight_options(p: dict[str, Any]) -> Any:
+    """The preflight's own options, checked now: a bad one stops the run before anything is asked."""
+    from mailsetup.preflight import preflight_options
+
+    return preflight_options(p.pop("ip"), p.pop("nameserver"), p.pop("probe"), p.pop("dnsbl"))
 
 
 def _detected() -> dict[str, Any]:
@@ -150,6 +160,7 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
     out = Out(opts)
     run = resolve(flags, opts, detected, out)
     plan(run, opts, out)
+    preflight(run, opts, out)
     if opts.dry_run:
         out.say("dry run: nothing was written.")
         return report(run, out, smoke_ok=True)
@@ -242,6 +253,27 @@ def plan(run: Run, opts: InitOptions, out: Out) -> None:
     if run.version_note:
         out.report["notes"] = [run.version_note]
     run.prov = prov
+
+
+def preflight(run: Run, opts: InitOptions, out: Out) -> None:
+    """On a real host, before anything is written: DNS, blocklists and port 25 as the internet sees
+    them. Advice only: a ✗ never fails the run. A --root sandbox is no host on the internet: not asked."""
+    if run.setup.root is not None:
+        return
+    if not opts.preflight:
+        out.say("Preflight skipped.")
+        return
+    from mailsetup import preflight as preflight_mod
+    from mailsetup import report
+
+    with out.working("preflight: DNS, blocklists, port 25…"):
+        pre = preflight_mod.run_preflight(run.setup, opts.preflight_with or preflight_mod.PreflightOptions())
+    out.report["preflight"] = pre.as_dict()
+    if not opts.as_json and not opts.quiet:
+        report.print_preflight(pre)
+    if not pre.ok:
+        out.warn("preflight: the ✗ above keep mail from arriving or being accepted; once fixed, re-check with "
+                 "`mailsetup preflight`")
 
 
 def confirm(run: Run, opts: InitOptions, out: Out) -> bool:

@@ -109,7 +109,9 @@ class Lookup:
             return []
         except dns.exception.Timeout:
             raise Unanswered(f"no DNS answer for {name} {rtype} within {self.resolver.lifetime:g}s") from None
-        except (dns.resolver.NoNameservers, dns.resolver.YXDOMAIN, dns.exception.DNSException) as exc:
+        except dns.resolver.NoNameservers:
+            raise Unanswered(f"no DNS server would answer {name} {rtype} (each failed or refused)") from None
+        except dns.exception.DNSException as exc:
             raise Unanswered(f"DNS gave no answer for {name} {rtype} ({type(exc).__name__})") from None
         if not answer.rrset:
             return []

@@ -1,6 +1,7 @@
 """`mailsetup preflight`: every verdict from a real DNS answer (dnsmasq on a loopback port, serving a
 small world of right and wrong records and two blocklists) or a real socket (probe listeners started
 here: one greets, one is closed, one takes the connection and says nothing). Nothing leaves loopback.
+`init` runs it on a real host (a private mount namespace here) and never under --root.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import init_args, run_cli
+from conftest import MAILSETUP, init_args, run_cli
 from mta_kit import free_port
+from test_answers_truth import Host, needs_root_ns
 
 DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
 pytestmark = pytest.mark.skipif(DNSMASQ is None, reason="needs dnsmasq (apt-get install dnsmasq-base)")
@@ -350,3 +352,102 @@ def test_bad_options_are_one_line_naming_the_flag(example: Path, args: list[str]
 def test_without_a_setup_it_is_one_line(tmp_path: Path):
     r = run_cli("preflight", "--root", tmp_path)
     assert r.code == 2 and len(r.err_lines) == 1 and "no mailsetup set-up found" in r.err
+
+
+# --- init -------------------------------------------------------------------------------------
+
+
+class Listening:
+    """A DNS server and a probe that only count: whoever asks them is reaching out."""
+
+    def __init__(self):
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.udp.setblocking(False)
+        self.probe = ProbeHost(b"220 probe\r\n")
+
+    def args(self) -> list[str]:
+        return ["--nameserver", f"127.0.0.1:{self.udp.getsockname()[1]}", "--probe", self.probe.address,
+                "--dnsbl", "zen.example", "--ip", "192.0.2.10"]
+
+    def questions(self) -> int:
+        count = 0
+        while True:
+            try:
+                self.udp.recv(512)
+            except BlockingIOError:
+                return count
+            count += 1
+
+    def stop(self) -> None:
+        self.udp.close()
+        self.probe.stop()
+
+
+def test_init_in_a_sandbox_never_runs_preflight(sandbox: Path):
+    heard = Listening()
+    try:
+        r = run_cli(*init_args(sandbox, "--no-smoke", *heard.args()))
+        asked, probed = heard.questions(), heard.probe.connections
+    finally:
+        heard.stop()
+    assert r.code == 0, r.err
+    assert "Preflight" not in r.out + r.err
+    assert (asked, probed) == (0, 0)  # nothing was asked of DNS, nothing connected
+
+
+def test_init_refuses_a_bad_preflight_option_before_anything_is_written(sandbox: Path):
+    r = run_cli(*init_args(sandbox, "--probe", "mx.example:0"))
+    assert r.code == 2 and r.err_lines == ["mailsetup: error: --probe: 0 is not a port number (1-65535)"]
+    assert not sandbox.exists()
+
+
+def host_init(host: Host, *args: object):
+    """init on the namespace's host as a person runs it (Host.init adds --no-preflight)."""
+    return host.run(MAILSETUP, "init", "--yes", "--domain", "example.test", "--os", "debian", "--no-smoke",
+                    "--admin", "ops@example.org", *args)
+
+
+@needs_root_ns
+def test_init_on_a_real_host_runs_preflight_before_writing_and_never_fails_on_it(tmp_path: Path,
+                                                                                dns_world: DnsServer,
+                                                                                greeter: ProbeHost):
+    host = Host(tmp_path)
+    before = greeter.connections
+    # 192.0.2.11: the host name points elsewhere, the PTR does not resolve back, zen.example lists it
+    r = host_init(host, "--nameserver", dns_world.address, "--probe", greeter.address, "--dnsbl", "zen.example",
+                  "--ip", "192.0.2.11")
+    assert r.code == 0, r.out + r.err  # advice: a ✗ does not fail the run
+    assert greeter.connections == before + 1
+    out = r.out
+    heading = "Preflight: mail.example.test (192.0.2.11) and example.test, as the internet sees them:"
+    assert out.index("Plan:") < out.index(heading) < out.index("Wrote ")  # after the plan, before writing
+    found = lines(out)
+    assert found["host name"].startswith("✗ host name: mail.example.test resolves to 192.0.2.10, not to")
+    assert found["MX"] == "✓ MX: example.test's MX is mail.example.test (preference 10)"
+    assert found["blocklist zen.example (192.0.2.11)"].startswith("✗ ")
+    assert ("! preflight: the ✗ above keep mail from arriving or being accepted; once fixed, re-check with "
+            "`mailsetup preflight`") in r.err
+    assert (host.etc / "smtpd.conf").exists()
+
+    # --json carries the same checks in the report
+    r = host_init(host, "--nameserver", dns_world.address, "--probe", greeter.address, "--dnsbl", "zen.example",
+                  "--ip", "192.0.2.10", "--json")
+    assert r.code == 0, r.err
+    report = json.loads(r.out)["preflight"]
+    assert report["ok"] is True and report["addresses"] == ["192.0.2.10"]
+    assert {c["name"]: c["status"] for c in report["checks"]}["reverse DNS of 192.0.2.10"] == "ok"
+
+
+@needs_root_ns
+def test_init_on_a_real_host_with_no_preflight_skips_it(tmp_path: Path):
+    host = Host(tmp_path)
+    heard = Listening()
+    try:
+        r = host_init(host, "--dry-run", "--no-preflight", *heard.args())
+        asked, probed = heard.questions(), heard.probe.connections
+    finally:
+        heard.stop()
+    assert r.code == 0, r.out + r.err
+    assert "Preflight skipped." in r.out and "Preflight:" not in r.out
+    assert (asked, probed) == (0, 0)
