@@ -46,6 +46,10 @@ WORLD = [
     "--host-record=14.2.0.192.zen.spamhaus.org,127.255.255.254",
     # other.test is wrong: no MX, and its mail host resolves to an address that is not ours
     "--host-record=mail.other.test,192.0.2.99",
+    # IPv6: 2001:db8::10 is forward-confirmed as another name; 2001:db8::11 has no PTR and is listed (nibbles)
+    "--local=/8.b.d.0.1.0.0.2.ip6.arpa/",
+    "--host-record=v6.example.test,2001:db8::10",
+    "--host-record=1.1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.zen.example,127.0.0.3",
 ]
 
 
@@ -156,7 +160,7 @@ def lines(out: str) -> dict[str, str]:
     """Each check's line, by its name."""
     found = {}
     for line in out.splitlines():
-        m = re.match(r"^([✓!✗]) ([^:]+): ", line)
+        m = re.match(r"^([✓!✗]) (.+?): ", line)
         if m:
             found[m.group(2)] = line
     return found
@@ -222,6 +226,20 @@ def test_a_ptr_under_another_name_warns_and_a_missing_ptr_fails(example: Path, d
     assert found["reverse DNS of 192.0.2.13"] == (
         "✗ reverse DNS of 192.0.2.13: 192.0.2.13 has no PTR record: many receivers (Gmail among them) refuse its "
         "mail; ask whoever owns 192.0.2.13 (your hosting provider) to set its reverse DNS (PTR) to mail.example.test")
+
+
+def test_ipv6_addresses_are_looked_up_by_their_nibbles(example: Path, dns_world: DnsServer, greeter: ProbeHost):
+    r = preflight(example, dns_world, greeter.address, "--ip", "2001:db8::10", "--ip", "2001:db8::11")
+    assert r.code == 1, r.out + r.err
+    found = lines(r.out)
+    assert found["reverse DNS of 2001:db8::10"].startswith(
+        "! reverse DNS of 2001:db8::10: 2001:db8::10's PTR names v6.example.test, which resolves back, but not "
+        "mail.example.test")
+    assert found["reverse DNS of 2001:db8::11"].startswith("✗ reverse DNS of 2001:db8::11: 2001:db8::11 has no PTR")
+    assert found["blocklist zen.example (2001:db8::10)"].startswith("✓ ")
+    assert found["blocklist zen.example (2001:db8::11)"] == (
+        "✗ blocklist zen.example (2001:db8::11): 2001:db8::11 is listed on zen.example (127.0.0.3): receivers that "
+        "use it refuse this host's mail; find why and ask for removal: the zen.example list's web site")
 
 
 def test_spamhaus_listing_points_at_its_lookup_and_a_refused_query_is_not_a_listing(
