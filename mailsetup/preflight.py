@@ -234,11 +234,14 @@ class Preflight:
                       f"host's mail; find why and ask for removal: {self._delist(name, zone)}")
 
     def _delist(self, name: str, zone: str) -> str:
+        from mailsetup.report import one_line
+
         try:  # a list says where to look in a TXT record beside the listing
             links = [word for text in self.lookup.ask(name, "TXT") for word in text.split() if word.startswith("http")]
         except Unanswered:
             links = []
-        return links[0] if links else DELIST.get(zone, f"the {zone} list's web site")
+        # the list's own text: shown on one line, never as terminal control characters
+        return one_line(links[0])[:200] if links else DELIST.get(zone, f"the {zone} list's web site")
 
     def inbound_25(self) -> tuple[str, str]:
         ports = sorted({lst.port for lst in self.setup.listeners if lst.name == "smtp"})

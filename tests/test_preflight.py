@@ -44,6 +44,9 @@ WORLD = [
     "--host-record=13.2.0.192.zen.spamhaus.org,127.0.0.4",
     # 192.0.2.14: Spamhaus refuses the query (what it answers to a public resolver)
     "--host-record=14.2.0.192.zen.spamhaus.org,127.255.255.254",
+    # 192.0.2.15: bl.example lists it, its TXT link carrying a terminal escape (clear screen)
+    "--host-record=15.2.0.192.bl.example,127.0.0.2",
+    "--txt-record=15.2.0.192.bl.example,https://bl.example/q\x1b[2Jx",
     # other.test is wrong: no MX, and its mail host resolves to an address that is not ours
     "--host-record=mail.other.test,192.0.2.99",
     # IPv6: 2001:db8::10 is forward-confirmed as another name; 2001:db8::11 has no PTR and is listed (nibbles)
@@ -240,6 +243,15 @@ def test_ipv6_addresses_are_looked_up_by_their_nibbles(example: Path, dns_world:
     assert found["blocklist zen.example (2001:db8::11)"] == (
         "✗ blocklist zen.example (2001:db8::11): 2001:db8::11 is listed on zen.example (127.0.0.3): receivers that "
         "use it refuse this host's mail; find why and ask for removal: the zen.example list's web site")
+
+
+def test_a_blocklists_own_text_is_shown_on_one_line_without_terminal_escapes(example: Path, dns_world: DnsServer,
+                                                                            greeter: ProbeHost):
+    r = preflight(example, dns_world, greeter.address, "--ip", "192.0.2.15")
+    # click drops colour codes only when not writing to a terminal: the line itself must show the escape
+    assert "\x1b" not in r.out
+    assert lines(r.out)["blocklist bl.example (192.0.2.15)"].endswith(
+        "find why and ask for removal: https://bl.example/q\\x1b[2Jx")
 
 
 def test_spamhaus_listing_points_at_its_lookup_and_a_refused_query_is_not_a_listing(
