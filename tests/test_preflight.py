@@ -47,6 +47,10 @@ WORLD = [
     # 192.0.2.15: bl.example lists it, its TXT link carrying a terminal escape (clear screen)
     "--host-record=15.2.0.192.bl.example,127.0.0.2",
     "--txt-record=15.2.0.192.bl.example,https://bl.example/q\x1b[2Jx",
+    # two.example.test resolves to this host and to another
+    "--host-record=two.example.test,192.0.2.10", "--host-record=two.example.test,192.0.2.98",
+    # pref.test lists its mail host, but prefers another
+    "--local=/pref.test/", "--mx-host=pref.test,mail.pref.test,20", "--mx-host=pref.test,first.pref.test,5",
     # other.test is wrong: no MX, and its mail host resolves to an address that is not ours
     "--host-record=mail.other.test,192.0.2.99",
     # IPv6: 2001:db8::10 is forward-confirmed as another name; 2001:db8::11 has no PTR and is listed (nibbles)
@@ -231,6 +235,27 @@ def test_a_ptr_under_another_name_warns_and_a_missing_ptr_fails(example: Path, d
         "mail; ask whoever owns 192.0.2.13 (your hosting provider) to set its reverse DNS (PTR) to mail.example.test")
 
 
+@pytest.mark.parametrize(("hostname", "verdict"), [
+    ("vm.localdomain", "✗ host name: vm.localdomain is not a name the internet can look up; give the host a public "
+                       "fully-qualified name (init --hostname mail.DOMAIN) and publish its A/AAAA record"),
+    ("mx.example.test", "✗ host name: mx.example.test has no A/AAAA record: nobody can find this host; add: "
+                        "mx.example.test. 3600 IN A 192.0.2.10"),
+    ("two.example.test", "! host name: two.example.test resolves to 192.0.2.10 (this host) but also to 192.0.2.98, "
+                         "not one of this host's addresses: remove that record"),
+])
+def test_a_host_name_that_is_local_missing_or_shared_is_named(tmp_path: Path, dns_world: DnsServer,
+                                                              greeter: ProbeHost, hostname: str, verdict: str):
+    root = tmp_path / "root"
+    r = run_cli(*init_args(root, "--no-smoke", "--hostname", hostname))
+    assert r.code == 0, r.err
+    r = preflight(root, dns_world, greeter.address, "--ip", "192.0.2.10")
+    assert lines(r.out)["host name"] == verdict
+    # the domain's MX names mail.example.test, not this host
+    assert lines(r.out)["MX"] == (f"✗ MX: example.test's MX is 10 mail.example.test, not {hostname}: its mail goes "
+                                  f"elsewhere; publish: example.test. 3600 IN MX 10 {hostname}.")
+    assert r.code == 1
+
+
 def test_ipv6_addresses_are_looked_up_by_their_nibbles(example: Path, dns_world: DnsServer, greeter: ProbeHost):
     r = preflight(example, dns_world, greeter.address, "--ip", "2001:db8::10", "--ip", "2001:db8::11")
     assert r.code == 1, r.out + r.err
@@ -284,6 +309,12 @@ def test_no_mx_and_a_host_name_elsewhere_say_which_records_to_publish(tmp_path: 
     zone = [" ".join(line.split()) for line in run_cli("dns", "--root", other, "--ip", "192.0.2.20").out.splitlines()]
     assert "other.test. 3600 IN MX 10 mail.other.test." in zone
     assert "mail.other.test. 3600 IN A 192.0.2.20" in zone
+
+
+def test_an_mx_that_prefers_another_host_is_a_warning(tmp_path: Path, dns_world: DnsServer, greeter: ProbeHost):
+    r = preflight(_setup(tmp_path, "pref.test"), dns_world, greeter.address, "--ip", "192.0.2.10")
+    assert lines(r.out)["MX"] == ("! MX: pref.test's MX lists mail.pref.test, but first.pref.test is preferred "
+                                  "(5 first.pref.test, 20 mail.pref.test): mail goes there first")
 
 
 @pytest.mark.parametrize("kind", ["closed", "silent", "refusing"])
