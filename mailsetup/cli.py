@@ -48,9 +48,10 @@ def init(domain: o.Domain = None, hostname: o.Hostname = None, os_name: o.OsName
          answers: o.AnswersPath = None, rotate: o.Rotate = False, rotate_cert: o.RotateCert = False,
          rotate_queue_key: o.RotateQueueKey = False, drain: o.Drain = False, drain_timeout: o.DrainTimeout = 300.0,
          force_rotate: o.ForceRotate = False, rotate_dkim: o.RotateDkim = False,
-         force_dkim_switch: o.ForceDkimSwitch = False, nameserver: o.InitNameserver = None, yes: o.Yes = False,
-         dry_run: o.DryRun = False, diff: o.Diff = False, dkim: o.Dkim = None, mta_sts_mode: o.MtaStsMode = None,
-         smoke_flag: o.Smoke = None, quiet: o.Quiet = False, as_json: o.InitJson = False,
+         force_dkim_switch: o.ForceDkimSwitch = False, yes: o.Yes = False, dry_run: o.DryRun = False,
+         diff: o.Diff = False, dkim: o.Dkim = None, mta_sts_mode: o.MtaStsMode = None, smoke_flag: o.Smoke = None,
+         quiet: o.Quiet = False, as_json: o.InitJson = False, no_preflight: o.NoPreflight = False,
+         ip: o.PreflightIp = None, nameserver: o.Nameserver = None, probe: o.Probe = None, dnsbl: o.Dnsbl = None,
          debug: o.Debug = False) -> None:
     """Provision everything (certificate, queue key, aliases, smtpd.conf), check it, smoke-test it.
 
@@ -149,7 +150,7 @@ def dns(root: o.Root = None, os_name: o.OsName = None, ip: o.Ip = None, check: o
 
 @app.command("dkim")
 def dkim_cmd(root: o.Root = None, os_name: o.OsName = None, rotate: o.DkimRotate = False,
-             force_switch: o.ForceDkimSwitch = False, nameserver: o.InitNameserver = None, yes: o.Yes = False,
+             force_switch: o.ForceDkimSwitch = False, nameserver: o.Nameserver = None, yes: o.Yes = False,
              dry_run: o.DryRun = False, as_json: o.InitJson = False, debug: o.Debug = False) -> None:
     """DKIM-sign an existing set-up's mail, rotate its keys in stages, or switch to the pending ones."""
     from mailsetup.initflow import run_dkim
@@ -157,6 +158,17 @@ def dkim_cmd(root: o.Root = None, os_name: o.OsName = None, rotate: o.DkimRotate
     code = run_dkim(root, os_name, rotate, force_switch, nameserver, yes, dry_run, as_json)
     if code:
         raise typer.Exit(code)
+
+
+@app.command()
+def preflight(root: o.Root = None, os_name: o.OsName = None, ip: o.PreflightIp = None, nameserver: o.Nameserver = None,
+              probe: o.Probe = None, dnsbl: o.Dnsbl = None, timeout: o.PreflightTimeout = 5.0,
+              as_json: o.PreflightJson = False, debug: o.Debug = False) -> None:
+    """Will the internet take this host's mail? Its name, reverse DNS, MX, outbound port 25 and the
+    blocklists, each ✓ / ! / ✗ with what to do. Exit 1 on any ✗."""
+    from mailsetup.preflight import preflight_command, preflight_options
+
+    _exit(preflight_command(root, os_name, preflight_options(ip, nameserver, probe, dnsbl, timeout), as_json))
 
 
 @user_app.command("add")

@@ -35,6 +35,8 @@ class InitOptions:
     as_json: bool = False
     answers_file: Path | None = None
     password_stdin: bool = False
+    preflight: bool = True  # on a real host, before writing: what the internet will make of it
+    preflight_with: Any = None  # preflight.PreflightOptions (--ip, --nameserver, --probe, --dnsbl); None: defaults
     interactive: bool = field(default_factory=lambda: sys.stdin.isatty() and sys.stdout.isatty())
 
 
@@ -121,8 +123,9 @@ def run_from_options(options: dict[str, Any]) -> int:
         rotate_queue_key=rotate or rotate_qk, drain=p.pop("drain"), drain_timeout=p.pop("drain_timeout"),
         force_rotate=p.pop("force_rotate"), quiet=p.pop("quiet"), as_json=p.pop("as_json"),
         rotate_dkim=p.pop("rotate_dkim"), force_dkim_switch=p.pop("force_dkim_switch"),
-        nameserver=p.pop("nameserver"),
-        answers_file=p.pop("answers"), password_stdin=p.pop("password_stdin"),
+        nameserver=p.get("nameserver"),  # also the preflight's, taken next
+        answers_file=p.pop("answers"), password_stdin=p.pop("password_stdin"), preflight=not p.pop("no_preflight"),
+        preflight_with=_preflight_options(p),
     )
     p["os"], p["smoke"] = p.pop("os_name"), p.pop("smoke_flag")
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in p.items() if v not in (None, [])}
@@ -136,8 +139,15 @@ def run_dkim(root: Path | None, os_name: str | None, rotate: bool, force_switch:
     answers_mod.find_answers(root and root.absolute(), os_name)  # an existing set-up, or one clear line
     flags = {k: v for k, v in {"root": str(root) if root else None, "os": os_name, "dkim": True}.items() if v}
     opts = InitOptions(yes=yes, dry_run=dry_run, as_json=as_json, rotate_dkim=rotate, force_dkim_switch=force_switch,
-                       nameserver=nameserver)
+                       nameserver=nameserver, preflight=False)  # DKIM only: the host was checked by init
     return run_init(flags, opts, _detected())
+
+
+def _preflight_options(p: dict[str, Any]) -> Any:
+    """The preflight's own options, checked now: a bad one stops the run before anything is asked."""
+    from mailsetup.preflight import preflight_options
+
+    return preflight_options(p.pop("ip"), p.pop("nameserver"), p.pop("probe"), p.pop("dnsbl"))
 
 
 def _detected() -> dict[str, Any]:
@@ -169,6 +179,7 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
     out = Out(opts)
     run = resolve(flags, opts, detected, out)
     plan(run, opts, out)
+    preflight(run, opts, out)
     if opts.dry_run:
         out.say("dry run: nothing was written.")
         return report(run, out, smoke_ok=True)
@@ -279,6 +290,27 @@ def _dkim_switch(setup: MailSetup, opts: InitOptions, out: Out) -> bool:
         out.warn(f"DKIM: {c.record.name} is {c.detail}, so signing stays with the current keys; publish it "
                  "(mailsetup dns) and run again, or pass --force-dkim-switch")
     return False
+
+
+def preflight(run: Run, opts: InitOptions, out: Out) -> None:
+    """On a real host, before anything is written: DNS, blocklists and port 25 as the internet sees
+    them. Advice only: a ✗ never fails the run. A --root sandbox is no host on the internet: not asked."""
+    if run.setup.root is not None:
+        return
+    if not opts.preflight:
+        out.say("Preflight skipped.")
+        return
+    from mailsetup import preflight as preflight_mod
+    from mailsetup import report
+
+    with out.working("preflight: DNS, blocklists, port 25…"):
+        pre = preflight_mod.run_preflight(run.setup, opts.preflight_with or preflight_mod.PreflightOptions())
+    out.report["preflight"] = pre.as_dict()
+    if not opts.as_json and not opts.quiet:
+        report.print_preflight(pre)
+    if not pre.ok:
+        out.warn("preflight: the ✗ above keep mail from arriving or being accepted; once fixed, re-check with "
+                 "`mailsetup preflight`")
 
 
 def confirm(run: Run, opts: InitOptions, out: Out) -> bool:

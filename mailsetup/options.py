@@ -86,8 +86,6 @@ ForceRotate = Annotated[bool, _opt("--force-rotate", help="Rotate the queue key 
 RotateDkim = Annotated[bool, _opt("--rotate-dkim", help="Make the next DKIM keys (they sign once DNS serves them).")]
 ForceDkimSwitch = Annotated[bool, _opt("--force-dkim-switch",
                                        help="Sign with the pending DKIM keys even though DNS does not serve them.")]
-InitNameserver = Annotated[str | None, _opt(
-    "--nameserver", help="Ask this DNS server (ADDR[:PORT]) whether new records are published.")]
 Yes = Annotated[bool, _opt("--yes", "-y", help="Write without asking.")]
 DryRun = Annotated[bool, _opt("--dry-run", help="Show the plan and diff; write nothing.")]
 Diff = Annotated[bool, _opt("--diff/--no-diff", help="Show the diff of each file.")]
@@ -132,6 +130,19 @@ DnsCheck = Annotated[bool, _opt("--check", help="Compare with what DNS answers n
 Nameserver = Annotated[str | None, _opt(
     "--nameserver", help="Ask this server (ADDR or ADDR:PORT) instead of the system's.")]
 DnsJson = Annotated[bool, _opt("--json", help="Print the records (and the check) as JSON.")]
+PreflightIp = Annotated[list[str] | None, _opt(
+    "--ip", metavar="ADDR", help="An address of this host to check (repeatable; default: its public listen addresses).",
+)]
+Probe = Annotated[str | None, _opt("--probe", metavar="HOST[:PORT]",
+                                   help="Try outbound port 25 here (default gmail-smtp-in.l.google.com:25).")]
+Dnsbl = Annotated[list[str] | None, _opt(
+    "--dnsbl", metavar="ZONE", help="A DNS blocklist to look the addresses up on (repeatable; default "
+    "zen.spamhaus.org and bl.spamcop.net).")]
+PreflightTimeout = Annotated[float, _opt("--timeout", metavar="SECONDS",
+                                         help="How long each DNS question and the port 25 probe may take.")]
+PreflightJson = Annotated[bool, _opt("--json", help="Print the checks as JSON.")]
+NoPreflight = Annotated[bool, _opt("--no-preflight",
+                                   help="Skip the preflight (DNS, blocklists, port 25) a real host runs first.")]
 UserName = Annotated[str, typer.Argument(help="The login (and local user) name.")]
 UserPasswordStdin = Annotated[bool, _opt("--password-stdin",
                                          help="Read the password from standard input (one line).")]

@@ -122,6 +122,16 @@ def print_doctor(findings, as_json: bool = False) -> None:
                       "red" if fails else "green"))
 
 
+def print_preflight(pre, as_json: bool = False) -> None:
+    """preflight's checks: a heading naming what was checked, then the lines as doctor prints them."""
+    if as_json:
+        print_json(pre.as_dict())
+        return
+    where = ", ".join(pre.addresses) or "no public address known"
+    typer.echo(f"Preflight: {pre.setup.hostname} ({where}) and {pre.setup.domain}, as the internet sees them:")
+    print_doctor(pre.findings)
+
+
 def print_dns(setup: MailSetup, records, ptr: list[str], have_ips: bool, comparisons,
               left_out: list[str] = (), mta_sts: dict | None = None) -> None:
     from mailsetup.dns import GROUPS, client_ports, group_of
