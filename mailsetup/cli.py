@@ -49,7 +49,8 @@ def init(domain: o.Domain = None, hostname: o.Hostname = None, os_name: o.OsName
          rotate_queue_key: o.RotateQueueKey = False, drain: o.Drain = False, drain_timeout: o.DrainTimeout = 300.0,
          force_rotate: o.ForceRotate = False, yes: o.Yes = False, dry_run: o.DryRun = False, diff: o.Diff = False,
          dkim: o.Dkim = None, smoke_flag: o.Smoke = None, quiet: o.Quiet = False, as_json: o.InitJson = False,
-         debug: o.Debug = False) -> None:
+         acme_server: o.AcmeServer = None, acme_email: o.AcmeEmail = None, webroot: o.Webroot = None,
+         http_01_port: o.Http01Port = None, reload_command: o.ReloadCommand = None, debug: o.Debug = False) -> None:
     """Provision everything (certificate, queue key, aliases, smtpd.conf), check it, smoke-test it.
 
     On a terminal it asks what no flag gave; a re-run shows the state and offers rotation."""

@@ -34,6 +34,10 @@ class Layout:
     spool: PurePosixPath = PurePosixPath("/var/spool/smtpd")  # PATH_SPOOL: the same in every package
     dkim_dir: PurePosixPath = PurePosixPath("/etc/mail/dkim")  # the DKIM keys (the filter's README's place)
     dkim_user: str = "_dkimsign"  # opensmtpd-filter-dkimsign's user and group (Debian, OpenBSD)
+    # certbot's config (live/, archive/, renewal-hooks/), work and logs directories (--tls acme)
+    letsencrypt_dir: PurePosixPath = PurePosixPath("/etc/letsencrypt")
+    letsencrypt_work: PurePosixPath = PurePosixPath("/var/lib/letsencrypt")
+    letsencrypt_logs: PurePosixPath = PurePosixPath("/var/log/letsencrypt")
 
     @property
     def aliases_db(self) -> PurePosixPath:
@@ -92,6 +96,8 @@ LAYOUTS: dict[str, Layout] = {
         PurePosixPath("/usr/local/etc/ssl/private"), PurePosixPath("/usr/local/etc/mailsetup"),
         PurePosixPath("/home"), "service smtpd restart", "_smtpd", "0.0.0.0", "localhost",
         dkim_dir=PurePosixPath("/usr/local/etc/mail/dkim"),
+        letsencrypt_dir=PurePosixPath("/usr/local/etc/letsencrypt"),
+        letsencrypt_work=PurePosixPath("/var/db/letsencrypt"),
     ),
     "openbsd": Layout(
         "openbsd", "OpenBSD", PurePosixPath("/etc/mail/smtpd.conf"), PurePosixPath("/etc/mail/aliases"),
@@ -186,6 +192,9 @@ def sandboxed(layout: Layout, root: Path | None) -> Layout:
         home_dir=under(layout.home_dir),
         spool=under(layout.spool),
         dkim_dir=under(layout.dkim_dir),
+        letsencrypt_dir=under(layout.letsencrypt_dir),
+        letsencrypt_work=under(layout.letsencrypt_work),
+        letsencrypt_logs=under(layout.letsencrypt_logs),
     )
 
 
