@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, OPENSSL, SMTPD, run_cli, smtpd_check
+from conftest import IS_ROOT, OPENSSL, SMTPD, run_cli, smtpd_check, tree
 from mta_kit import free_port
 from test_real_smtpd import ensure_system_user
 
@@ -28,7 +28,7 @@ CERTBOT = shutil.which("certbot")
 DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
 HOST = "mail.example.test"
 
-pytestmark = pytest.mark.skipif(
+needs_pebble = pytest.mark.skipif(
     not (PEBBLE and CERTBOT and DNSMASQ and OPENSSL and IS_ROOT),
     reason="needs root, pebble, certbot, dnsmasq and openssl (scripts/bootstrap --test installs them)")
 
@@ -177,6 +177,7 @@ def served_by_smtpd(sandbox: Path, root_pem: Path) -> tuple[str, str]:
     return fingerprint(r.stdout), verdict
 
 
+@needs_pebble
 @pytest.mark.skipif(not SMTPD, reason="needs OpenSMTPD")
 def test_acme_issues_renews_through_the_hook_and_smtpd_serves_the_new_certificate(sandbox: Path, pebble: Pebble):
     ensure_system_user("alice")  # smtpd delivers to system users only
@@ -222,3 +223,135 @@ def test_acme_issues_renews_through_the_hook_and_smtpd_serves_the_new_certificat
     checks = {c["name"]: c for c in json.loads(smoke.out)}
     assert smoke.code == 0, ([c for c in checks.values() if not c["ok"]], smoke.err)
     assert checks["STARTTLS with the generated certificate"]["ok"]
+
+
+@needs_pebble
+def test_a_certificate_certbot_cannot_get_stops_init_with_one_line_and_nothing_written(sandbox: Path,
+                                                                                      pebble: Pebble):
+    """dnsmasq knows no other.example.test: Pebble's validation fails, init says why in one line and
+    writes none of its files (certbot keeps its own account and log under etc/ and var/)."""
+    r = acme_init(sandbox, pebble, hostname="other.example.test")
+    assert r.code == 1, r.out
+    assert len(r.err_lines) == 1, r.err
+    line = r.err_lines[0]
+    assert line.startswith("mailsetup: error: --tls acme: certbot could not obtain a certificate for "
+                           f"other.example.test from {pebble.directory}: "), line
+    assert "nothing written" in line and "letsencrypt.log" in line
+    assert "Traceback" not in r.err
+    ours = [p for p in sandbox.rglob("*") if p.is_file() and "letsencrypt" not in p.parts]
+    assert ours == []
+    assert not (sandbox / "etc/letsencrypt/live/other.example.test").exists()
+
+
+@needs_pebble
+def test_doctor_checks_the_acme_certificate_expiry_chain_and_name(sandbox: Path, pebble: Pebble):
+    r = acme_init(sandbox, pebble, "--no-smoke")
+    assert r.code == 0, r.err
+    root_pem = pebble.root_pem()
+
+    def doctor(bundle: str) -> dict[str, dict]:
+        d = run_cli("doctor", "--root", sandbox, "--json", env={"REQUESTS_CA_BUNDLE": bundle})
+        return {f["name"]: f for f in json.loads(d.out)}
+
+    found = doctor(str(root_pem))  # as a client that trusts Pebble's root
+    assert found["certificate chain"]["status"] == "ok", found["certificate chain"]
+    assert found["certificate chain"]["detail"] == f"2 certificates in fullchain.pem, verified against {root_pem}"
+    assert found["certificate names the mail host"]["status"] == "ok"
+    assert found["certbot deploy hook"]["status"] == "ok"
+    assert found["certificate expiry"]["status"] == "ok"
+    assert "certbot renews it from 30 days before" in found["certificate expiry"]["detail"]
+    # The system's store does not know Pebble's root: the chain holds together but clients refuse it.
+    found = doctor("")
+    assert found["certificate chain"]["status"] == "warn"
+    assert "holds together (2 certificates) but does not verify against" in found["certificate chain"]["detail"]
+
+    # Expiry, judged on the real certificate at other moments: 10 days left warns (certbot should
+    # have renewed from 30), after the end fails.
+    import datetime as dt
+
+    from mailsetup.answers import load_setup
+    from mailsetup.doctor import Doctor
+    from mailsetup.pki import inspect_cert, load_cert
+
+    setup = load_setup(sandbox, "debian")
+    end = inspect_cert(load_cert(Path(setup.tls.cert))).not_after
+    status, detail = Doctor(setup, now=end - dt.timedelta(days=10, hours=1)).cert_expiry()
+    assert status == "warn" and "in 10 days" in detail and "certbot renew" in detail
+    status, detail = Doctor(setup, now=end + dt.timedelta(days=1)).cert_expiry()
+    assert status == "fail" and detail.startswith(f"the certificate expired on {end:%Y-%m-%d}")
+    # A hook certbot would not run (not executable) is named.
+    hook = sandbox / "etc/letsencrypt/renewal-hooks/deploy/mailsetup-smtpd"
+    hook.chmod(0o644)
+    assert doctor(str(root_pem))["certbot deploy hook"]["status"] == "fail"
+
+
+@needs_pebble
+def test_the_deploy_hook_refuses_a_renewed_pair_that_does_not_match(sandbox: Path, pebble: Pebble):
+    """certbot runs the hook with RENEWED_LINEAGE; a key that is not the certificate's (or a certificate
+    for another name) stops it before the restart: smtpd keeps serving the old pair."""
+    marker = sandbox.parent / "reloaded"
+    r = acme_init(sandbox, pebble, "--no-smoke", "--reload-command", f"echo restarted >> {marker}")
+    assert r.code == 0, r.err
+    live = sandbox / "etc/letsencrypt/live" / HOST
+    hook = sandbox / "etc/letsencrypt/renewal-hooks/deploy/mailsetup-smtpd"
+
+    def run_hook(lineage: Path = live) -> subprocess.CompletedProcess:
+        return subprocess.run([hook], capture_output=True, text=True, timeout=30,
+                              env=dict(os.environ, RENEWED_LINEAGE=str(lineage)))
+
+    done = run_hook()
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text() == "restarted\n"
+    # another lineage of this host's certbot: not smtpd's certificate, nothing to do
+    done = run_hook(sandbox / "etc/letsencrypt/live/www.example.test")
+    assert done.returncode == 0 and marker.read_text() == "restarted\n"
+    # a key that is not the certificate's
+    (live / "privkey.pem").unlink()
+    assert _openssl("genpkey", "-algorithm", "RSA", "-out", live / "privkey.pem").returncode == 0
+    done = run_hook()
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"mailsetup deploy hook: {live}/privkey.pem is not the key of {live}/fullchain.pem; "
+                                   "smtpd not restarted, it keeps serving the old certificate")
+    assert marker.read_text() == "restarted\n"
+
+
+@pytest.mark.parametrize("flag, value, error", [
+    ("--acme-server", "http://127.0.0.1:14000/dir",
+     "--acme-server: 'http://127.0.0.1:14000/dir' is not an https:// URL of an ACME directory"),
+    ("--acme-email", "not an address", "--acme-email: 'not an address' contains a space, which is not allowed here"),
+    ("--acme-email", "you@", "--acme-email: a DNS name is required"),
+    ("--reload-command", "systemctl restart opensmtpd\nrm -rf /",
+     "--reload-command: 'systemctl restart opensmtpd\\nrm -rf /' contains a newline, which is not allowed here"),
+    ("--http-01-port", "0", "--http-01-port: 0 is not a port number (1-65535)"),
+    ("--webroot", "relative/dir", "--webroot: 'relative/dir' must be an absolute path"),
+])
+def test_bad_acme_settings_are_one_line_and_nothing_written(tmp_path: Path, flag: str, value: str, error: str | None):
+    sandbox = tmp_path / "root"
+    r = run_cli("init", "--yes", "--domain", "example.test", "--os", "debian", "--root", sandbox, "--admin", "alice",
+                "--tls", "acme", flag, value)
+    assert r.code == 2, r.err
+    assert len(r.err_lines) == 1 and r.err_lines[0].startswith("mailsetup: error: "), r.err
+    if error:
+        assert r.err_lines[0] == f"mailsetup: error: {error}"
+    assert tree(sandbox) == {}
+
+
+def test_without_certbot_init_says_how_to_install_it_and_writes_nothing(tmp_path: Path):
+    sandbox = tmp_path / "root"
+    r = run_cli("init", "--yes", "--domain", "example.test", "--os", "debian", "--root", sandbox, "--admin", "alice",
+                "--tls", "acme", env={"PATH": str(tmp_path / "empty")})
+    assert r.code == 1, r.err
+    assert r.err_lines == ["mailsetup: error: --tls acme: certbot is not installed; install certbot first: "
+                           "apt-get install certbot (Debian's package)"]
+    assert tree(sandbox) == {}
+
+
+def test_a_dry_run_says_what_certbot_would_do_and_runs_nothing(tmp_path: Path):
+    sandbox = tmp_path / "root"
+    r = run_cli("init", "--dry-run", "--domain", "example.test", "--os", "debian", "--root", sandbox,
+                "--admin", "alice", "--tls", "acme", "--webroot", "/var/www/html", "--acme-server", "https://127.0.0.1:9/dir")
+    assert r.code == 0, r.err
+    assert ("certbot will obtain a certificate for mail.example.test from https://127.0.0.1:9/dir (through the web "
+            "server serving /var/www/html) before anything is written") in r.out
+    assert f'cert "{sandbox}/etc/letsencrypt/live/mail.example.test/fullchain.pem"' in r.out
+    assert tree(sandbox) == {}
