@@ -355,3 +355,18 @@ def test_a_dry_run_says_what_certbot_would_do_and_runs_nothing(tmp_path: Path):
             "server serving /var/www/html) before anything is written") in r.out
     assert f'cert "{sandbox}/etc/letsencrypt/live/mail.example.test/fullchain.pem"' in r.out
     assert tree(sandbox) == {}
+
+
+@needs_pebble
+def test_a_rerun_keeps_certbots_certificate_and_rotate_cert_asks_for_a_new_one(sandbox: Path, pebble: Pebble):
+    assert acme_init(sandbox, pebble, "--no-smoke").code == 0
+    chain = sandbox / "etc/letsencrypt/live" / HOST / "fullchain.pem"
+    first = fingerprint(chain.read_text())
+    again = acme_init(sandbox, pebble, "--no-smoke")
+    assert again.code == 0, again.err
+    assert f"kept certbot's certificate {chain}" in again.out and "certbot: a certificate" not in again.out
+    assert fingerprint(chain.read_text()) == first
+    rotated = acme_init(sandbox, pebble, "--no-smoke", "--rotate-cert")
+    assert rotated.code == 0, rotated.err
+    assert f"certbot: a certificate for {HOST} from {pebble.directory}" in rotated.out
+    assert fingerprint(chain.read_text()) != first
