@@ -19,8 +19,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, OPENSSL, SMTPD, run_cli, smtpd_check, tree
+from conftest import IS_ROOT, MAILSETUP, OPENSSL, SMTPD, run_cli, smtpd_check, tree
 from mta_kit import free_port
+from test_answers_truth import Host
 from test_real_smtpd import ensure_system_user
 
 PEBBLE = shutil.which("pebble")
@@ -370,3 +371,44 @@ def test_a_rerun_keeps_certbots_certificate_and_rotate_cert_asks_for_a_new_one(s
     assert rotated.code == 0, rotated.err
     assert f"certbot: a certificate for {HOST} from {pebble.directory}" in rotated.out
     assert fingerprint(chain.read_text()) != first
+
+
+class HostWithVar(Host):
+    """This host through a private mount namespace (a copy of /etc, an empty /home and /run) with an
+    empty /var too, where certbot keeps its work and logs directories."""
+
+    def __init__(self, base: Path):
+        super().__init__(base)
+        self.var = base / "var"
+        self.var.mkdir()
+
+    def command(self, *args: object) -> list[str]:
+        inner = super().command(*args)
+        script = inner.index("-c") + 1
+        inner[script] = f"mount --bind {self.var} /var && " + inner[script]
+        return inner
+
+
+@needs_pebble
+@pytest.mark.skipif(not (SMTPD and shutil.which("unshare")), reason="needs OpenSMTPD and unshare")
+def test_on_a_real_host_certbot_uses_etc_letsencrypt_and_the_hook_restarts_the_service(tmp_path: Path,
+                                                                                       pebble: Pebble):
+    """No --root: certbot's own directories, smtpd.conf in /etc naming /etc/letsencrypt/live, and a hook
+    that restarts smtpd the way this host does (here without systemd: the init script through service)."""
+    host = HostWithVar(tmp_path)
+    r = host.run("env", f"REQUESTS_CA_BUNDLE={pebble.ca_bundle}", MAILSETUP, "init", "--yes", "--no-smoke",
+                 "--domain", "example.test", "--os", "debian", "--admin", "postmaster@example.org",
+                 "--hostname", HOST, "--tls", "acme", "--acme-server", pebble.directory,
+                 "--http-01-port", pebble.http_port)
+    assert r.code == 0, r.err + r.out
+    live = host.etc / "letsencrypt/live" / HOST
+    assert (live / "fullchain.pem").exists() and (live / "privkey.pem").exists()
+    conf = (host.etc / "smtpd.conf").read_text()
+    assert f'pki {HOST} cert "/etc/letsencrypt/live/{HOST}/fullchain.pem"' in conf
+    assert "✓ smtpd -n: configuration OK" in r.out
+    assert (host.var / "log/letsencrypt/letsencrypt.log").exists()
+    hook = (host.etc / "letsencrypt/renewal-hooks/deploy/mailsetup-smtpd").read_text()
+    assert f"live=/etc/letsencrypt/live/{HOST}\n" in hook
+    restart = "service opensmtpd restart" if (host.etc / "init.d/opensmtpd").exists() else None
+    if restart:
+        assert hook.endswith(f"\n{restart}\n")
