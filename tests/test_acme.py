@@ -365,6 +365,10 @@ def test_a_rerun_keeps_certbots_certificate_and_rotate_cert_asks_for_a_new_one(s
     first = fingerprint(chain.read_text())
     again = acme_init(sandbox, pebble, "--no-smoke")
     assert again.code == 0, again.err
+    assert (f"certbot renews the certificate; after each renewal {sandbox}/etc/letsencrypt/renewal-hooks/deploy/"
+            f"mailsetup-smtpd checks it and restarts smtpd. Try a renewal: certbot renew --dry-run --config-dir "
+            f"{sandbox}/etc/letsencrypt --work-dir {sandbox}/var/lib/letsencrypt --logs-dir "
+            f"{sandbox}/var/log/letsencrypt") in again.out
     assert f"kept certbot's certificate {chain}" in again.out and "certbot: a certificate" not in again.out
     assert fingerprint(chain.read_text()) == first
     rotated = acme_init(sandbox, pebble, "--no-smoke", "--rotate-cert")
