@@ -416,3 +416,27 @@ def test_on_a_real_host_certbot_uses_etc_letsencrypt_and_the_hook_restarts_the_s
     restart = "service opensmtpd restart" if (host.etc / "init.d/opensmtpd").exists() else None
     if restart:
         assert hook.endswith(f"\n{restart}\n")
+
+
+def test_the_wizard_explains_the_tls_choice_and_asks_for_the_acme_address(tmp_path: Path):
+    from test_wizard import DOWN, answer, finish, spawn
+
+    root = tmp_path / "root"
+    child = spawn("init", "--root", root, "--os", "debian", "--domain", "example.test", "--admin", "alice",
+                  "--user", "", "--acme-server", "https://127.0.0.1:9/dir", "--dry-run")
+    answer(child, r"Mail host name, its FQDN \(--hostname\)", "\r")
+    child.expect(r"only for a public name whose port 80 reaches this host")
+    answer(child, r"TLS certificate \(--tls\)", DOWN * 3 + "\r")  # the fourth: acme
+    answer(child, r"Address Let's Encrypt writes to about the certificate, blank for none \(--acme-email\)",
+           "you@example.test\r")
+    answer(child, r"Key type \(--key-type\)", "\r")
+    answer(child, r"Compress the queue", "y")
+    answer(child, r"Encrypt the queue", "y")
+    answer(child, r"Run the smoke test", "n")
+    code, text = finish(child)
+    assert code == 0, text
+    assert "self-signed works anywhere, but mail clients warn about it" in text
+    assert "a CA-trusted certificate from Let's Encrypt, renewed by certbot" in text
+    assert ("certbot will obtain a certificate for mail.example.test from https://127.0.0.1:9/dir (with certbot's "
+            "own server on port 80) before anything is written") in text
+    assert tree(root) == {}
