@@ -136,7 +136,12 @@ def _plan_acme(setup: MailSetup, prov: Provisioning, rotate: bool) -> None:
         prov.key_type_in_use = setup.tls.key_type
         prov.notes.append(acme.plan_note(setup))
         return
-    info = pki.check_existing_pair(Path(setup.tls.cert), Path(setup.tls.key), setup.hostname)
+    try:
+        info = pki.check_existing_pair(Path(setup.tls.cert), Path(setup.tls.key), setup.hostname)
+    except MailsetupError as exc:  # it names --cert/--key, which an acme set-up never gave
+        why = exc.message.split(": ", 1)[-1]
+        raise MailsetupError(f"--tls acme: certbot's certificate does not check out ({why}); ask certbot for a "
+                             "new one: mailsetup init --rotate-cert", exit_code=1) from None
     prov.key_type_in_use = info.key_type
     prov.notes.append(f"kept certbot's certificate {setup.tls.cert} (expires {info.not_after:%Y-%m-%d}); "
                       "certbot renews it")

@@ -306,14 +306,23 @@ def test_the_deploy_hook_refuses_a_renewed_pair_that_does_not_match(sandbox: Pat
     # another lineage of this host's certbot: not smtpd's certificate, nothing to do
     done = run_hook(sandbox / "etc/letsencrypt/live/www.example.test")
     assert done.returncode == 0 and marker.read_text() == "restarted\n"
-    # a key that is not the certificate's
-    (live / "privkey.pem").unlink()
-    assert _openssl("genpkey", "-algorithm", "RSA", "-out", live / "privkey.pem").returncode == 0
+    # a key that is not the certificate's (written where live/privkey.pem leads, in archive/)
+    assert _openssl("genpkey", "-algorithm", "RSA", "-out", (live / "privkey.pem").resolve()).returncode == 0
     done = run_hook()
     assert done.returncode == 1
     assert done.stderr.strip() == (f"mailsetup deploy hook: {live}/privkey.pem is not the key of {live}/fullchain.pem; "
                                    "smtpd not restarted, it keeps serving the old certificate")
     assert marker.read_text() == "restarted\n"
+    # init sees it too, and says how to mend it; --rotate-cert asks certbot for a new pair
+    again = acme_init(sandbox, pebble, "--no-smoke")
+    assert again.code == 1
+    assert again.err_lines == [
+        f"mailsetup: error: --tls acme: certbot's certificate does not check out ({live}/privkey.pem is not the "
+        f"private key of the certificate {live}/fullchain.pem); ask certbot for a new one: mailsetup init "
+        "--rotate-cert"]
+    assert acme_init(sandbox, pebble, "--no-smoke", "--rotate-cert").code == 0
+    assert marker.read_text() == "restarted\n" * 2  # certbot ran the hook on that renewal itself
+    assert run_hook().returncode == 0 and marker.read_text() == "restarted\n" * 3
 
 
 @pytest.mark.parametrize("flag, value, error", [
