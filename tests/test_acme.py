@@ -38,7 +38,7 @@ def _wait_tcp(port: int, proc: subprocess.Popen, what: str, timeout: float = 15)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"{what} exited: {proc.stdout.read() if proc.stdout else ''}")
+            raise AssertionError(f"{what} exited with status {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -85,11 +85,10 @@ class Pebble:
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> Pebble:
-        self.procs.append(subprocess.Popen(
-            [DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll", "--conf-file=/dev/null",
-             f"--port={self.dns}", "--listen-address=127.0.0.1", "--bind-interfaces", "--user=root",
-             "--local=/example.test/", f"--host-record={HOST},127.0.0.1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        self._spawn("dnsmasq", [
+            DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll", "--conf-file=/dev/null",
+            f"--port={self.dns}", "--listen-address=127.0.0.1", "--bind-interfaces", "--user=root",
+            "--local=/example.test/", f"--host-record={HOST},127.0.0.1"])
         config = self.work / "pebble.json"
         config.write_text(json.dumps({"pebble": {
             "listenAddress": f"127.0.0.1:{self.port}", "managementListenAddress": f"127.0.0.1:{self.mgmt}",
@@ -97,12 +96,19 @@ class Pebble:
             "httpPort": self.http_port, "tlsPort": free_port(), "ocspResponderURL": "",
             "externalAccountBindingRequired": False}}))
         env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0")
-        self.procs.append(subprocess.Popen(
-            [PEBBLE, "-config", str(config), "-dnsserver", f"127.0.0.1:{self.dns}"], env=env, cwd=self.work,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        _wait_tcp(self.port, self.procs[-1], "pebble")
-        _wait_tcp(self.mgmt, self.procs[-1], "pebble's management port")
+        pebble = self._spawn("pebble", [PEBBLE, "-config", str(config), "-dnsserver", f"127.0.0.1:{self.dns}"],
+                             env=env, cwd=self.work)
+        _wait_tcp(self.port, pebble, "pebble")
+        _wait_tcp(self.mgmt, pebble, "pebble's management port")
         return self
+
+    def _spawn(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
+        """Output to a file, not a pipe: Pebble logs every request, and a pipe nobody reads would fill
+        and stall it."""
+        with (self.work / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, **kw)
+        self.procs.append(proc)
+        return proc
 
     @property
     def directory(self) -> str:
