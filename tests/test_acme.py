@@ -378,7 +378,12 @@ def test_a_rerun_keeps_certbots_certificate_and_rotate_cert_asks_for_a_new_one(s
     assert acme_init(sandbox, pebble, "--no-smoke").code == 0
     chain = sandbox / "etc/letsencrypt/live" / HOST / "fullchain.pem"
     first = fingerprint(chain.read_text())
-    again = acme_init(sandbox, pebble, "--no-smoke")
+    answers = (sandbox / "etc/mailsetup/answers.toml").read_text()
+    assert f'acme_server = "{pebble.directory}"' in answers and f"http_01_port = {pebble.http_port}" in answers
+    assert 'tls = "acme"' in answers and 'acme_email = "postmaster@example.test"' in answers
+    # A re-run from answers.toml alone (no --tls, no --acme-* flags) keeps the certificate...
+    rerun = ("init", "--yes", "--no-smoke", "--os", "debian", "--root", sandbox)
+    again = run_cli(*rerun, env=pebble.env, timeout=300)
     assert again.code == 0, again.err
     assert (f"certbot renews the certificate; after each renewal {sandbox}/etc/letsencrypt/renewal-hooks/deploy/"
             f"mailsetup-smtpd checks it and restarts smtpd. Try a renewal: certbot renew --dry-run --config-dir "
@@ -386,7 +391,8 @@ def test_a_rerun_keeps_certbots_certificate_and_rotate_cert_asks_for_a_new_one(s
             f"{sandbox}/var/log/letsencrypt") in again.out
     assert f"kept certbot's certificate {chain}" in again.out and "certbot: a certificate" not in again.out
     assert fingerprint(chain.read_text()) == first
-    rotated = acme_init(sandbox, pebble, "--no-smoke", "--rotate-cert")
+    # ...and --rotate-cert asks the recorded ACME server again, on the recorded port.
+    rotated = run_cli(*rerun, "--rotate-cert", env=pebble.env, timeout=300)
     assert rotated.code == 0, rotated.err
     assert f"certbot: a certificate for {HOST} from {pebble.directory}" in rotated.out
     assert fingerprint(chain.read_text()) != first
