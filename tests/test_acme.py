@@ -13,6 +13,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -319,13 +320,22 @@ def test_the_deploy_hook_refuses_a_renewed_pair_that_does_not_match(sandbox: Pat
     assert done.stderr.strip() == (f"mailsetup deploy hook: {live}/privkey.pem is not the key of {live}/fullchain.pem; "
                                    "smtpd not restarted, it keeps serving the old certificate")
     assert marker.read_text() == "restarted\n"
+    # a matching pair for another name
+    other_key, other_cert = (live / "privkey.pem").resolve(), (live / "fullchain.pem").resolve()
+    assert _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", other_key, "-out", other_cert,
+                    "-days", "2", "-subj", "/CN=www.example.test", "-addext",
+                    "subjectAltName=DNS:www.example.test").returncode == 0
+    done = run_hook()
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"mailsetup deploy hook: {live}/fullchain.pem does not name {HOST}; "
+                                   "smtpd not restarted, it keeps serving the old certificate")
+    assert marker.read_text() == "restarted\n"
     # init sees it too, and says how to mend it; --rotate-cert asks certbot for a new pair
     again = acme_init(sandbox, pebble, "--no-smoke")
     assert again.code == 1
     assert again.err_lines == [
-        f"mailsetup: error: --tls acme: certbot's certificate does not check out ({live}/privkey.pem is not the "
-        f"private key of the certificate {live}/fullchain.pem); ask certbot for a new one: mailsetup init "
-        "--rotate-cert"]
+        f"mailsetup: error: --tls acme: certbot's certificate does not check out ({live}/fullchain.pem names "
+        f"www.example.test, not {HOST}); ask certbot for a new one: mailsetup init --rotate-cert"]
     assert acme_init(sandbox, pebble, "--no-smoke", "--rotate-cert").code == 0
     assert marker.read_text() == "restarted\n" * 2  # certbot ran the hook on that renewal itself
     assert run_hook().returncode == 0 and marker.read_text() == "restarted\n" * 3
@@ -461,3 +471,22 @@ def test_the_wizard_explains_the_tls_choice_and_asks_for_the_acme_address(tmp_pa
     assert ("certbot will obtain a certificate for mail.example.test from https://127.0.0.1:9/dir (with certbot's "
             "own server on port 80) before anything is written") in text
     assert tree(root) == {}
+
+
+@needs_pebble
+def test_webroot_answers_the_challenge_through_the_web_server_already_on_port_80(sandbox: Path, pebble: Pebble):
+    """--webroot DIR: certbot writes the challenge into DIR, a web server that already holds the port
+    (here python's http.server on Pebble's http-01 port) serves it; certbot opens no port itself."""
+    webroot = sandbox.parent / "www"
+    webroot.mkdir()
+    web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", webroot,
+                            str(pebble.http_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_tcp(pebble.http_port, web, "the web server")
+        r = acme_init(sandbox, pebble, "--no-smoke", "--webroot", webroot)
+    finally:
+        _stop(web)
+    assert r.code == 0, r.err + r.out
+    assert f"(through the web server serving {webroot})" in r.out
+    assert (sandbox / "etc/letsencrypt/live" / HOST / "fullchain.pem").exists()
+    assert f"webroot = \"{webroot}\"" in (sandbox / "etc/mailsetup/answers.toml").read_text()
