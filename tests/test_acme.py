@@ -186,11 +186,12 @@ def served_by_smtpd(sandbox: Path, root_pem: Path) -> tuple[str, str]:
 
 
 @needs_pebble
-@pytest.mark.skipif(not SMTPD, reason="needs OpenSMTPD")
+@pytest.mark.skipif(not (SMTPD and Path("/usr/libexec/opensmtpd/filter-dkimsign").exists()),
+                    reason="needs OpenSMTPD and opensmtpd-filter-dkimsign")
 def test_acme_issues_renews_through_the_hook_and_smtpd_serves_the_new_certificate(sandbox: Path, pebble: Pebble):
     ensure_system_user("alice")  # smtpd delivers to system users only
     marker = sandbox.parent / "reloaded"
-    r = acme_init(sandbox, pebble, "--reload-command", f"echo renewed >> {marker}")
+    r = acme_init(sandbox, pebble, "--dkim", "--reload-command", f"echo renewed >> {marker}")
     assert r.code == 0, r.err + r.out
     live = sandbox / "etc/letsencrypt/live" / HOST
     assert f"certbot: a certificate for {HOST} from {pebble.directory} in {live}" in r.out
@@ -231,6 +232,9 @@ def test_acme_issues_renews_through_the_hook_and_smtpd_serves_the_new_certificat
     checks = {c["name"]: c for c in json.loads(smoke.out)}
     assert smoke.code == 0, ([c for c in checks.values() if not c["ok"]], smoke.err)
     assert checks["STARTTLS with the generated certificate"]["ok"]
+    # with DKIM on, both engines sign what leaves: the CA-issued certificate and the signatures together
+    assert "DKIM signatures verify" in r.out
+    assert "2 signatures" in checks["DKIM signatures verify against the records `mailsetup dns` prints"]["detail"]
 
 
 @needs_pebble
