@@ -110,6 +110,8 @@ class Doctor:
         info = pki.inspect_cert(pki.load_cert(Path(self.setup.tls.cert)))
         days = info.days_left(self.now)
         when = f"{info.not_after:%Y-%m-%d}"
+        if self.setup.tls.source == "acme":
+            return _acme_expiry(days, when, self.setup.layout.letsencrypt_logs)
         if days < 0:
             return FAIL, f"the certificate expired on {when}; renew: mailsetup init --rotate-cert"
         if days < 30:
@@ -124,6 +126,33 @@ class Doctor:
             return FAIL, (f"the certificate names {', '.join(info.names) or 'no DNS names'}, not "
                           f"{self.setup.hostname}: clients will refuse it")
         return OK, f"{self.setup.hostname} is in the certificate's subjectAltName"
+
+    def cert_chain(self) -> tuple[str, str]:
+        """--tls acme: fullchain.pem leads from the certificate to a root clients trust."""
+        from mailsetup import pki
+
+        certs = pki.load_chain(Path(self.setup.tls.cert))
+        store = trust_store()
+        try:
+            pki.verify_chain(certs, store.read_bytes(), self.setup.hostname, self.now)
+        except MailsetupError as exc:
+            broken = pki.chain_break(certs)
+            if broken:
+                return FAIL, f"{self.setup.tls.cert}: {broken}; renew it: certbot renew --force-renewal"
+            return WARN, (f"the chain in {Path(self.setup.tls.cert).name} holds together ({len(certs)} "
+                          f"certificates) but does not verify against {store}: {exc.message}; clients will "
+                          "refuse it (a test or staging CA? set --acme-server to a trusted one)")
+        return OK, f"{len(certs)} certificates in {Path(self.setup.tls.cert).name}, verified against {store}"
+
+    def acme_hook(self) -> tuple[str, str]:
+        from mailsetup import acme
+
+        hook = acme.hook_path(self.setup)
+        st = hook.stat()
+        if st.st_uid != 0 or _mode(hook) != acme.HOOK_MODE:
+            return FAIL, (f"{hook} is mode {_mode(hook):04o}, uid {st.st_uid}; certbot runs it only as an executable "
+                          "and root must own it: re-run `mailsetup init`")
+        return OK, f"{hook}: certbot restarts smtpd through it after each renewal"
 
     def queue_key(self) -> tuple[str, str]:
         from mailsetup import queuekey
@@ -358,9 +387,31 @@ class Doctor:
             ("ports", self.ports),
             ("smtpd version", self.smtpd_version),
             ("DKIM signing", self.dkim),
+            *((("certificate chain", self.cert_chain), ("certbot deploy hook", self.acme_hook))
+              if self.setup.tls.source == "acme" else ()),
         ):
             self.check(name, fn)
         return self.findings
+
+
+def _acme_expiry(days: int, when: str, logs) -> tuple[str, str]:
+    """certbot renews 30 days before the end: under 20 left means its renewals are failing."""
+    if days < 0:
+        return FAIL, f"the certificate expired on {when}; renew now: certbot renew (its log: {logs}/letsencrypt.log)"
+    if days < 20:
+        return WARN, (f"the certificate expires on {when}, in {days} days, and certbot renews from 30 days before: "
+                      f"its renewals are failing; run `certbot renew` and read {logs}/letsencrypt.log")
+    return OK, f"valid until {when} ({days} days); certbot renews it from 30 days before"
+
+
+def trust_store() -> Path:
+    """The roots a client here trusts: REQUESTS_CA_BUNDLE (as certbot reads it), else the system's."""
+    import ssl
+
+    given = os.environ.get("REQUESTS_CA_BUNDLE")
+    if given:
+        return Path(given)
+    return Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
 
 
 def _ours(path: Path) -> bool:

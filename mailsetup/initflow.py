@@ -185,6 +185,7 @@ def _run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]
         return report(run, out, smoke_ok=True)
     if not confirm(run, opts, out):
         return 1
+    obtain_certificate(run, out)
     apply(run, opts, out, phase)
     return report(run, out, smoke_ok=prove(run, out))
 
@@ -332,6 +333,20 @@ def confirm(run: Run, opts: InitOptions, out: Out) -> bool:
         out.say("Nothing written.")
         return False
     return True
+
+
+def obtain_certificate(run: Run, out: Out) -> None:
+    """--tls acme: certbot gets the certificate before anything of ours is written (smtpd -n needs it);
+    when it cannot, init stops with certbot's reason and nothing written."""
+    from mailsetup import acme
+
+    setup = run.setup
+    if setup.tls.source != "acme" or (acme.have_certificate(setup) and not run.rotate_cert):
+        return
+    with out.working("certbot: obtaining the certificate…"):
+        done = acme.obtain(setup, force=run.rotate_cert)
+    out.say(done)
+    out.report["certificate"] = done
 
 
 def apply(run: Run, opts: InitOptions, out: Out, phase: dict[str, bool]) -> None:

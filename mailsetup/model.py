@@ -22,6 +22,8 @@ DEFAULT_SMTPD_VERSION = (7, 4)
 MODERN_GRAMMAR = (6, 4)  # action/match, `pki … cert`, `queue encryption KEY`
 DEFAULT_MAX_MESSAGE_SIZE = 35 * 1024 * 1024  # smtpd's default
 DEFAULT_KEEP_BACKUPS = 5  # dated backups kept of each file, as certbot keeps five versions
+ACME_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"  # Let's Encrypt's, certbot's default
+TLS_SOURCES = ("self-signed", "existing", "csr", "acme")
 
 # Characters that end a token, start a comment or a macro, or open a block in smtpd.conf.
 _HOSTILE = {
@@ -241,12 +243,25 @@ def validate_mta_sts_mode(value: Any, flag: str = "--mta-sts-mode") -> str:
 
 
 @dataclass(frozen=True)
+class Acme:
+    """How certbot obtains and renews the certificate of `--tls acme`."""
+
+    server: str = ACME_PRODUCTION  # the ACME directory URL
+    email: str | None = None  # the account's contact; None registers without one
+    webroot: PurePosixPath | None = None  # a web server's document root; None: certbot's own server
+    http_port: int = 80  # where certbot's standalone server answers the http-01 challenge
+    reload: str | None = None  # what the deploy hook runs after a renewal; None: the OS's restart of smtpd
+
+
+@dataclass(frozen=True)
 class Tls:
     cert: PurePosixPath
     key: PurePosixPath
     key_type: str = "rsa-2048"
     days: int = 3650
-    source: str = "self-signed"  # "existing": the user's own files, never overwritten; "csr": + a CSR
+    # "existing": the user's own files, never overwritten; "csr": + a CSR; "acme": certbot's live files
+    source: str = "self-signed"
+    acme: Acme | None = None
 
     @property
     def csr(self) -> PurePosixPath:
@@ -390,9 +405,50 @@ def _layout(os_given: Any, flag: str = "--os") -> Layout:
 
 def validate_tls(value: Any, flag: str = "--tls") -> str:
     text = str(value)
-    if text not in ("self-signed", "existing", "csr"):
-        raise MailsetupError(f"{flag}: {text!r} is not self-signed, existing or csr")
+    if text not in TLS_SOURCES:
+        raise MailsetupError(f"{flag}: {text!r} is not self-signed, existing, csr or acme")
     return text
+
+
+def validate_acme_server(value: Any, flag: str = "--acme-server") -> str:
+    """An ACME directory URL: https, nothing a shell or certbot's renewal file could misread."""
+    text = refuse_injection(str(value), flag)
+    if not re.fullmatch(r"https://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/%:=?&+-]*)?", text):
+        raise MailsetupError(f"{flag}: {text!r} is not an https:// URL of an ACME directory")
+    return text
+
+
+_EMAIL_LOCAL = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
+
+
+def validate_email(value: Any, flag: str = "--acme-email") -> str:
+    text = refuse_injection(str(value), flag)
+    local, sep, domain = text.partition("@")
+    if not (sep and _EMAIL_LOCAL.match(local)) or local.startswith(".") or ".." in local:
+        raise MailsetupError(f"{flag}: {text!r} is not a plain address such as you@example.org")
+    return f"{local}@{validate_dns_name(domain, flag)}"
+
+
+def validate_command(value: Any, flag: str) -> str:
+    """A shell command run as one line of a script: any words, but no line break or control character."""
+    text = str(value).strip()
+    if not text:
+        raise MailsetupError(f"{flag}: a command is required")
+    for ch in text:
+        if ord(ch) < 32 or ord(ch) == 127:
+            raise MailsetupError(f"{flag}: {text!r} contains {_describe_char(ch)}, which is not allowed here")
+    return text
+
+
+def _acme(raw: Mapping[str, Any], where: Callable[[str], str]) -> Acme:
+    given = {k: raw.get(k) for k in ("acme_email", "webroot", "reload_command")}
+    return Acme(
+        server=validate_acme_server(raw.get("acme_server") or ACME_PRODUCTION, where("acme_server")),
+        email=validate_email(given["acme_email"], where("acme_email")) if given["acme_email"] else None,
+        webroot=validate_path(Path(str(given["webroot"])).absolute(), where("webroot")) if given["webroot"] else None,
+        http_port=validate_port(raw.get("http_01_port", 80), where("http_01_port")),
+        reload=validate_command(given["reload_command"], where("reload_command")) if given["reload_command"] else None,
+    )
 
 
 def _tls(raw: Mapping[str, Any], layout: Layout, hostname: str, where: Callable[[str], str]) -> Tls:
@@ -410,6 +466,10 @@ def _tls(raw: Mapping[str, Any], layout: Layout, hostname: str, where: Callable[
         )
     if raw.get("cert") or raw.get("key"):
         raise MailsetupError(f"--cert/--key: not used with --tls {tls_mode}")
+    if tls_mode == "acme":  # certbot's stable names; live/ links to the newest version in archive/
+        live = layout.letsencrypt_dir / "live" / hostname
+        return Tls(cert=live / "fullchain.pem", key=live / "privkey.pem", key_type=key_type, days=days,
+                   source="acme", acme=_acme(raw, where))
     return Tls(
         cert=layout.cert_dir / f"{hostname}.crt",
         key=layout.key_dir / f"{hostname}.key",

@@ -43,7 +43,17 @@ Hostname = Annotated[str | None, _opt("--hostname",
 AliasesFile = Annotated[Path | None, _opt("--aliases", help="An aliases(5) file to install.")]
 Admin = Annotated[str | None, _opt(
     "--admin", help="Who reads root's (so postmaster's) mail: a person's account here, or an address.")]
-TlsMode = Annotated[str | None, _opt("--tls", help="self-signed (default), existing (with --cert/--key) or csr.")]
+TlsMode = Annotated[str | None, _opt(
+    "--tls", help="self-signed (default), existing (with --cert/--key), csr, or acme (certbot, Let's Encrypt).")]
+AcmeServer = Annotated[str | None, _opt("--acme-server", metavar="URL",
+                                        help="--tls acme: the ACME directory (Let's Encrypt's production one).")]
+AcmeEmail = Annotated[str | None, _opt("--acme-email", help="--tls acme: the account's contact address.")]
+Webroot = Annotated[Path | None, _opt("--webroot", metavar="DIR", help=(
+    "--tls acme: answer the http-01 challenge through the web server serving DIR (default: certbot's own "
+    "server on port 80)."))]
+Http01Port = Annotated[int | None, _opt("--http-01-port", help="--tls acme: the port certbot's own server uses (80).")]
+ReloadCommand = Annotated[str | None, _opt("--reload-command", metavar="CMD", help=(
+    "--tls acme: what certbot's deploy hook runs after a renewal (default: the OS's restart of smtpd)."))]
 KeyType = Annotated[str, _opt("--key-type", help="rsa-2048, rsa-4096 or ecdsa-p256.")]
 InitKeyType = Annotated[str | None, _opt("--key-type", help="rsa-2048 (default), rsa-4096, ecdsa-p256")]
 Days = Annotated[int, _opt("--days", help="Certificate lifetime in days.")]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -175,3 +176,41 @@ def _covers(names: tuple[str, ...], hostname: str) -> bool:
         if name.startswith("*.") and hostname.split(".", 1)[-1] == name[2:] and hostname.count(".") >= 2:
             return True
     return False
+
+
+def load_chain(path: Path, flag: str = "--cert") -> list[x509.Certificate]:
+    """Every certificate of a chain file (certbot's fullchain.pem: the leaf first)."""
+    try:
+        data = read_secret(Path(path))
+    except OSError as exc:
+        raise MailsetupError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise MailsetupError(f"{flag}: {path} is not a PEM certificate chain") from None
+
+
+def chain_break(certs: list[x509.Certificate]) -> str | None:
+    """Where a chain does not hold together: a certificate not issued by the next one; None when it does."""
+    for n, (cert, issuer) in enumerate(zip(certs, certs[1:], strict=False), 1):
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            return f"certificate {n} of the chain is not issued by certificate {n + 1}"
+    return None
+
+
+def verify_chain(certs: list[x509.Certificate], roots_pem: bytes, hostname: str, now: dt.datetime) -> None:
+    """The leaf, through the chain's intermediates, to one of the roots, valid for `hostname` at `now`
+    (a server's chain as a client judges it). MailsetupError with the verifier's reason when not."""
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    try:
+        roots = Store(x509.load_pem_x509_certificates(roots_pem))
+    except ValueError:
+        raise MailsetupError("the trust store holds no PEM certificates") from None
+    verifier = PolicyBuilder().store(roots).time(now).build_server_verifier(x509.DNSName(hostname))
+    try:
+        verifier.verify(certs[0], certs[1:])
+    except VerificationError as exc:
+        raise MailsetupError(str(exc)) from None

@@ -37,6 +37,10 @@ class Layout:
     dkim_filter: PurePosixPath = PurePosixPath("/usr/libexec/opensmtpd/filter-dkimsign")  # on this host
     # The MTA-STS policy's web root: a web server serves it as https://mta-sts.DOMAIN/ (RFC 8461).
     mta_sts_dir: PurePosixPath = PurePosixPath("/var/www/mta-sts")
+    # certbot's config (live/, archive/, renewal-hooks/), work and logs directories (--tls acme)
+    letsencrypt_dir: PurePosixPath = PurePosixPath("/etc/letsencrypt")
+    letsencrypt_work: PurePosixPath = PurePosixPath("/var/lib/letsencrypt")
+    letsencrypt_logs: PurePosixPath = PurePosixPath("/var/log/letsencrypt")
 
     @property
     def aliases_db(self) -> PurePosixPath:
@@ -101,6 +105,8 @@ LAYOUTS: dict[str, Layout] = {
         PurePosixPath("/home"), "service smtpd restart", "_smtpd", "0.0.0.0", "localhost",
         dkim_dir=PurePosixPath("/usr/local/etc/mail/dkim"), mta_sts_dir=PurePosixPath("/usr/local/www/mta-sts"),
         dkim_filter=PurePosixPath("/usr/local/libexec/opensmtpd/filter-dkimsign"),
+        letsencrypt_dir=PurePosixPath("/usr/local/etc/letsencrypt"),
+        letsencrypt_work=PurePosixPath("/var/db/letsencrypt"),
     ),
     "openbsd": Layout(
         "openbsd", "OpenBSD", PurePosixPath("/etc/mail/smtpd.conf"), PurePosixPath("/etc/mail/aliases"),
@@ -197,6 +203,9 @@ def sandboxed(layout: Layout, root: Path | None) -> Layout:
         spool=under(layout.spool),
         dkim_dir=under(layout.dkim_dir),
         mta_sts_dir=under(layout.mta_sts_dir),
+        letsencrypt_dir=under(layout.letsencrypt_dir),
+        letsencrypt_work=under(layout.letsencrypt_work),
+        letsencrypt_logs=under(layout.letsencrypt_logs),
     )
 
 

@@ -83,6 +83,9 @@ def _plan_tls(setup: MailSetup, prov: Provisioning, rotate: bool, key_type_chose
     from mailsetup import pki
 
     cert_path, key_path = Path(setup.tls.cert), Path(setup.tls.key)
+    if setup.tls.source == "acme":
+        _plan_acme(setup, prov, rotate)
+        return
     if setup.tls.source == "existing":
         info = pki.check_existing_pair(cert_path, key_path, setup.hostname)
         prov.key_type_in_use = info.key_type
@@ -121,6 +124,27 @@ def _plan_tls(setup: MailSetup, prov: Provisioning, rotate: bool, key_type_chose
     if setup.tls.source == "csr":
         prov.plan.add(FileChange(Path(setup.tls.csr), pki.csr(key, setup.hostname), 0o644,
                                  "certificate signing request: send it to your CA"))
+
+
+def _plan_acme(setup: MailSetup, prov: Provisioning, rotate: bool) -> None:
+    """certbot's certificate: obtained by init before the plan is applied (acme.obtain), renewed by
+    certbot, whose deploy hook (ours, in the plan) restarts smtpd."""
+    from mailsetup import acme, pki
+
+    prov.plan.add(acme.hook_change(setup))
+    if not acme.have_certificate(setup) or rotate:
+        prov.key_type_in_use = setup.tls.key_type
+        prov.notes.append(acme.plan_note(setup))
+        return
+    try:
+        info = pki.check_existing_pair(Path(setup.tls.cert), Path(setup.tls.key), setup.hostname)
+    except MailsetupError as exc:  # it names --cert/--key, which an acme set-up never gave
+        why = exc.message.split(": ", 1)[-1]
+        raise MailsetupError(f"--tls acme: certbot's certificate does not check out ({why}); ask certbot for a "
+                             "new one: mailsetup init --rotate-cert", exit_code=1) from None
+    prov.key_type_in_use = info.key_type
+    prov.notes.append(f"kept certbot's certificate {setup.tls.cert} (expires {info.not_after:%Y-%m-%d}); "
+                      "certbot renews it")
 
 
 def _plan_queue_key(setup: MailSetup, prov: Provisioning, rotate: bool) -> str | None:
@@ -299,9 +323,19 @@ def recorded_answers(setup: MailSetup, key_type: str | None = None) -> dict:
         "queue_compression": setup.queue.compression, "queue_encryption": setup.queue.encryption,
         "max_message_size": setup.max_message_size, "keep_backups": setup.keep_backups, "dkim": setup.dkim,
         "mta_sts_mode": setup.mta_sts_mode,
+        **_acme_answers(setup),
     }
     always = {"domain", "hostname", "os", "admin", "key_type", "cert", "key", "smtpd_version"}
     return {k: v for k, v in values.items() if v is not None and (k in always or k in setup.answered)}
+
+
+def _acme_answers(setup: MailSetup) -> dict:
+    acme = setup.tls.acme
+    if acme is None:
+        return {}
+    return {"acme_server": acme.server, "acme_email": acme.email,
+            "webroot": str(acme.webroot) if acme.webroot else None, "http_01_port": acme.http_port,
+            "reload_command": acme.reload}
 
 
 def build_plan(setup: MailSetup, rotate_cert: bool = False, rotate_queue_key: bool = False,

@@ -48,6 +48,7 @@ class Question:
     required: str = ""  # what to say when an unattended run has no answer (empty: optional)
     then_password: bool = False  # a name answered here is followed by its password, kept apart
     ask_first: str = ""  # a yes/no asked before the question itself; no means no answer
+    explain: str = ""  # said before the question: what the choice means
 
 
 def _current(key: str, fallback: Any = None) -> Callable[[Mapping[str, Any]], Any]:
@@ -58,7 +59,13 @@ TLS_CHOICES = [
     ("self-signed", "new self-signed certificate"),
     ("existing", "my own certificate and key (e.g. Let's Encrypt)"),
     ("csr", "a key and a CSR to send to a CA"),
+    ("acme", "a CA-trusted certificate from Let's Encrypt, renewed by certbot (needs this host's public "
+             "name to reach it on port 80)"),
 ]
+# Said before the choice: the default is safe anywhere; acme only works on a host the CA can reach.
+TLS_HELP = ("self-signed works anywhere, but mail clients warn about it (servers sending to you accept it); "
+            "acme gets a certificate every client trusts, but only for a public name whose port 80 reaches this host")
+
 
 QUESTIONS: tuple[Question, ...] = (
     Question("domain", "Mail domain (--domain):", "--domain", "text",
@@ -71,7 +78,19 @@ QUESTIONS: tuple[Question, ...] = (
              default=lambda a: a.get("os") or detect_os() or "debian",
              choices=lambda: [(name, f"{name} ({LAYOUTS[name].title})") for name in LAYOUTS]),
     Question("tls", "TLS certificate (--tls):", "--tls", "select", choices=lambda: TLS_CHOICES,
-             validate=lambda v, w, a: model.validate_tls(v, w), when=lambda a: not (a.get("cert") and a.get("key"))),
+             validate=lambda v, w, a: model.validate_tls(v, w), when=lambda a: not (a.get("cert") and a.get("key")),
+             explain=TLS_HELP),
+    Question("acme_email", "Address Let's Encrypt writes to about the certificate, blank for none (--acme-email):",
+             "--acme-email", "text", validate=lambda v, w, a: model.validate_email(v, w) if v else "",
+             default=_current("acme_email", ""), when=lambda a: a.get("tls") == "acme"),
+    Question("acme_server", "ACME directory URL (--acme-server):", "--acme-server", "setting",
+             validate=lambda v, w, a: model.validate_acme_server(v, w)),
+    Question("webroot", "A web server's document root for the http-01 challenge (--webroot):", "--webroot",
+             "setting", validate=lambda v, w, a: model.validate_path(v, w)),
+    Question("http_01_port", "Port certbot's own server answers the http-01 challenge on (--http-01-port):",
+             "--http-01-port", "setting", validate=lambda v, w, a: model.validate_port(v, w)),
+    Question("reload_command", "What certbot's deploy hook runs after a renewal (--reload-command):",
+             "--reload-command", "setting", validate=lambda v, w, a: model.validate_command(v, w)),
     Question("cert", "Certificate file (--cert):", "--cert", "path", reask=False,
              when=lambda a: a.get("tls") == "existing"),
     Question("key", "Its private key file (--key):", "--key", "path", reask=False,

@@ -218,6 +218,12 @@ def next_steps(setup: MailSetup) -> list[str]:
         ]
     else:
         steps.append(f"Restart OpenSMTPD: {restart_command(layout)}")
+    if setup.tls.source == "acme":
+        from mailsetup.acme import certbot_dirs, hook_path
+
+        dirs = " " + " ".join(certbot_dirs(setup)) if setup.root else ""
+        steps.append(f"certbot renews the certificate; after each renewal {hook_path(setup)} checks it and restarts "
+                     f"smtpd. Try a renewal: certbot renew --dry-run{dirs}")
     steps.append("After editing aliases: mailsetup aliases "
                  f"{layout.aliases} --out {layout.aliases_db} && smtpctl update table aliases")
     return steps

@@ -48,6 +48,8 @@ def ask_missing(answers: Answers, change_all: bool = False) -> str | None:
             continue
         if q.ask_first and not _ask(questionary.confirm(q.ask_first, default=False)):
             continue
+        if q.explain:
+            questionary.print(q.explain)
         value = _ask(_prompt(q, answers))
         if value in (None, ""):
             continue

@@ -168,7 +168,7 @@ def test_following_init_from_its_flags_to_the_files_no_step_goes_back(sandbox: P
     ("days = true", "--days: True is not a number of days"),
     ("smtp_port = 70000", "--smtp-port: 70000 is not a port number (1-65535)"),
     ('listen = "all"', "--listen: 'all' is an OpenBSD interface group"),
-    ('tls = "acme-later"', "--tls: 'acme-later' is not self-signed, existing or csr"),
+    ('tls = "acme-later"', "--tls: 'acme-later' is not self-signed, existing, csr or acme"),
     ("queue_encryption = \"maybe\"", "--queue-encryption: 'maybe' is not yes or no"),
 ])
 def test_a_bad_value_in_an_answers_file_is_named_by_file_and_line(tmp_path: Path, line: str, error: str):
