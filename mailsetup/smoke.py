@@ -140,6 +140,20 @@ def _client_tls(setup: MailSetup) -> ssl.SSLContext:
     return ctx
 
 
+def _issuer(der: bytes) -> str:
+    """"self-signed", or who issued the certificate (a CA's name, e.g. an ACME CA's)."""
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
+    if cert.issuer == cert.subject:
+        return "self-signed"
+    return "issued by " + report_safe(cert.issuer.rfc4514_string())
+
+
+def report_safe(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)[:200]
+
+
 def _message(token: str, to: str, sender: str) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = sender
@@ -392,7 +406,7 @@ class _SmokeRun:
             served = c.sock.getpeercert(binary_form=True)
             version = c.sock.version()
         assert served == cert_der, "the certificate served is not the one in " + str(setup.tls.cert)
-        return f"STARTTLS ({version}) serves {Path(setup.tls.cert).name}, valid for {setup.hostname}"
+        return f"STARTTLS ({version}) serves {Path(setup.tls.cert).name}, valid for {setup.hostname}, {_issuer(served)}"
 
     def own_name(self) -> str:
         hostname = self.setup.hostname

@@ -213,6 +213,7 @@ def test_the_smoke_test_proves_the_signatures_on_the_embedded_mta(root: Path):
     assert r.code == 0, (checks, r.err)
     check = checks["DKIM signatures verify against the records `mailsetup dns` prints"]
     assert check["ok"] and "2 signatures" in check["detail"] and "a changed body fails" in check["detail"]
+    assert checks["STARTTLS with the generated certificate"]["detail"].endswith(", self-signed")
 
 
 @needs_smtpd
