@@ -65,12 +65,16 @@ def _openssl(*args: object, input: str | None = None) -> subprocess.CompletedPro
 def _listener_cert(work: Path) -> Path:
     """Pebble ships no certificate for its own https listener: a CA and a 127.0.0.1/localhost cert."""
     ca_key, ca, key, csr, cert = (work / n for n in ("ca.key", "ca.pem", "key.pem", "csr.pem", "cert.pem"))
+    # The extensions Python 3.13's strict verification (VERIFY_X509_STRICT) demands of a CA and a leaf.
     assert _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
-                    "-subj", "/CN=test listener CA").returncode == 0
+                    "-subj", "/CN=test listener CA", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                    "-addext", "basicConstraints=critical,CA:TRUE").returncode == 0
     assert _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
                     "-subj", "/CN=localhost").returncode == 0
     ext = work / "ext.cnf"
-    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+                   "authorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\n")
     assert _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
                     "-days", "2", "-extfile", ext).returncode == 0
     return ca
