@@ -1,0 +1,80 @@
+"""DKIM against hostile input (issue 13 review): a dkim.toml not as mailsetup wrote it, and a message
+built so that signing it in the embedded MTA would take minutes."""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import ssl
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from mta_kit import PASSWORD, Serve, Sink, provision
+
+
+@pytest.fixture(scope="module")
+def root():
+    base = Path(tempfile.mkdtemp(prefix="mailsetup-dkim-hostile-", dir="/tmp"))
+    base.chmod(0o755)
+    yield provision(base / "root", "--dkim")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+_EXTRA_RETIRING = ('\n[[key]]\nselector = "202001r"\nalgorithm = "rsa"\nstage = "retiring"\n'
+                   'created = 2020-01-01\nretire_after = {}\n')
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda good: "key = 5\n", "key is not a list of [[key]] tables"),
+    # a date-time is a date to tomllib, but compares with no date: a traceback at the first comparison
+    (lambda good: good + _EXTRA_RETIRING.format("2099-01-01T10:00:00"),
+     "key 3: created and retire_after are dates (YYYY-MM-DD)"),
+    (lambda good: good.replace("created = ", "created = 2001-01-01T00:00:00 #", 1),
+     "key 1: created and retire_after are dates (YYYY-MM-DD)"),
+    # `^...$` matched by re.match lets a trailing newline into a selector, so into a record name
+    (lambda good: good.replace('r"\n', 'r\\n"\n', 1), "key 1: selector is not one mailsetup makes (YYYYMMr, YYYYMMe)"),
+], ids=["key-int", "retire-datetime", "created-datetime", "selector-newline"])
+def test_a_dkim_state_file_not_as_mailsetup_wrote_it_is_one_line(root: Path, edit, why):
+    state = root / "etc/mailsetup/dkim.toml"
+    good = state.read_text()
+    try:
+        state.write_text(edit(good))
+        for args in (("dns", "--root", root), ("init", "--yes", "--no-smoke", "--dry-run", "--root", root)):
+            r = run_cli(*args)
+            assert (r.code, r.err_lines) == (2, [f"mailsetup: error: {state}: {why}"]), (args, r.out, r.err)
+    finally:
+        state.write_text(good)
+
+
+def test_a_header_that_would_take_minutes_to_sign_leaves_unsigned_and_serve_keeps_answering(root: Path):
+    """dkimpy rebuilds a folded header with `+=`, in time that grows with the square of its size, in
+    a delivery thread holding the GIL. An authenticated sender's 2.4 MB Subject of 600 000 folds would
+    tie a thread up for about a minute (and a few such messages every delivery thread): it is relayed
+    unsigned at once, the log says why, and the next message is signed as usual."""
+    bomb = (b"From: alice@example.test\r\nTo: someone@example.net\r\nSubject: x" + b"\r\n x" * 600_000
+            + b"\r\n\r\nbig header\r\n")
+    plain = b"From: alice@example.test\r\nTo: someone@example.net\r\nSubject: after\r\n\r\nhello\r\n"
+    ctx = ssl.create_default_context(cafile=str(root / "etc/ssl/certs/mail.example.test.crt"))
+    ctx.check_hostname = False
+    with Sink() as sink, Serve(root, relay_port=sink.port) as served:
+        started = time.monotonic()
+        with smtplib.SMTP("127.0.0.1", served.submission, local_hostname="client.example.test", timeout=10) as c:
+            c.starttls(context=ctx)
+            c.login("alice", PASSWORD)
+            try:
+                c.sendmail("alice@example.test", ["someone@example.net"], bomb)
+            except (TimeoutError, smtplib.SMTPServerDisconnected) as exc:
+                pytest.fail(f"no answer to the message within 10 s: {exc!r}")
+            c.sendmail("alice@example.test", ["someone@example.net"], plain)
+        assert time.monotonic() - started < 10
+        deadline = time.monotonic() + 20
+        while len(sink.messages) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    relayed = {m[2].rsplit(b"\r\n\r\n", 1)[-1].strip(): m[2] for m in sink.messages}
+    assert set(relayed) == {b"big header", b"hello"}
+    assert b"DKIM-Signature" not in relayed[b"big header"]
+    assert relayed[b"hello"].count(b"DKIM-Signature") == 2
+    assert "DKIM signing failed, sent unsigned: its header is larger than 100 KiB" in served.log.read_text()
