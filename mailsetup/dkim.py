@@ -313,6 +313,7 @@ class Signer:
 
         if header_size(message) > HEADER_LIMIT:
             raise ValueError(f"its header is larger than {HEADER_LIMIT >> 10} KiB")
+        message = _without_trailing_empty_lines(message)
         out = b""
         for key, private in self.keys:
             out += dkimpy.sign(message, key.selector.encode(), self.domain, private,
@@ -330,3 +331,15 @@ def header_size(message: bytes) -> int:
         return 0
     ends = [i for i in (head.find(b"\n\r\n"), head.find(b"\n\n")) if i >= 0]
     return min(ends) + 1 if ends else len(message)
+
+
+def _without_trailing_empty_lines(message: bytes) -> bytes:
+    """The message with the empty lines at its end taken off, which changes no signature: both
+    canonicalizations ignore them (RFC 6376 3.4.3, 3.4.4). dkimpy splits every line into a list and
+    strips them with a regex: a body of 17 million CRLFs took 18 s and 1.7 GB (measured); 0.7 s and
+    0.1 GB without them. Only whole CRLFs go; a bare CR or LF among them keeps the message as it is."""
+    kept = message.rstrip(b"\r\n")
+    tail = len(message) - len(kept)
+    if tail <= 2 or message[len(kept):] != b"\r\n" * (tail // 2) or tail % 2:
+        return message
+    return kept + b"\r\n"
