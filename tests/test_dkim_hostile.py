@@ -3,6 +3,7 @@ built so that signing it in the embedded MTA would take minutes."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import smtplib
 import ssl
@@ -118,3 +119,29 @@ def test_a_body_of_millions_of_empty_lines_is_signed_at_once_and_verifies(root: 
     checker = dkim.DKIM(relayed)
     assert [checker.verify(idx=i, dnsfunc=lambda name, timeout=5: records.get(name.rstrip(b"."))) for i in (0, 1)] \
         == [True, True]
+
+
+def test_a_replaced_keys_file_deleted_before_its_date_stops_nothing(tmp_path: Path):
+    """A retiring key signs nothing, so an admin may well delete its file before the date. Every
+    command that prints the records read it: `dns` failed, the smoke test's DKIM check failed, and
+    with a rotation pending every run (it asks DNS for the pending records) stopped, each saying
+    "run `mailsetup init` to make it again", which init could not, for up to a week."""
+    base = tmp_path / "base"
+    base.mkdir()
+    base.chmod(0o755)
+    root = provision(base / "root", "--dkim")
+    keys = root / "etc/mail/dkim"
+    first = {p.stem for p in keys.glob("*.key")}
+    assert run_cli("dkim", "--root", root, "--rotate", "--yes").code == 0
+    assert run_cli("dkim", "--root", root, "--yes", "--force-dkim-switch").code == 0
+    retiring = next(s for s in first if s.endswith("r"))
+    (keys / f"{retiring}.key").unlink()
+    r = run_cli("dns", "--root", root, "--json")
+    assert r.code == 0, r.err
+    names = {rec["name"].split(".")[0] for rec in json.loads(r.out)["records"] if "._domainkey." in rec["name"]}
+    assert len(names) == 3 and retiring not in names
+    r = run_cli("dkim", "--root", root, "--rotate", "--yes")  # a pending pair again, and the smoke test
+    assert r.code == 0, r.out + r.err
+    assert "DKIM signatures verify" in r.out
+    r = run_cli("init", "--yes", "--no-smoke", "--root", root)  # asks DNS for the pending records: none served
+    assert r.code == 0, r.out + r.err
