@@ -261,8 +261,10 @@ def read_key(folder: PurePosixPath, key: DkimKey) -> bytes:
     try:
         return read_secret(path)
     except FileNotFoundError:
-        raise MailsetupError(f"{path}: the DKIM key for selector {key.selector} is missing; "
-                             "run `mailsetup init` to make it again", exit_code=1) from None
+        # Not "run init": every run checks the keys it keeps and would stop here again.
+        raise MailsetupError(f"{path}: the DKIM key for selector {key.selector} is missing; put it back, or take "
+                             "its [[key]] out of dkim.toml and run `mailsetup dkim --rotate` for a new pair",
+                             exit_code=1) from None
     except OSError as exc:
         raise MailsetupError(f"{path}: cannot read: {exc.strerror}", exit_code=1) from None
 

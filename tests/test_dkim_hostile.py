@@ -145,3 +145,24 @@ def test_a_replaced_keys_file_deleted_before_its_date_stops_nothing(tmp_path: Pa
     assert "DKIM signatures verify" in r.out
     r = run_cli("init", "--yes", "--no-smoke", "--root", root)  # asks DNS for the pending records: none served
     assert r.code == 0, r.out + r.err
+
+
+def test_a_missing_active_key_says_a_way_out_that_works(tmp_path: Path):
+    """An active key's file gone: every command said "run `mailsetup init` to make it again", and
+    init itself stopped on the same line. The way it names now is followed here and works."""
+    base = tmp_path / "base"
+    base.mkdir()
+    base.chmod(0o755)
+    root = provision(base / "root", "--dkim")
+    ed = next(p for p in (root / "etc/mail/dkim").glob("*.key") if p.stem.endswith("e"))
+    ed.unlink()
+    r = run_cli("init", "--yes", "--no-smoke", "--root", root)
+    assert (r.code, r.err_lines) == (1, [
+        f"mailsetup: error: {ed}: the DKIM key for selector {ed.stem} is missing; put it back, or take its "
+        "[[key]] out of dkim.toml and run `mailsetup dkim --rotate` for a new pair"])
+    state = root / "etc/mailsetup/dkim.toml"
+    blocks = state.read_text().split("\n[[key]]\n")
+    state.write_text("\n[[key]]\n".join(b for b in blocks if f'selector = "{ed.stem}"' not in b))
+    r = run_cli("dkim", "--root", root, "--rotate", "--yes")
+    assert r.code == 0, r.out + r.err
+    assert "next DKIM keys" in r.out and "1 signatures" in r.out
