@@ -20,6 +20,9 @@ from mailsetup.model import MailSetup
 DEFAULT_PROBE = "gmail-smtp-in.l.google.com:25"  # a large provider's MX: what outbound mail meets first
 DEFAULT_DNSBLS = ("zen.spamhaus.org", "bl.spamcop.net")
 DEFAULT_TIMEOUT = 5.0
+# PTR names looked up forward, the host's own first: each is one more query that may take the whole
+# timeout, and a reverse zone may list dozens (receivers look at the first one or few).
+MAX_PTR_NAMES = 5
 # Where a listed address is taken off each well-known list; any other list says so in its TXT answer.
 DELIST = {"zen.spamhaus.org": "https://check.spamhaus.org/",
           "bl.spamcop.net": "https://www.spamcop.net/bl.shtml"}
@@ -180,13 +183,16 @@ class Preflight:
         names = self.lookup.ask(ipaddress.ip_address(address).reverse_pointer, "PTR")
         if not names:
             return FAIL, f"{address} has no PTR record: many receivers (Gmail among them) refuse its mail; {ask_owner}"
+        names = sorted(names, key=lambda n: n != host)
+        more = f" (and {len(names) - MAX_PTR_NAMES} more, not looked up)" if len(names) > MAX_PTR_NAMES else ""
+        names = names[:MAX_PTR_NAMES]
         confirmed = [n for n in names if address in self.lookup.ask(n, _rtype(address))]
         if host in confirmed:
             return OK, f"{address} → {host} → {address} (forward-confirmed)"
         if confirmed:
             return WARN, (f"{address}'s PTR names {confirmed[0]}, which resolves back, but not {host} (the name "
                           f"smtpd greets with): {ask_owner}")
-        return FAIL, (f"{address}'s PTR names {', '.join(names)}, which does not resolve back to {address}: "
+        return FAIL, (f"{address}'s PTR names {', '.join(names)}{more}, which does not resolve back to {address}: "
                       f"receivers that check forward-confirmed reverse DNS refuse its mail; {ask_owner}, "
                       f"and {host} to resolve to {address}")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from mailsetup import aliases as aliases_mod
 from mailsetup import credentials, queuekey
 from mailsetup.errors import MailsetupError
-from mailsetup.files import FileChange, Plan, read_input
+from mailsetup.files import FileChange, Plan, read_current, read_input
 from mailsetup.model import MailSetup, validate_admin
 from mailsetup.opensmtpd import (
     open_relay_rules,
@@ -210,11 +210,13 @@ def _plan_mta_sts(setup: MailSetup, prov: Provisioning) -> None:
     change = FileChange(Path(setup.layout.mta_sts_policy), dns.mta_sts_policy(setup).encode(), dns.MTA_STS_POLICY_MODE,
                         f"MTA-STS policy (mode {setup.mta_sts_mode}): serve it at {dns.mta_sts_url(setup)}")
     try:
+        read_current(change.path)  # what state() judges "replaced" on an OSError, apply would fail on
         state = change.state()
-    except MailsetupError as exc:
-        # A web root another user owns (a chown -R www-data /var/www) is theirs: the mail set-up
-        # goes on without the file rather than stopping for it.
-        prov.warnings.append(f"MTA-STS policy not written: {exc.message}; its text is in `mailsetup dns --json` "
+    except (MailsetupError, OSError) as exc:
+        # A web root another user owns (a chown -R www-data /var/www) is theirs, and one in another
+        # shape (a file where its folder goes) is not ours to fix: the mail set-up goes on without it.
+        why = exc.message if isinstance(exc, MailsetupError) else f"{exc.filename}: {exc.strerror}"
+        prov.warnings.append(f"MTA-STS policy not written: {why}; its text is in `mailsetup dns --json` "
                              "(mta_sts.policy), to put where your web server serves it")
         return
     prov.plan.add(change)
