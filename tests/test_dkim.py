@@ -316,3 +316,38 @@ def test_dkim_on_a_host_with_no_setup_is_one_line(tmp_path: Path):
     assert r.code == 2
     assert r.err_lines == [f"mailsetup: error: no mailsetup set-up found under {tmp_path / 'nothing'} "
                            "(no answers.toml); run `mailsetup init` first"]
+
+
+def test_a_running_serve_signs_with_the_new_keys_after_a_switch(root: Path):
+    """`mailsetup serve` loads the keys at start; after `mailsetup dkim` switched to the next pair it
+    follows within seconds, so it never keeps signing with keys whose records are to be removed."""
+    import smtplib
+    import ssl
+
+    def send(port: int) -> None:
+        ctx = ssl.create_default_context(cafile=str(root / "etc/ssl/certs/mail.example.test.crt"))
+        ctx.check_hostname = False  # we dial 127.0.0.1; the certificate itself is checked against the file
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.test") as c:
+            c.starttls(context=ctx)
+            c.login("alice", PASSWORD)
+            c.sendmail("alice@example.test", ["someone@example.net"],
+                       b"From: alice@example.test\r\nTo: someone@example.net\r\nSubject: keys\r\n\r\nhello\r\n")
+
+    def selectors(message: bytes) -> list[str]:
+        return sorted(re.findall(rb"\bs=([0-9a-z]+);", re.sub(rb"\r\n[ \t]+", b" ", message)))
+
+    first = sorted(s.encode() for s in _signing(root))
+    with Sink() as sink, Serve(root, relay_port=sink.port) as served:
+        send(served.submission)
+        assert run_cli("dkim", "--root", root, "--rotate", "--yes").code == 0
+        assert run_cli("dkim", "--root", root, "--yes", "--force-dkim-switch").code == 0
+        second = sorted(s.encode() for s in _signing(root))
+        assert second != first
+        deadline = time.monotonic() + 10
+        while "DKIM: signing with" not in served.log_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        send(served.submission)
+        deadline = time.monotonic() + 20
+        while len(sink.messages) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert [selectors(m[2]) for m in sink.messages] == [first, second]

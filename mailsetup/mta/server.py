@@ -105,6 +105,7 @@ class Runtime:
     stats: dict = field(default_factory=lambda: {"delivered": 0, "queued": 0, "refused": 0})
     creds_stamp: tuple | None = None  # of the credentials file loaded: a change means reload
     signer: Any = None  # dkim.Signer when DKIM is on: mail taken on submission leaves signed
+    dkim_stamp: tuple | None = None  # of dkim.toml when the signer was loaded: a change means reload
 
     def reload_credentials(self, force: bool = False) -> bool:
         """Re-read the credentials table when it changed on disk (or when forced, on SIGHUP), so
@@ -124,6 +125,34 @@ class Runtime:
         self.policy = policy_for(self.setup, self.aliases, creds, self.options.local_peers)
         log.info("loaded %s: %d login(s)", path, len(creds))
         return True
+
+
+    def reload_signer(self, force: bool = False) -> bool:
+        """Sign with the keys dkim.toml names now: after `mailsetup dkim` switched to the next pair, a
+        running server follows within seconds (or at once on SIGHUP), so its signatures never lean on
+        a record that is about to be removed. A state that no longer loads keeps the loaded keys."""
+        if not self.setup.dkim:
+            return False
+        path = Path(self.setup.layout.dkim_state)
+        stamp = _stamp(path)
+        if stamp == self.dkim_stamp and not force:
+            return False
+        from mailsetup.dkim import Signer
+
+        try:
+            signer = Signer.load(self.setup.domain, self.setup.layout.dkim_dir, path)
+        except MailsetupError as exc:
+            self.dkim_stamp = stamp  # say it once
+            log.error("kept the loaded DKIM keys: %s", exc.message)
+            return False
+        self.signer, self.dkim_stamp = signer, stamp
+        log.info("DKIM: signing with %s", ", ".join(signer.selectors))
+        return True
+
+    def reload(self, force: bool = False) -> None:
+        """What may change under a running server: the logins and the DKIM keys."""
+        self.reload_credentials(force)
+        self.reload_signer(force)
 
 
 def _stamp(path: Path) -> tuple | None:
@@ -160,10 +189,11 @@ def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
     key = queuekey.read_queue_key(Path(setup.queue.key_file)) if setup.queue.encryption else None
     queue = MailQueue(options.queue_dir or Path(setup.layout.queue_dir), key, setup.queue.compression)
     policy = policy_for(setup, aliases, creds, options.local_peers)
-    signer = None
+    signer, dkim_stamp = None, None
     if setup.dkim:
         from mailsetup.dkim import Signer
 
+        dkim_stamp = _stamp(Path(setup.layout.dkim_state))
         signer = Signer.load(setup.domain, setup.layout.dkim_dir, Path(setup.layout.dkim_state))
 
     @functools.lru_cache(maxsize=4096)
@@ -181,7 +211,7 @@ def load_runtime(setup: MailSetup, options: MtaOptions) -> Runtime:
         return None
 
     return Runtime(setup, tls, aliases, creds, queue, policy, home, owner, options, creds_stamp=creds_stamp,
-                   signer=signer)
+                   signer=signer, dkim_stamp=dkim_stamp)
 
 
 class Handler:
@@ -729,12 +759,12 @@ def serve_forever(rt: Runtime, say) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, functools.partial(rt.reload_credentials, True))
+        loop.add_signal_handler(signal.SIGHUP, functools.partial(rt.reload, True))
 
         async def watch_credentials() -> None:  # new logins are also local users (RCPT) in a sandbox
             while True:
                 await asyncio.sleep(2)
-                rt.reload_credentials()
+                rt.reload()
 
         watcher = asyncio.create_task(watch_credentials())
         relay = f"{opts.relay_host[0]}:{opts.relay_host[1]}" if opts.relay_host else None
