@@ -185,10 +185,16 @@ def _plan_dkim(setup: MailSetup, prov: Provisioning, rotate: bool = False, switc
         if key not in step.new and key.stage != "retiring":
             dkim.public_value(dkim.read_key(folder, key), key.algorithm, str(key.path(folder)))
     mode, owner = dkim.key_access(setup.layout.dkim_user)
+    from mailsetup.dns import Record
+
     for key in step.new:
-        prov.plan.add(FileChange(Path(key.path(folder)), dkim.generate_key(key.algorithm), mode,
+        pem = dkim.generate_key(key.algorithm)
+        prov.plan.add(FileChange(Path(key.path(folder)), pem, mode,
                                  f"DKIM {key.algorithm} key, selector {key.selector} ({key.stage})",
                                  secret=True, owner=owner))
+        # its record, to publish (a pending key signs only once DNS serves it)
+        prov.notes.append("DKIM record: " + Record(key.record_name(setup.domain) + ".", "TXT",
+                                                   dkim.record_text(pem, key.algorithm), "").zone_line())
     prov.dkim_keys = step.keys
     prov.plan.add(FileChange(state_path, dkim.render_state(step.keys), dkim.STATE_MODE,
                              "DKIM keys and their stages (no secrets)"))

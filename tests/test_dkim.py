@@ -261,6 +261,9 @@ def test_rotation_moves_through_its_stages_with_dns_checked_at_each_step(root: P
     assert _signing(root) == first
     assert "next DKIM keys" in r.out and "the next run switches to them" in r.out
     records = _records(root)
+    for s in pending:  # the run itself printed the records to publish, as `dns` prints them
+        printed = next(line for line in r.out.splitlines() if f"DKIM record: {s}._domainkey" in line)
+        assert "".join(re.findall(r'"([^"]*)"', printed)) == records[f"{s}._domainkey.example.test."]
     assert {name.split(".")[0] for name in records} == set(first) | set(pending)  # all four to publish
     # 2. DNS serves only the first pair: no switch, and it says which record is missing.
     served = DnsServer({n: v for n, v in records.items() if n.split(".")[0] in first})
