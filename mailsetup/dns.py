@@ -362,14 +362,19 @@ def check_records(records: list[Record], nameserver: str | None, port: int = 53,
         resolver.port = port
     resolver.lifetime = timeout
     out = []
+    silent = ""  # once DNS did not answer, the rest are not asked: a dead server costs one timeout, not one each
     for rec in records:
+        if silent:
+            out.append(Comparison(rec, "warn", [], silent))
+            continue
         try:
             answer = resolver.resolve(rec.name, rec.type, raise_on_no_answer=False)
             found = [_normalise(rec.type, r.to_text()) for r in answer] if answer.rrset else []
         except dns.resolver.NXDOMAIN:
             found = []
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
-            out.append(Comparison(rec, "warn", [], f"DNS did not answer ({type(exc).__name__}): not checked"))
+            silent = f"DNS did not answer ({type(exc).__name__}): not checked"
+            out.append(Comparison(rec, "warn", [], silent))
             continue
         special = _check_tls_and_clients(rec, found, lambda name, rtype: _lookup(resolver, name, rtype))
         if special is not None:
