@@ -178,9 +178,10 @@ def test_a_message_of_millions_of_short_lines_leaves_unsigned_without_a_gigabyte
     """dkimpy keeps each line of the message as its own object: 34 MB of 3-byte lines (11 million)
     cost about 1.1 GB and 6 s per message, so a few authenticated senders at once could have the
     embedded MTA killed for memory. A message of more than a million lines (real mail at the size
-    limit has under half a million) goes unsigned, and the log says why."""
+    limit has under half a million) goes unsigned, and the log says why. (1.2 million lines here, just
+    over the limit, keep the test quick; the log line fails without the guard.)"""
     message = (b"From: alice@example.test\r\nTo: someone@example.net\r\nSubject: short lines\r\n\r\n"
-               + b"a\r\n" * 11_000_000)
+               + b"a\r\n" * 1_200_000)
     ctx = ssl.create_default_context(cafile=str(root / "etc/ssl/certs/mail.example.test.crt"))
     ctx.check_hostname = False
     with Sink(data_size_limit=64 << 20) as sink, Serve(root, relay_port=sink.port) as served:
