@@ -82,6 +82,7 @@ def test_a_header_that_would_take_minutes_to_sign_leaves_unsigned_and_serve_keep
     assert "DKIM signing failed, sent unsigned: its header is larger than 100 KiB" in served.log.read_text()
 
 
+@pytest.mark.once
 def test_a_body_of_millions_of_empty_lines_is_signed_at_once_and_verifies(root: Path):
     """dkimpy splits the whole message into lines and strips the empty ones at the end with a regex:
     12 MB of CRLFs cost it seconds of CPU and hundreds of MB per message. Both canonicalizations
@@ -122,6 +123,7 @@ def test_a_body_of_millions_of_empty_lines_is_signed_at_once_and_verifies(root: 
         == [True, True]
 
 
+@pytest.mark.once
 def test_a_replaced_keys_file_deleted_before_its_date_stops_nothing(tmp_path: Path):
     """A retiring key signs nothing, so an admin may well delete its file before the date. Every
     command that prints the records read it: `dns` failed, the smoke test's DKIM check failed, and
@@ -174,6 +176,7 @@ def _peak_rss_mb(pid: int) -> float:
     return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 1024
 
 
+@pytest.mark.once
 def test_a_message_of_millions_of_short_lines_leaves_unsigned_without_a_gigabyte(root: Path):
     """dkimpy keeps each line of the message as its own object: 34 MB of 3-byte lines (11 million)
     cost about 1.1 GB and 6 s per message, so a few authenticated senders at once could have the

@@ -47,6 +47,7 @@ def tokens_in(root: Path, user: str, pattern: str) -> collections.Counter:
     return found
 
 
+@pytest.mark.once
 def test_kill_9_at_random_points_under_load_loses_nothing(root: Path):
     """Every message answered 250 is delivered, across repeated kill -9 and restart. A message
     delivered but not yet acknowledged when the kill came is sent again by the client, so
@@ -302,6 +303,7 @@ def _healthy(port: int) -> None:
         assert c.rcpt("victim@example.net")[0] == 550  # still no open relay
 
 
+@pytest.mark.once
 @settings(max_examples=2000 if LONG else 150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.tuples(line, ending), max_size=25))
 def test_fuzzed_sessions_never_break_the_server_or_open_it(inproc, session):

@@ -152,6 +152,7 @@ os.symlink(victim, new)
 """
 
 
+@pytest.mark.once
 @pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare")
 def test_init_on_a_real_host_never_lets_the_admin_make_root_delete_a_file(tmp_path: Path):
     """The smoke test's clean-up unlinks every file it counted as delivered by its path through
