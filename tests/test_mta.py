@@ -307,6 +307,7 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
+@pytest.mark.once
 def test_a_log_flood_while_stderr_is_not_read_keeps_serve_bounded(tmp_path: Path):
     """serve's log lines wait in memory for a writer thread. When stderr stops being read (a paused
     terminal, a stuck journal pipe) that thread blocks, and every refused recipient a client sends

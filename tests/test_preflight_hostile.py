@@ -73,6 +73,7 @@ def slow_dns():
     server.stop()
 
 
+@pytest.mark.once
 def test_a_reverse_zone_listing_many_slow_names_costs_a_few_lookups_not_one_each(tmp_path: Path, slow_dns: SlowDns):
     """Each PTR name was looked up forward, one after the other, each allowed the whole timeout: 22
     names answering in 0.8 s kept preflight (and `init` before it writes) waiting 18 s, and a longer
