@@ -425,17 +425,22 @@ def mta_sts_info(setup: MailSetup) -> dict:
             "policy": policy}
 
 
-def parse_nameserver(value: str) -> tuple[str, int]:
-    """--nameserver: ADDR, ADDR:PORT or [V6]:PORT."""
+def split_hostport(value: str, default_port: int, flag: str) -> tuple[str, int]:
+    """HOST, HOST:PORT or [V6]:PORT (a bare IPv6 address keeps `default_port`); the port judged."""
     from mailsetup.model import validate_port
 
-    host, port = value, 53
     if value.startswith("[") and "]:" in value:
         host, _, port_text = value[1:].partition("]:")
-        port = validate_port(port_text, "--nameserver")
-    elif value.count(":") == 1:
+        return host, validate_port(port_text, flag)
+    if value.count(":") == 1:
         host, _, port_text = value.partition(":")
-        port = validate_port(port_text, "--nameserver")
+        return host, validate_port(port_text, flag)
+    return value, default_port
+
+
+def parse_nameserver(value: str) -> tuple[str, int]:
+    """--nameserver: ADDR, ADDR:PORT or [V6]:PORT."""
+    host, port = split_hostport(value, 53, "--nameserver")
     try:
         return str(ipaddress.ip_address(host)), port
     except ValueError:

@@ -59,15 +59,10 @@ def preflight_options(ips: list[str] | None, nameserver: str | None, probe: str 
 
 def parse_probe(value: str) -> tuple[str, int]:
     """--probe: HOST, HOST:PORT, ADDR:PORT or [V6]:PORT (port 25 when none is given)."""
-    from mailsetup.model import validate_dns_name, validate_port
+    from mailsetup.dns import split_hostport
+    from mailsetup.model import validate_dns_name
 
-    host, port = value, 25
-    if value.startswith("[") and "]:" in value:
-        host, _, port_text = value[1:].partition("]:")
-        port = validate_port(port_text, "--probe")
-    elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
-        port = validate_port(port_text, "--probe")
+    host, port = split_hostport(value, 25, "--probe")
     try:
         return str(ipaddress.ip_address(host)), port
     except ValueError:
