@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
+
+
+def start_dnsmasq(port: int, *options: str) -> subprocess.Popen:
+    """dnsmasq on 127.0.0.1:`port` answering only from `options` (no resolv.conf, no hosts file),
+    returned once it holds the port; the caller stops it (terminate, wait)."""
+    proc = subprocess.Popen(
+        [DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll", "--conf-file=/dev/null",
+         f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces", "--user=root", *options],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return proc  # dnsmasq holds it
+        time.sleep(0.05)
+    proc.terminate()
+    proc.wait(5)
+    raise AssertionError("dnsmasq did not start")
 
 
 def wait_port(port: int, timeout: float = 10) -> None:

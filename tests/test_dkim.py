@@ -7,10 +7,8 @@ from __future__ import annotations
 import base64
 import grp
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,9 +16,8 @@ from pathlib import Path
 
 import pytest
 from conftest import IS_ROOT, SMTPD, run_cli
-from mta_kit import PASSWORD, Serve, Sink, free_port, provision
+from mta_kit import DNSMASQ, PASSWORD, Serve, Sink, free_port, provision, start_dnsmasq
 
-DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
 FILTER = Path("/usr/libexec/opensmtpd/filter-dkimsign")
 needs_smtpd = pytest.mark.skipif(not (SMTPD and IS_ROOT and FILTER.exists()),
                                  reason="needs OpenSMTPD, opensmtpd-filter-dkimsign and root")
@@ -125,22 +122,9 @@ class DnsServer:
 
     def __init__(self, txt: dict[str, str]):
         self.port = free_port()
-        args = [DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll", "--conf-file=/dev/null",
-                f"--port={self.port}", "--listen-address=127.0.0.1", "--bind-interfaces", "--user=root",
-                "--local=/example.test/"]
-        for name, value in txt.items():
-            # dnsmasq splits a long value into 255-byte strings itself
-            args.append(f"--txt-record={name.rstrip('.')},{value}")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-                try:
-                    probe.bind(("127.0.0.1", self.port))
-                except OSError:
-                    return
-            time.sleep(0.05)
-        raise AssertionError("dnsmasq did not start")
+        # dnsmasq splits a long value into 255-byte strings itself
+        self.proc = start_dnsmasq(self.port, "--local=/example.test/",
+                                  *(f"--txt-record={name.rstrip('.')},{value}" for name, value in txt.items()))
 
     def dnsfunc(self, name: bytes, timeout: int = 5) -> bytes | None:
         import dns.resolver

@@ -8,18 +8,14 @@ import hashlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 import tomllib
 from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from mta_kit import free_port, provision
+from mta_kit import DNSMASQ, free_port, provision, start_dnsmasq
 
-DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
 needs_dnsmasq = pytest.mark.skipif(DNSMASQ is None, reason="needs dnsmasq (apt-get install dnsmasq-base)")
 
 POLICY = "var/www/mta-sts/.well-known/mta-sts.txt"
@@ -177,21 +173,7 @@ class Dnsmasq:
 
     def __init__(self, *options: str):
         self.port = free_port()
-        self.proc = subprocess.Popen(
-            [DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll", "--conf-file=/dev/null",
-             f"--port={self.port}", "--listen-address=127.0.0.1", "--bind-interfaces", "--user=root",
-             "--local=/example.test/", *options],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-                try:
-                    probe.bind(("127.0.0.1", self.port))
-                except OSError:
-                    return  # dnsmasq holds it
-            time.sleep(0.05)
-        self.stop()
-        raise AssertionError("dnsmasq did not start")
+        self.proc = start_dnsmasq(self.port, "--local=/example.test/", *options)
 
     def check(self, root: Path, *extra: str):
         return run_cli("dns", "--root", root, "--ip", "192.0.2.10", "--check", "--nameserver",

@@ -7,21 +7,17 @@ here: one greets, one is closed, one takes the connection and says nothing). Not
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import MAILSETUP, init_args, run_cli
-from mta_kit import free_port
+from mta_kit import DNSMASQ, free_port, start_dnsmasq
 from test_answers_truth import Host, needs_root_ns
 
-DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
 pytestmark = pytest.mark.skipif(DNSMASQ is None, reason="needs dnsmasq (apt-get install dnsmasq-base)")
 
 # The world as DNS tells it. 192.0.2.0/24 is for documentation: nothing is ever sent to these addresses,
@@ -65,20 +61,7 @@ class DnsServer:
 
     def __init__(self, records: list[str]):
         self.port = free_port()
-        self.proc = subprocess.Popen(
-            [DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll", "--conf-file=/dev/null",
-             f"--port={self.port}", "--listen-address=127.0.0.1", "--bind-interfaces", "--user=root", *records],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-                try:
-                    probe.bind(("127.0.0.1", self.port))
-                except OSError:
-                    return  # dnsmasq holds it
-            time.sleep(0.05)
-        self.stop()
-        raise AssertionError("dnsmasq did not start")
+        self.proc = start_dnsmasq(self.port, *records)
 
     @property
     def address(self) -> str:
