@@ -49,6 +49,30 @@ def start_dnsmasq(port: int, *options: str) -> subprocess.Popen:
     raise AssertionError("dnsmasq did not start")
 
 
+def listener_ca(work: Path, san: str) -> Path:
+    """A CA and a server certificate (work/cert.pem, work/key.pem) for `san` ("DNS:x,IP:y"): Pebble
+    ships none for its own https listener. Returns the CA file its clients trust."""
+    from conftest import OPENSSL
+
+    def openssl(*args: object) -> None:
+        r = subprocess.run([OPENSSL, *map(str, args)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+
+    ca_key, ca, key, csr, cert = (work / n for n in ("ca.key", "ca.pem", "key.pem", "csr.pem", "cert.pem"))
+    # The extensions Python 3.13's strict verification (VERIFY_X509_STRICT) demands of a CA and a leaf.
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
+            "-subj", "/CN=test listener CA", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext", "basicConstraints=critical,CA:TRUE")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=pebble")
+    ext = work / "ext.cnf"
+    ext.write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+                   "authorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\n")
+    openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+            "-days", "2", "-extfile", ext)
+    return ca
+
+
 def wait_port(port: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IS_ROOT, MAILSETUP, OPENSSL, SMTPD, run_cli, smtpd_check, tree
-from mta_kit import free_port
+from mta_kit import free_port, listener_ca
 from test_answers_truth import Host
 from test_real_smtpd import ensure_system_user
 
@@ -62,30 +62,13 @@ def _openssl(*args: object, input: str | None = None) -> subprocess.CompletedPro
     return subprocess.run([OPENSSL, *map(str, args)], capture_output=True, text=True, input=input, timeout=60)
 
 
-def _listener_cert(work: Path) -> Path:
-    """Pebble ships no certificate for its own https listener: a CA and a 127.0.0.1/localhost cert."""
-    ca_key, ca, key, csr, cert = (work / n for n in ("ca.key", "ca.pem", "key.pem", "csr.pem", "cert.pem"))
-    # The extensions Python 3.13's strict verification (VERIFY_X509_STRICT) demands of a CA and a leaf.
-    assert _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
-                    "-subj", "/CN=test listener CA", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-                    "-addext", "basicConstraints=critical,CA:TRUE").returncode == 0
-    assert _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
-                    "-subj", "/CN=localhost").returncode == 0
-    ext = work / "ext.cnf"
-    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
-                   "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
-                   "authorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\n")
-    assert _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
-                    "-days", "2", "-extfile", ext).returncode == 0
-    return ca
-
-
 class Pebble:
     """dnsmasq (mail.example.test → 127.0.0.1) and Pebble validating http-01 on `http_port` for real."""
 
     def __init__(self, work: Path):
         self.work = work
-        self.ca_bundle = _listener_cert(work)  # what certbot trusts Pebble's https with (REQUESTS_CA_BUNDLE)
+        # what certbot trusts Pebble's https with (REQUESTS_CA_BUNDLE)
+        self.ca_bundle = listener_ca(work, "DNS:localhost,IP:127.0.0.1")
         self.port, self.mgmt, self.http_port, self.dns = free_port(), free_port(), free_port(), free_port()
         self.procs: list[subprocess.Popen] = []
 

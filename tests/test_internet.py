@@ -1,0 +1,157 @@
+"""The small internet (tests/internet_kit.py): three mail hosts provisioned by mailsetup, each with
+its real smtpd, found through one dnsmasq serving exactly what `mailsetup dns` printed for them,
+with certificates from one Pebble through real http-01 validation.
+
+- A: a.test, mail.a.test, 192.0.2.10, user alice
+- B: b.test, mail.b.test, 192.0.2.20, user bob; its printed MX records name C as its backup
+- C: c.test, mail.c.test, 192.0.2.30, backup MX for b.test
+
+The hosts live for the whole module (booting them is most of its time); each test leaves them
+running, their smtpd up, and their records published as `mailsetup dns` prints them.
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import shutil
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import IS_ROOT, MAILSETUP, SMTPD
+from internet_kit import PASSWORD, TOOLS, Host, Internet
+
+pytestmark = pytest.mark.skipif(
+    not (IS_ROOT and SMTPD and shutil.which("pebble") and shutil.which("swaks") and shutil.which("nsenter")
+         and Path(TOOLS["dnsmasq"]).exists()),
+    reason="needs root, OpenSMTPD, Pebble, dnsmasq, swaks and nsenter")
+
+
+def answers(host: Host, net: Internet, **extra: object) -> dict:
+    base = {"domain": host.domain, "hostname": host.hostname, "os": "debian", "admin": host.users[0],
+            "listen": [host.address], "tls": "acme", "acme_server": net.acme_directory, "dkim": True}
+    return {**base, **extra}
+
+
+def provision(host: Host, net: Internet, values: dict) -> None:
+    """`mailsetup init` unattended from an answers file, then the host's mail user's login."""
+    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path = host.work / "answers.toml"
+    path.write_text("\n".join(lines) + "\n")
+    host.run("env", f"REQUESTS_CA_BUNDLE={net.ca_bundle}", MAILSETUP, "init", "--yes", "--no-smoke",
+             "--no-preflight", "--answers", path, check=True)
+    host.run(MAILSETUP, "user", "add", host.users[0], "--password-stdin", input=PASSWORD + "\n", check=True)
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    work = tmp_path_factory.mktemp("internet")
+    work.chmod(0o755)  # smtpd's unprivileged processes and the users' deliveries walk through it
+    a = Host("a.test", "192.0.2.10", work / "a", users=["alice"])
+    b = Host("b.test", "192.0.2.20", work / "b", users=["bob"])
+    c = Host("c.test", "192.0.2.30", work / "c", users=["carol"])
+    internet = Internet(work, [a, b, c])
+    try:
+        internet.up()
+        provision(a, internet, answers(a, internet))
+        provision(b, internet, answers(b, internet))
+        provision(c, internet, answers(c, internet))
+        for host in (a, b, c):
+            internet.publish(host, MAILSETUP)
+            host.start_smtpd()
+        yield internet
+    finally:
+        internet.down()
+
+
+def hosts(net: Internet) -> tuple[Host, Host, Host]:
+    return net.hosts["a.test"], net.hosts["b.test"], net.hosts["c.test"]
+
+
+def send(host: Host, sender: str, rcpt: str, subject: str, *headers: str) -> None:
+    """What a mail client does: submission on port 587, STARTTLS, the sender's login."""
+    user = sender.split("@")[0]
+    extra = [a for h in headers for a in ("--header", h)]
+    host.run("swaks", "-S", "-S", "--server", f"{host.address}:587", "--tls", "--auth", "LOGIN",
+             "--auth-user", user, "--auth-password", PASSWORD, "--from", sender, "--to", rcpt,
+             "--header", f"Subject: {subject}", *extra, check=True)
+
+
+def wait_for(host: Host, user: str, subject: str, timeout: float = 30) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [p for p in host.maildir(user) if f"\nSubject: {subject}\n" in p.read_text(errors="replace")]
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"no '{subject}' for {user} on {host.hostname}; its log:\n"
+                         + host.log.read_text(errors="replace")[-3000:])
+
+
+CHECK = textwrap.dedent("""
+    import json, re, sys
+    import authheaders, dkim
+    raw = open(sys.argv[1], "rb").read()
+    received = re.search(rb"Received: from (\\S+) \\(\\S+ \\[([0-9.]+)\\]\\)", raw)
+    mail_from = re.search(rb"Return-Path: <([^>]*)>", raw).group(1).decode()
+    verdict = authheaders.authenticate_message(raw, sys.argv[2], spf=True, dkim=True, dmarc=True,
+        ip=received.group(2).decode(), mail_from=mail_from, helo=received.group(1).decode())
+    signatures = raw.count(b"DKIM-Signature:")
+    each = [dkim.DKIM(raw).verify(idx=i) for i in range(signatures)]
+    print(json.dumps({"results": verdict, "signatures": each, "ip": received.group(2).decode()}))
+""")
+
+
+def authenticate(host: Host, message: Path) -> dict:
+    """SPF, DKIM and DMARC as the receiving host sees them: authheaders (pyspf, dkimpy) run inside
+    `host`, asking the small internet's DNS."""
+    inside = Path("/home") / message.relative_to(host.home)
+    r = host.run(sys.executable, "-c", CHECK, inside, host.hostname, check=True)
+    return json.loads(r.stdout)
+
+
+def test_alice_at_a_reaches_bob_at_b_over_tls_signed_and_spf_and_dmarc_pass(net: Internet):
+    a, b, _ = hosts(net)
+    send(a, "alice@a.test", "bob@b.test", "hello bob")
+    [message] = wait_for(b, "bob", "hello bob")
+    seen = authenticate(b, message)
+    assert seen["ip"] == a.address  # delivered by A itself, found through b.test's MX
+    assert seen["signatures"] == [True, True]  # Ed25519 and RSA, keys from DNS
+    for verdict in ("spf=pass", "dkim=pass", "dmarc=pass"):
+        assert verdict in seen["results"], seen["results"]
+    log = a.log.read_text()
+    assert f"relay=\"{b.address} (mail.b.test)\"" in log
+    assert "mta tls ciphers=TLSv1.3" in log
+
+
+def test_bob_replies_and_the_reply_reaches_alice_verified(net: Internet):
+    a, b, _ = hosts(net)
+    send(a, "alice@a.test", "bob@b.test", "question")
+    [first] = wait_for(b, "bob", "question")
+    msgid = email.message_from_bytes(first.read_bytes())["Message-Id"]
+    send(b, "bob@b.test", "alice@a.test", "Re: question", f"In-Reply-To: {msgid}")
+    [reply] = wait_for(a, "alice", "Re: question")
+    assert email.message_from_bytes(reply.read_bytes())["In-Reply-To"] == msgid
+    seen = authenticate(a, reply)
+    assert seen["ip"] == b.address and seen["signatures"] == [True, True]
+    for verdict in ("spf=pass", "dkim=pass", "dmarc=pass"):
+        assert verdict in seen["results"], seen["results"]
+
+
+def test_an_unknown_user_at_b_bounces_back_to_the_sender(net: Internet):
+    a, b, _ = hosts(net)
+    send(a, "alice@a.test", "nobody-here@b.test", "lost letter")
+    bounce = None
+    deadline = time.monotonic() + 30
+    while bounce is None and time.monotonic() < deadline:
+        for p in a.maildir("alice"):
+            text = p.read_text(errors="replace")
+            if "nobody-here@b.test" in text and "MAILER-DAEMON" in text:
+                bounce = text
+        time.sleep(0.1)
+    assert bounce, a.log.read_text()[-2000:]
+    assert "550" in bounce and "Subject: lost letter" in bounce  # B's answer and the original's headers
+    assert not any("lost letter" in p.read_text(errors="replace") for p in b.maildir("bob"))
