@@ -310,14 +310,18 @@ class Internet:
             time.sleep(0.1)
         raise AssertionError(f"pebble did not start:\n{(self.work / 'pebble.log').read_text(errors='replace')}")
 
-    def publish(self, host: Host, mailsetup: str, *skip: str) -> list[dict]:
-        """Serve exactly what `mailsetup dns --json` prints on `host` (less the record types in
-        `skip`, for a host whose owner did not publish them), and return the records."""
+    def publish(self, host: Host, mailsetup: str, only: tuple[str, ...] | None = None,
+                ptr: str | None = None) -> list[dict]:
+        """Serve exactly what `mailsetup dns --json` prints on `host` and return it. For a host whose
+        owner published less: `only` the record types given, and `ptr` a PTR naming another host
+        ("" for none) instead of the one printed."""
         r = host.run(mailsetup, "dns", "--json", check=True)
         printed = json.loads(r.stdout)
-        records = [rec for rec in printed["records"] if rec["type"] not in skip]
-        ptr = [] if "PTR" in skip else printed.get("ptr", [])
-        self.published[host.domain] = dnsmasq_options(records, ptr)
+        records = [rec for rec in printed["records"] if only is None or rec["type"] in only]
+        lines = printed.get("ptr", [])
+        if ptr is not None:
+            lines = [f"PTR {'.'.join(reversed(host.address.split('.')))}.in-addr.arpa. -> {ptr}."] if ptr else []
+        self.published[host.domain] = dnsmasq_options(records, lines)
         self.serve_dns()
         return printed["records"]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import email
 import json
+import re
 import shutil
 import sys
 import textwrap
@@ -155,3 +156,44 @@ def test_an_unknown_user_at_b_bounces_back_to_the_sender(net: Internet):
     assert bounce, a.log.read_text()[-2000:]
     assert "550" in bounce and "Subject: lost letter" in bounce  # B's answer and the original's headers
     assert not any("lost letter" in p.read_text(errors="replace") for p in b.maildir("bob"))
+
+
+def test_a_host_whose_records_are_not_published_still_delivers_and_its_checks_name_what_is_missing(net: Internet):
+    """A's owner published only what routes mail to it (MX and A), and its address's PTR names
+    another host: B still takes A's mail, and mailsetup on A says exactly what is wrong."""
+    a, b, c = hosts(net)
+    try:
+        net.publish(a, MAILSETUP, only=("MX", "A"), ptr=c.hostname)
+        send(a, "alice@a.test", "bob@b.test", "unpublished")
+        [message] = wait_for(b, "bob", "unpublished")
+        seen = authenticate(b, message)
+        assert seen["signatures"] == [False, False]  # signed, but no key in DNS to check against
+        assert "spf=none" in seen["results"] and "dmarc=none" in seen["results"], seen["results"]
+
+        check = a.run(MAILSETUP, "dns", "--check")
+        assert check.returncode != 0
+        missing = {line.split(":")[0] for line in check.stdout.splitlines() if line.startswith("✗")}
+        assert missing == {"✗ TXT a.test.", "✗ TXT _dmarc.a.test.", "✗ TXT _mta-sts.a.test.", "✗ TXT _smtp._tls.a.test.",
+                           "✗ CNAME mta-sts.a.test.", "✗ SRV _submission._tcp.a.test.", "✗ SRV _submissions._tcp.a.test.",
+                           "✗ SRV _imaps._tcp.a.test.", "✗ SRV _imap._tcp.a.test.",
+                           *{f"✗ TXT {s}._domainkey.a.test." for s in dkim_selectors(a)}}, check.stdout
+        assert "✓ MX a.test.: published" in check.stdout and "✓ A mail.a.test.: published" in check.stdout
+        pre = a.run(MAILSETUP, "preflight", "--json", "--probe", f"{b.hostname}:25")
+        assert pre.returncode == 1
+        checks = {c["name"]: c for c in json.loads(pre.stdout)["checks"]}
+        assert checks[f"reverse DNS of {a.address}"]["status"] == "fail"
+        assert f"{a.address}'s PTR names {c.hostname}, which does not resolve back" in \
+            checks[f"reverse DNS of {a.address}"]["detail"]
+        assert checks["outbound port 25"]["status"] == "ok", checks["outbound port 25"]
+    finally:
+        net.publish(a, MAILSETUP)
+    # published as printed, both agree that nothing is missing
+    assert a.run(MAILSETUP, "dns", "--check").returncode == 0
+    pre = a.run(MAILSETUP, "preflight", "--json", "--probe", f"{b.hostname}:25")
+    checks = {c["name"]: c for c in json.loads(pre.stdout)["checks"]}
+    assert pre.returncode == 0 and checks[f"reverse DNS of {a.address}"]["status"] == "ok", pre.stdout
+
+
+def dkim_selectors(host: Host) -> list[str]:
+    text = (host.etc / "mailsetup/dkim.toml").read_text()
+    return re.findall(r'^selector = "([^"]+)"', text, re.M)
