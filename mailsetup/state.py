@@ -96,6 +96,20 @@ def opensmtpd_queue(spool: Path = OPENSMTPD_SPOOL) -> tuple[bool, int]:
     return False, len(spool_mod.queued_envelopes(spool))
 
 
+def opensmtpd_sessions() -> int | None:
+    """SMTP sessions open in smtpd now (`smtp.session` in `smtpctl show stats`), None when it does not say.
+    `pause smtp` only stops new sessions: one open before it can still commit a message, under the
+    key in force then, after the queue was seen empty."""
+    proc = _smtpctl("show", "stats")
+    if proc is None or proc.returncode != 0:
+        return None
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "smtp.session" and value.strip().isdigit():
+            return int(value)
+    return 0  # smtpd lists a counter only once it has counted something
+
+
 @dataclass(frozen=True)
 class Queued:
     """Mail waiting under the current queue key; `drainable` when a running smtpd can deliver it first."""
@@ -151,8 +165,9 @@ def interrupt_on_termination():
 
 
 def drain_opensmtpd(timeout: float, say) -> None:
-    """Stop taking new mail (`smtpctl pause smtp`) and wait until smtpd's queue is empty. On a
-    timeout, an interrupt or any error smtpd's intake is resumed before the exception goes on."""
+    """Stop taking new mail (`smtpctl pause smtp`) and wait until no SMTP session is open and smtpd's
+    queue is empty. On a timeout, an interrupt or any error smtpd's intake is resumed before the
+    exception goes on."""
     try:
         proc = _smtpctl("pause", "smtp")
     except BaseException:  # interrupted while smtpctl ran: smtpd may be paused already
@@ -165,17 +180,19 @@ def drain_opensmtpd(timeout: float, say) -> None:
         say("paused smtpd's intake (smtpctl pause smtp); waiting for its queue to empty…")
         deadline = time.monotonic() + timeout
         while True:
+            sessions = opensmtpd_sessions()  # first: a session still open can queue one more message
             running, n = opensmtpd_queue()
             if not running:
                 raise MailsetupError("--drain: smtpd stopped answering while its queue drained; nothing rotated",
                                      exit_code=1)
-            if n == 0:
+            if n == 0 and sessions == 0:
                 return
             left = deadline - time.monotonic()
             if left <= 0:
-                raise MailsetupError(f"--drain: smtpd's queue still holds {n} envelope(s) after {timeout:g} s "
-                                     "(--drain-timeout); nothing rotated, and smtpd takes mail again",
-                                     exit_code=1)
+                held = (f"smtpd's queue still holds {n} envelope(s)" if n else
+                        f"{sessions if sessions is not None else 'an unknown number of'} SMTP session(s) still open")
+                raise MailsetupError(f"--drain: {held} after {timeout:g} s (--drain-timeout); nothing rotated, and "
+                                     "smtpd takes mail again", exit_code=1)
             time.sleep(min(1.0, left))
     except BaseException:
         resume_opensmtpd(say)

@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -95,23 +96,32 @@ def wait_for(host: Host, user: str, subject: str, timeout: float = 30) -> list[P
 CHECK = textwrap.dedent("""
     import json, re, sys
     import authheaders, dkim
-    raw = open(sys.argv[1], "rb").read()
-    received = re.search(rb"Received: from (\\S+) \\(\\S+ \\[([0-9.]+)\\]\\)", raw)
-    mail_from = re.search(rb"Return-Path: <([^>]*)>", raw).group(1).decode()
-    verdict = authheaders.authenticate_message(raw, sys.argv[2], spf=True, dkim=True, dmarc=True,
-        ip=received.group(2).decode(), mail_from=mail_from, helo=received.group(1).decode())
-    signatures = raw.count(b"DKIM-Signature:")
-    each = [dkim.DKIM(raw).verify(idx=i) for i in range(signatures)]
-    print(json.dumps({"results": verdict, "signatures": each, "ip": received.group(2).decode()}))
+    seen = []
+    for path in sys.argv[3:]:
+        raw = open(path, "rb").read()
+        received = re.search(rb"Received: from (\\S+) \\(\\S+ \\[([0-9.]+)\\]\\)", raw)
+        mail_from = re.search(rb"Return-Path: <([^>]*)>", raw).group(1).decode()
+        verdict = sys.argv[2] == "dkim" or authheaders.authenticate_message(
+            raw, sys.argv[1], spf=True, dkim=True, dmarc=True, ip=received.group(2).decode(),
+            mail_from=mail_from, helo=received.group(1).decode())
+        signatures = raw.count(b"DKIM-Signature:")
+        each = [dkim.DKIM(raw).verify(idx=i) for i in range(signatures)]
+        seen.append({"results": verdict, "signatures": each, "ip": received.group(2).decode()})
+    print(json.dumps(seen))
 """)
 
 
-def authenticate(host: Host, message: Path) -> dict:
+def authenticate_all(host: Host, messages: list[Path], dkim_only: bool = False) -> list[dict]:
     """SPF, DKIM and DMARC as the receiving host sees them: authheaders (pyspf, dkimpy) run inside
-    `host`, asking the small internet's DNS."""
-    inside = Path("/home") / message.relative_to(host.home)
-    r = host.run(sys.executable, "-c", CHECK, inside, host.hostname, check=True)
+    `host`, asking the small internet's DNS; each signature checked by dkimpy on its own too."""
+    inside = [Path("/home") / m.relative_to(host.home) for m in messages]
+    mode = "dkim" if dkim_only else "all"
+    r = host.run(sys.executable, "-c", CHECK, host.hostname, mode, *inside, check=True, timeout=300)
     return json.loads(r.stdout)
+
+
+def authenticate(host: Host, message: Path) -> dict:
+    return authenticate_all(host, [message])[0]
 
 
 def test_alice_at_a_reaches_bob_at_b_over_tls_signed_and_spf_and_dmarc_pass(net: Internet):
@@ -173,10 +183,11 @@ def test_a_host_whose_records_are_not_published_still_delivers_and_its_checks_na
         check = a.run(MAILSETUP, "dns", "--check")
         assert check.returncode != 0
         missing = {line.split(":")[0] for line in check.stdout.splitlines() if line.startswith("✗")}
-        assert missing == {"✗ TXT a.test.", "✗ TXT _dmarc.a.test.", "✗ TXT _mta-sts.a.test.", "✗ TXT _smtp._tls.a.test.",
-                           "✗ CNAME mta-sts.a.test.", "✗ SRV _submission._tcp.a.test.", "✗ SRV _submissions._tcp.a.test.",
-                           "✗ SRV _imaps._tcp.a.test.", "✗ SRV _imap._tcp.a.test.",
-                           *{f"✗ TXT {s}._domainkey.a.test." for s in dkim_selectors(a)}}, check.stdout
+        expected = [f"TXT {n}a.test." for n in ("", "_dmarc.", "_mta-sts.", "_smtp._tls.")]
+        expected += ["CNAME mta-sts.a.test."] + [f"SRV _{n}._tcp.a.test." for n in
+                                                   ("submission", "submissions", "imaps", "imap")]
+        expected += [f"TXT {s}._domainkey.a.test." for s in dkim_selectors(a)]
+        assert missing == {f"✗ {e}" for e in expected}, check.stdout
         assert "✓ MX a.test.: published" in check.stdout and "✓ A mail.a.test.: published" in check.stdout
         pre = a.run(MAILSETUP, "preflight", "--json", "--probe", f"{b.hostname}:25")
         assert pre.returncode == 1
@@ -197,3 +208,95 @@ def test_a_host_whose_records_are_not_published_still_delivers_and_its_checks_na
 def dkim_selectors(host: Host) -> list[str]:
     text = (host.etc / "mailsetup/dkim.toml").read_text()
     return re.findall(r'^selector = "([^"]+)"', text, re.M)
+
+
+class Stream:
+    """A person sending mail through `host`'s submission port, one message after another, until
+    stopped; a message counts as sent once the server took it (a refused one is not)."""
+
+    def __init__(self, host: Host, sender: str, rcpt: str, tag: str):
+        self.host, self.sender, self.rcpt, self.tag = host, sender, rcpt, tag
+        self.sent: list[str] = []
+        self.refused = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            subject = f"{self.tag} {len(self.sent) + self.refused}"
+            user = self.sender.split("@")[0]
+            r = self.host.run("swaks", "-S", "-S", "--timeout", "5", "--server", f"{self.host.address}:587", "--tls",
+                              "--auth", "LOGIN", "--auth-user", user, "--auth-password", PASSWORD, "--from",
+                              self.sender, "--to", self.rcpt, "--header", f"Subject: {subject}")
+            if r.returncode == 0:
+                self.sent.append(subject)
+            else:
+                self.refused += 1
+            time.sleep(0.5)
+
+    def __enter__(self) -> Stream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join(60)
+
+
+def arrived(host: Host, user: str, tag: str) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {}
+    for p in host.maildir(user):
+        m = re.search(rf"^Subject: ({re.escape(tag)} \d+)$", p.read_text(errors="replace"), re.M)
+        if m:
+            found.setdefault(m[1], []).append(p)
+    return found
+
+
+def flush(*hosts_: Host) -> None:
+    """Ask each smtpd to try its queue now rather than at its next retry."""
+    for host in hosts_:
+        host.run(TOOLS["smtpctl"], "schedule", "all", timeout=20)
+
+
+def test_queue_key_and_dkim_rotation_on_b_while_mail_flows_both_ways_lose_nothing(net: Internet):
+    a, b, c = hosts(net)
+    with Stream(a, "alice@a.test", "bob@b.test", "inbound") as inbound, \
+            Stream(b, "bob@b.test", "alice@a.test", "outbound") as outbound:
+        time.sleep(2)
+        t0 = time.monotonic()
+        r = b.run(MAILSETUP, "dkim", "--rotate", "--yes")
+        print("T rotate", time.monotonic() - t0)
+        net.publish(b, MAILSETUP)
+        r = b.run(MAILSETUP, "dkim", "--yes")
+        print("T switch", time.monotonic() - t0)
+        b.stop_smtpd()
+        b.start_smtpd()
+        time.sleep(2)
+        r = b.run("env", f"REQUESTS_CA_BUNDLE={net.ca_bundle}", MAILSETUP, "init", "--yes", "--no-smoke",
+                  "--no-preflight", "--rotate-queue-key", "--drain")
+        print("T qk", time.monotonic() - t0)
+        b.stop_smtpd()
+        print("T stopped", time.monotonic() - t0)
+        b.start_smtpd()
+        print("T started", time.monotonic() - t0)
+        time.sleep(2)
+    print("T streams", time.monotonic() - t0, len(inbound.sent), inbound.refused, len(outbound.sent), outbound.refused)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if (set(arrived(b, "bob", "inbound")) >= set(inbound.sent)
+                and set(arrived(a, "alice", "outbound")) >= set(outbound.sent)):
+            break
+        flush(a, b, c)
+        time.sleep(1)
+    at_b, at_a = arrived(b, "bob", "inbound"), arrived(a, "alice", "outbound")
+    if set(at_a) != set(outbound.sent):
+        print("QUEUE B", b.queue(), "QUEUE A", a.queue())
+        print(b.run("find", "/var/spool/smtpd", "-type", "f").stdout)
+        print("LOG B", b.log.read_text()[-15000:])
+    assert sorted(at_b) == sorted(inbound.sent) and all(len(v) == 1 for v in at_b.values())
+    assert sorted(at_a) == sorted(outbound.sent) and all(len(v) == 1 for v in at_a.values())
+    print("T arrived", time.monotonic() - t0)
+    for seen in authenticate_all(a, [v[0] for v in at_a.values()], dkim_only=True):
+        assert seen["signatures"] == [True, True], seen
+    print("T verified", time.monotonic() - t0)
+    assert False

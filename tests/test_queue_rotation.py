@@ -356,3 +356,58 @@ def test_keygen_over_the_live_queue_key_never_prunes_the_backup_that_opens_queue
         assert r.code == 0, r.err
     kept = {p.read_text().strip() for p in key.parent.glob("queue.key.*.bak")}
     assert first in kept  # the only key that opens the queued envelope
+
+
+# Inside the namespace: a client that opens its session, waits for a line on stdin, then sends a
+# message in that same session (a slow client, or one in the middle of its transaction).
+SLOW_CLIENT = """
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", 25, timeout=30)
+s.ehlo("client.example.test")
+print("open", flush=True)
+sys.stdin.readline()
+s.sendmail("root@example.test", ["bob@remote.test"], "Subject: in flight\\n\\nhello\\n")
+print("sent", flush=True)
+s.quit()
+"""
+
+
+def test_the_drain_waits_for_a_session_open_before_the_pause(host: Host):
+    """`pause smtp` stops new sessions, not the open ones: a message committed in one after the queue
+    looked empty would be queued under the old key and stranded by the rotation (the small internet's
+    rotation test lost one that way). The drain waits until no session is open."""
+    old = host.path(KEY).read_text()
+    client = subprocess.Popen(host.cmd(sys.executable, "-c", SLOW_CLIENT), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = None
+    try:
+        assert client.stdout.readline().strip() == "open", client.stderr.read()
+        cli = subprocess.Popen(host.cmd("env", "NO_COLOR=1", MAILSETUP, "init", "--yes", "--rotate-queue-key",
+                                        "--no-smoke", "--drain", "--drain-timeout", "40"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + 20
+        while "SMTP paused" not in host.status():
+            assert cli.poll() is None and time.monotonic() < deadline, "the drain never paused smtpd"
+            time.sleep(0.1)
+        assert host.run("smtpctl", "remove", "all").returncode == 0  # the queue is empty now...
+        time.sleep(3)
+        assert cli.poll() is None, "rotated while a session was still open"  # ...but a session is open
+        assert host.path(KEY).read_text() == old
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "sent"
+        client.wait(10)
+        deadline = time.monotonic() + 20
+        while not host.queue():  # the message the open session committed under the old key
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert cli.poll() is None and host.path(KEY).read_text() == old
+        assert host.run("smtpctl", "remove", "all").returncode == 0  # as if it had been delivered
+        out, err = cli.communicate(timeout=30)
+    finally:
+        for proc in (client, cli):
+            if proc and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert cli.returncode == 0, err
+    assert host.path(KEY).read_text() != old
