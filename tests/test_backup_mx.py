@@ -1,0 +1,153 @@
+"""A backup MX and verified outbound TLS, as a user sets them up: --relay-tls, --backup-mx and
+--backup-for (or their answers-file keys), what they write (smtpd.conf, answers.toml, the MTA-STS
+policy), the records `mailsetup dns` prints and checks against a real DNS server (dnsmasq), and the
+one-line errors a bad value gets. The real smtpd's side is in test_render.py (`smtpd -n`) and
+test_real_smtpd.py (a stranger's RCPT for a backup domain and for any other)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import init_args, run_cli, tree
+from mta_kit import DNSMASQ, free_port, start_dnsmasq
+
+needs_dnsmasq = pytest.mark.skipif(DNSMASQ is None, reason="needs dnsmasq (apt-get install dnsmasq-base)")
+
+BACKUP = ("--relay-tls", "verify", "--backup-mx", "mx2.other.test", "--backup-mx", "MX3.other.test",
+          "--backup-for", "a.test", "--backup-for", "x.test")
+
+
+def init_b(sandbox: Path, *extra: object):
+    """b.test's mail host, mail.b.test (no DKIM: its records are not what these tests are about)."""
+    return run_cli(*init_args(sandbox, "--no-smoke", "--no-dkim", *extra, domain="b.test"))
+
+
+def rules(conf: Path) -> list[str]:
+    return [line for line in conf.read_text().splitlines() if line.startswith(("table backup", "action", "match"))]
+
+
+def test_the_three_settings_reach_smtpd_conf_and_the_answers_file_and_a_rerun_keeps_them(sandbox: Path):
+    r = init_b(sandbox, *BACKUP)
+    assert r.code == 0, r.err
+    assert rules(sandbox / "etc/smtpd.conf") == [
+        'table backup_domains { "a.test", "x.test" }',
+        f'action "local_mail" maildir "{sandbox}/home/%{{user.username}}/Maildir" alias <aliases>',
+        'action "outbound" relay tls helo mail.b.test',
+        'action "backup" relay backup mx mail.b.test tls helo mail.b.test',
+        'match from any for domain "b.test" action "local_mail"',
+        'match from any for domain <backup_domains> action "backup"',
+        'match for local action "local_mail"',
+        'match auth from any for any action "outbound"',
+        'match from local for any action "outbound"',
+    ]
+    recorded = (sandbox / "etc/mailsetup/answers.toml").read_text().splitlines()
+    for line in ('relay_tls = "verify"', 'backup_mx = ["mx2.other.test", "mx3.other.test"]',
+                 'backup_for = ["a.test", "x.test"]'):
+        assert line in recorded
+    # Every MX is in the MTA-STS policy: a sender that enforces it refuses an MX it does not name.
+    policy = (sandbox / "var/www/mta-sts/.well-known/mta-sts.txt").read_bytes()
+    assert b"mx: mail.b.test\r\nmx: mx2.other.test\r\nmx: mx3.other.test\r\n" in policy
+    r = run_cli("init", "--yes", "--no-smoke", "--root", sandbox)  # from the answers file alone
+    assert r.code == 0, r.err
+    assert "Everything is already in place" in r.out
+
+
+def test_by_default_outbound_tls_is_opportunistic_and_nothing_is_relayed_as_a_backup(sandbox: Path):
+    r = init_b(sandbox)
+    assert r.code == 0, r.err
+    found = rules(sandbox / "etc/smtpd.conf")
+    assert 'action "outbound" relay helo mail.b.test' in found
+    assert not [line for line in found if "backup" in line]
+    recorded = (sandbox / "etc/mailsetup/answers.toml").read_text()
+    assert "relay_tls" not in recorded and "backup_" not in recorded  # a default stays a default
+
+
+def test_the_answers_file_keys_do_what_the_flags_do(tmp_path: Path, sandbox: Path):
+    answers = tmp_path / "answers.toml"
+    answers.write_text('domain = "b.test"\nadmin = "alice"\nrelay_tls = "verify"\nbackup_for = "a.test"\n'
+                       'backup_mx = ["mx2.other.test"]\n')
+    r = run_cli("init", "--yes", "--no-smoke", "--no-dkim", "--os", "debian", "--root", sandbox, "--answers", answers)
+    assert r.code == 0, r.err
+    found = rules(sandbox / "etc/smtpd.conf")
+    assert found[0] == 'table backup_domains { "a.test" }'
+    assert 'action "outbound" relay tls helo mail.b.test' in found
+    assert 'backup_for = ["a.test"]' in (sandbox / "etc/mailsetup/answers.toml").read_text()
+
+
+@pytest.mark.parametrize("flags,error", [
+    (["--relay-tls", "strict"], "--relay-tls: 'strict' is not opportunistic or verify"),
+    (["--backup-mx", "mail.b.test"],
+     "--backup-mx: mail.b.test is this host's own name (--hostname): list the other MX hosts"),
+    (["--backup-mx", "mx2.other.test", "--backup-mx", "MX2.other.test"], "--backup-mx: mx2.other.test is given twice"),
+    (["--backup-mx", "backup"],
+     "--backup-mx: 'backup' is not a fully qualified name (expected something like mail.example.com)"),
+    (["--backup-for", "B.test"],
+     "--backup-for: b.test is this host's own domain (--domain), whose mail is delivered here"),
+    (["--backup-for", "a.test", "--backup-for", "a.test"], "--backup-for: a.test is given twice"),
+    (["--backup-for", 'a.test" }\nmatch from any for any action "outbound'],
+     "--backup-for: 'a.test\" }\\nmatch from any for any action \"outbound' contains a double quote, "
+     "which is not allowed here"),
+])
+def test_a_bad_value_is_one_line_naming_its_flag_and_nothing_is_written(sandbox: Path, flags: list, error: str):
+    r = init_b(sandbox, *flags)
+    assert (r.code, r.err_lines) == (2, [f"mailsetup: error: {error}"])
+    assert tree(sandbox) == {}
+
+
+@pytest.mark.parametrize("line,error", [
+    ('relay_tls = "yes"', "--relay-tls: 'yes' is not opportunistic or verify"),
+    ("backup_mx = [25]", "--backup-mx: [25] is not a DNS name or a list of them"),
+    ('backup_for = ["b.test"]', "--backup-for: b.test is this host's own domain (--domain), whose mail is delivered "
+                                "here"),
+])
+def test_a_bad_value_in_an_answers_file_names_its_file_and_line(tmp_path: Path, sandbox: Path, line: str, error: str):
+    answers = tmp_path / "answers.toml"
+    answers.write_text(f'domain = "b.test"\nadmin = "alice"\n{line}\n')
+    r = run_cli("init", "--yes", "--no-smoke", "--os", "debian", "--root", sandbox, "--answers", answers)
+    assert (r.code, r.err_lines) == (2, [f"mailsetup: error: {answers}:3: {error}"])
+    assert tree(sandbox) == {}
+
+
+def mx_records(sandbox: Path) -> list[str]:
+    r = run_cli("dns", "--root", sandbox, "--ip", "192.0.2.2", "--json")
+    assert r.code == 0, r.err
+    return [rec["value"] for rec in json.loads(r.out)["records"] if rec["type"] == "MX"]
+
+
+def test_dns_prints_the_backup_mxes_after_this_hosts_own(sandbox: Path):
+    assert init_b(sandbox, "--backup-mx", "mx2.other.test", "--backup-mx", "mx3.other.test").code == 0
+    assert mx_records(sandbox) == ["10 mail.b.test.", "20 mx2.other.test.", "30 mx3.other.test."]
+    text = run_cli("dns", "--root", sandbox, "--ip", "192.0.2.2").out.splitlines()
+    zone = [line.split() for line in text if " IN MX " in line]
+    assert zone == [["b.test.", "3600", "IN", "MX", "10", "mail.b.test."],
+                    ["b.test.", "3600", "IN", "MX", "20", "mx2.other.test."],
+                    ["b.test.", "3600", "IN", "MX", "30", "mx3.other.test."]]
+
+
+@needs_dnsmasq
+def test_dns_check_checks_each_backup_mx_like_the_primary(sandbox: Path):
+    assert init_b(sandbox, "--backup-mx", "mx2.other.test", "--backup-mx", "mx3.other.test").code == 0
+    port = free_port()
+    # mx3 is published with the wrong preference: only it fails
+    server = start_dnsmasq(port, "--local=/b.test/", "--mx-host=b.test,mail.b.test,10",
+                           "--mx-host=b.test,mx2.other.test,20", "--mx-host=b.test,mx3.other.test,40")
+    try:
+        r = run_cli("dns", "--root", sandbox, "--ip", "192.0.2.2", "--check", "--nameserver", f"127.0.0.1:{port}",
+                    "--json")
+    finally:
+        server.terminate()
+        server.wait(5)
+    assert r.code == 1
+    mx = [(c["wanted"], c["status"]) for c in json.loads(r.out)["check"] if c["type"] == "MX"]
+    assert mx == [("10 mail.b.test.", "ok"), ("20 mx2.other.test.", "ok"), ("30 mx3.other.test.", "fail")]
+
+
+def test_serve_refuses_a_backup_mx_in_one_line(sandbox: Path):
+    """The embedded MTA would refuse the backup domains' mail the MX records send here."""
+    assert init_b(sandbox, "--backup-for", "a.test").code == 0
+    r = run_cli("serve", "--root", sandbox, "--smtp-port", str(free_port()), "--submission-port", str(free_port()))
+    assert (r.code, r.err_lines) == (2, [
+        "mailsetup: error: this set-up is a backup MX for a.test (--backup-for), which the embedded MTA does not do; "
+        "run the real smtpd (mailsetup smoke --engine opensmtpd)"])
