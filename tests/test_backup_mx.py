@@ -7,13 +7,20 @@ test_real_smtpd.py (a stranger's RCPT for a backup domain and for any other)."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import init_args, run_cli, tree
+from conftest import IS_ROOT, OPENSSL, SMTPD, init_args, run_cli, tree
 from mta_kit import DNSMASQ, free_port, start_dnsmasq
 
 needs_dnsmasq = pytest.mark.skipif(DNSMASQ is None, reason="needs dnsmasq (apt-get install dnsmasq-base)")
+needs_world = pytest.mark.skipif(
+    not (IS_ROOT and SMTPD and DNSMASQ and OPENSSL and shutil.which("unshare") and shutil.which("ip")),
+    reason="needs root, OpenSMTPD, dnsmasq, openssl, unshare and ip for a network namespace")
 
 BACKUP = ("--relay-tls", "verify", "--backup-mx", "mx2.other.test", "--backup-mx", "MX3.other.test",
           "--backup-for", "a.test", "--backup-for", "x.test")
@@ -151,3 +158,80 @@ def test_serve_refuses_a_backup_mx_in_one_line(sandbox: Path):
     assert (r.code, r.err_lines) == (2, [
         "mailsetup: error: this set-up is a backup MX for a.test (--backup-for), which the embedded MTA does not do; "
         "run the real smtpd (mailsetup smoke --engine opensmtpd)"])
+
+
+# --- what verify means, measured: the real smtpd delivering to an MX it finds through DNS ------------
+
+@pytest.fixture
+def world_dir():
+    base = Path(tempfile.mkdtemp(prefix="mailsetup-world-", dir="/tmp"))
+    base.chmod(0o755)  # smtpd's unprivileged processes must reach the set-up's files
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def ca_signed(base: Path, name: str) -> tuple[Path, Path, Path]:
+    """A test CA, and a certificate for `name` it signed: (the CA bundle with it, cert, key)."""
+    def openssl(*args: object) -> None:
+        subprocess.run([OPENSSL, *map(str, args)], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", base / "ca.key", "-out", base / "ca.crt",
+            "-subj", "/CN=mailsetup test CA", "-days", "2", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", base / "mx.key", "-out", base / "mx.csr",
+            "-subj", f"/CN={name}")
+    (base / "san").write_text(f"subjectAltName=DNS:{name}\n")
+    openssl("x509", "-req", "-in", base / "mx.csr", "-CA", base / "ca.crt", "-CAkey", base / "ca.key",
+            "-CAcreateserial", "-out", base / "mx.crt", "-days", "2", "-extfile", base / "san")
+    (base / "mx.key").chmod(0o600)
+    bundle = base / "ca-certificates.crt"
+    bundle.write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes() + (base / "ca.crt").read_bytes())
+    return bundle, base / "mx.crt", base / "mx.key"
+
+
+def send_through_dns(base: Path, relay_tls: str, mx_cert: str) -> dict:
+    """example.test's smtpd (--relay-tls `relay_tls`) sends to postmaster@a.test, whose MX mx.a.test
+    shows a self-signed certificate, one a CA the sender trusts signed (`trusted`), or such a one
+    for another name (`mismatched`)."""
+    sender, receiver = base / "sender", base / "receiver"
+    r = run_cli(*init_args(sender, "--no-smoke", "--no-dkim", "--relay-tls", relay_tls))
+    assert r.code == 0, r.err
+    # DNS names mx.a.test as a.test's MX; a mismatched host calls itself (and its certificate) other.a.test
+    receiver_tls, bundle, name = [], None, "other.a.test" if mx_cert == "mismatched" else "mx.a.test"
+    if mx_cert != "self-signed":
+        bundle, cert, key = ca_signed(base, name)
+        receiver_tls = ["--tls", "existing", "--cert", cert, "--key", key]
+    r = run_cli(*init_args(receiver, "--no-smoke", "--no-dkim", "--hostname", name, *receiver_tls, domain="a.test"))
+    assert r.code == 0, r.err
+    world = Path(__file__).with_name("relay_world.py")
+    proc = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", sys.executable, world,
+                           base, sender, receiver, *([bundle] if bundle else [])],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@needs_world
+def test_opportunistic_tls_delivers_to_an_mx_with_a_self_signed_certificate_unverified(world_dir: Path):
+    out = send_through_dns(world_dir, "opportunistic", "self-signed")
+    assert out["action"] == 'action "outbound" relay helo mail.example.test'
+    assert any('cert-check result="unverified"' in line for line in out["mta"]), out
+    assert len(out["delivered"]) == 1 and out["queued"] == [], out
+
+
+@needs_world
+@pytest.mark.parametrize("mx_cert,why", [("self-signed", "certificate verification failed: self-signed certificate"),
+                                         ("mismatched", "name `mx.a.test' not present in server certificate")])
+def test_verify_refuses_an_mx_whose_certificate_it_cannot_verify_and_keeps_the_mail(world_dir: Path, mx_cert: str,
+                                                                                     why: str):
+    out = send_through_dns(world_dir, "verify", mx_cert)
+    assert out["action"] == 'action "outbound" relay tls helo mail.example.test'
+    assert any(why in line for line in out["mta"]), out
+    assert out["delivered"] == [] and out["queued"], out
+
+
+@needs_world
+def test_verify_delivers_to_an_mx_whose_certificate_a_trusted_ca_signed(world_dir: Path):
+    out = send_through_dns(world_dir, "verify", "trusted")
+    assert any('cert-check result="valid"' in line for line in out["mta"]), out
+    assert len(out["delivered"]) == 1 and out["queued"] == [], out
