@@ -8,13 +8,17 @@ its set-up's rules (the written smtpd.conf's) with only its listeners moved.
 
     python relay_world.py WORK SENDER_ROOT RECEIVER_ROOT [CA_FILE]
 
-Prints one JSON object: the outbound action line, smtpd's mta log lines, the files delivered into
-a.test's Maildirs and the envelopes still in smtpd's queue.
+With BACKUP=1 in the environment the sender is a.test's backup MX (mx2.a.test, preference 20 in DNS):
+the message comes to it from a stranger (127.0.0.5, not `from local`), as from any sender on the
+internet while the primary was down. Prints one JSON object: the outbound (and backup) action lines,
+smtpd's mta log lines, the files delivered into a.test's Maildirs and the envelopes still in smtpd's
+queue.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import smtplib
 import subprocess
 import sys
@@ -38,7 +42,8 @@ def main(work: Path, sender: Path, receiver: Path, ca_file: str | None) -> dict:
     procs = [subprocess.Popen(
         ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--port=53",
          "--listen-address=127.0.0.1", "--bind-interfaces", "--user=root", "--local=/a.test/",
-         "--mx-host=a.test,mx.a.test,10", "--host-record=mx.a.test,127.0.0.2"],
+         "--mx-host=a.test,mx.a.test,10", "--host-record=mx.a.test,127.0.0.2",
+         "--mx-host=a.test,mx2.a.test,20", "--host-record=mx2.a.test,127.0.0.3"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     procs.append(subprocess.Popen(
         [MAILSETUP, "serve", "--root", str(receiver), "--listen", "127.0.0.2", "--smtp-port", "25",
@@ -49,7 +54,9 @@ def main(work: Path, sender: Path, receiver: Path, ca_file: str | None) -> dict:
     real = RealSmtpd("/usr/sbin/smtpd", conf, (10025, 10588)).start()
     try:
         _wait_port("127.0.0.2", 25)
-        with smtplib.SMTP("127.0.0.1", 10025, timeout=10) as client:
+        backup = os.environ.get("BACKUP") == "1"
+        with smtplib.SMTP("127.0.0.1", 10025, timeout=10, source_address=("127.0.0.5", 0) if backup else None,
+                          local_hostname="sender.example.net" if backup else None) as client:
             client.sendmail("alice@example.test", ["postmaster@a.test"], "Subject: hello\r\n\r\nhello\r\n")
         mta: list[str] = []
         for _ in range(100):  # until smtpd says what became of it (delivered, or no route it may use)
@@ -68,6 +75,7 @@ def main(work: Path, sender: Path, receiver: Path, ca_file: str | None) -> dict:
             proc.terminate()
             proc.wait(10)
     return {"action": next(line for line in conf.splitlines() if line.startswith('action "outbound"')),
+            "backup_action": next((line for line in conf.splitlines() if line.startswith('action "backup"')), None),
             "mta": mta, "delivered": [p.name for p in receiver.glob("home/*/Maildir/new/*")], "queued": queued}
 
 

@@ -7,6 +7,7 @@ test_real_smtpd.py (a stranger's RCPT for a backup domain and for any other)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -189,12 +190,12 @@ def ca_signed(base: Path, name: str) -> tuple[Path, Path, Path]:
     return bundle, base / "mx.crt", base / "mx.key"
 
 
-def send_through_dns(base: Path, relay_tls: str, mx_cert: str) -> dict:
+def send_through_dns(base: Path, relay_tls: str, mx_cert: str, *sender_flags: str) -> dict:
     """example.test's smtpd (--relay-tls `relay_tls`) sends to postmaster@a.test, whose MX mx.a.test
     shows a self-signed certificate, one a CA the sender trusts signed (`trusted`), or such a one
     for another name (`mismatched`)."""
     sender, receiver = base / "sender", base / "receiver"
-    r = run_cli(*init_args(sender, "--no-smoke", "--no-dkim", "--relay-tls", relay_tls))
+    r = run_cli(*init_args(sender, "--no-smoke", "--no-dkim", "--relay-tls", relay_tls, *sender_flags))
     assert r.code == 0, r.err
     # DNS names mx.a.test as a.test's MX; a mismatched host calls itself (and its certificate) other.a.test
     receiver_tls, bundle, name = [], None, "other.a.test" if mx_cert == "mismatched" else "mx.a.test"
@@ -206,7 +207,8 @@ def send_through_dns(base: Path, relay_tls: str, mx_cert: str) -> dict:
     world = Path(__file__).with_name("relay_world.py")
     proc = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", sys.executable, world,
                            base, sender, receiver, *([bundle] if bundle else [])],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "BACKUP": "1" if "--backup-for" in sender_flags else "0"})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -233,5 +235,17 @@ def test_verify_refuses_an_mx_whose_certificate_it_cannot_verify_and_keeps_the_m
 @needs_world
 def test_verify_delivers_to_an_mx_whose_certificate_a_trusted_ca_signed(world_dir: Path):
     out = send_through_dns(world_dir, "verify", "trusted")
+    assert any('cert-check result="valid"' in line for line in out["mta"]), out
+    assert len(out["delivered"]) == 1 and out["queued"] == [], out
+
+
+@needs_world
+def test_a_backup_mx_hands_a_strangers_mail_to_the_primary_mx_with_tls_verified(world_dir: Path):
+    """mx2.a.test (MX 20, --backup-for a.test) takes a.test's mail from a sender on the internet and
+    hands it to the MX of higher priority, mx.a.test (MX 10), over STARTTLS with its certificate
+    verified."""
+    out = send_through_dns(world_dir, "verify", "trusted", "--hostname", "mx2.a.test", "--backup-for", "a.test")
+    assert out["backup_action"] == 'action "backup" relay backup mx mx2.a.test tls helo mx2.a.test'
+    assert any("address=smtp+tls://127.0.0.2:25 host=mx.a.test" in line for line in out["mta"]), out
     assert any('cert-check result="valid"' in line for line in out["mta"]), out
     assert len(out["delivered"]) == 1 and out["queued"] == [], out
