@@ -70,6 +70,8 @@ def unpublished_pending_dkim(setup: MailSetup, nameserver: str | None) -> list[C
 def wanted_records(setup: MailSetup, ips: list[str]) -> list[Record]:
     d, h = setup.domain + ".", setup.hostname + "."
     records = [Record(d, "MX", f"10 {h}", "mail for the domain goes to the mail host")]
+    records += [Record(d, "MX", f"{20 + 10 * i} {backup}.", "a backup MX: it queues the domain's mail while "
+                       f"{setup.hostname} is down and hands it on") for i, backup in enumerate(setup.backup_mx)]
     for ip in ips:
         addr = ipaddress.ip_address(ip)
         records.append(Record(h, "AAAA" if addr.version == 6 else "A", str(addr), "the mail host's address"))
@@ -94,8 +96,10 @@ MTA_STS_POLICY_MODE = 0o644  # a web server, whoever it runs as, must read it
 
 def mta_sts_policy(setup: MailSetup) -> str:
     """The policy file RFC 8461 section 3.2 describes: `key: value` lines, each ended by CRLF (its
-    grammar takes LF or CRLF). The values are the validated mode and host name: nothing else."""
-    lines = ("version: STSv1", f"mode: {setup.mta_sts_mode}", f"mx: {setup.hostname}",
+    grammar takes LF or CRLF). The values are the validated mode and host names: nothing else. Every
+    MX is listed, backups too: a sender that enforces the policy refuses an MX it does not name."""
+    lines = ("version: STSv1", f"mode: {setup.mta_sts_mode}",
+             *(f"mx: {host}" for host in (setup.hostname, *setup.backup_mx)),
              f"max_age: {MTA_STS_MAX_AGE[setup.mta_sts_mode]}")
     return "".join(line + "\r\n" for line in lines)
 

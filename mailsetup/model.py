@@ -242,6 +242,43 @@ def validate_mta_sts_mode(value: Any, flag: str = "--mta-sts-mode") -> str:
     return text
 
 
+RELAY_TLS = ("opportunistic", "verify")
+
+
+def validate_relay_tls(value: Any, flag: str = "--relay-tls") -> str:
+    """How outbound mail uses TLS: opportunistic (STARTTLS when offered, any certificate: what the
+    internet does) or verify (STARTTLS required and the MX's certificate verified)."""
+    text = str(value)
+    if text not in RELAY_TLS:
+        raise MailsetupError(f"{flag}: {text!r} is not opportunistic or verify")
+    return text
+
+
+def validate_names(value: Any, flag: str, own: str, own_what: str) -> tuple[str, ...]:
+    """--backup-mx / --backup-for: one DNS name or a list of them, each once, never `own` (this
+    host's own name or domain, which `own_what` names)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(x, str) for x in items):
+        raise MailsetupError(f"{flag}: {value!r} is not a DNS name or a list of them")
+    names: list[str] = []
+    for item in items:
+        name = validate_dns_name(item, flag)
+        if name == own.lower():
+            raise MailsetupError(f"{flag}: {name} is {own_what}")
+        if name in names:
+            raise MailsetupError(f"{flag}: {name} is given twice")
+        names.append(name)
+    return tuple(names)
+
+
+def validate_backup_mx(value: Any, flag: str, hostname: str) -> tuple[str, ...]:
+    return validate_names(value, flag, hostname, "this host's own name (--hostname): list the other MX hosts")
+
+
+def validate_backup_for(value: Any, flag: str, domain: str) -> tuple[str, ...]:
+    return validate_names(value, flag, domain, "this host's own domain (--domain), whose mail is delivered here")
+
+
 @dataclass(frozen=True)
 class Acme:
     """How certbot obtains and renews the certificate of `--tls acme`."""
@@ -305,6 +342,9 @@ class MailSetup:
     smoke: bool = True  # init runs the smoke test once the files are written
     dkim: bool = False  # outgoing mail is DKIM-signed (RSA and Ed25519), by smtpd's filter or the embedded MTA
     mta_sts_mode: str = "testing"  # the MTA-STS policy's mode: testing first, enforce once reports are clean
+    relay_tls: str = "opportunistic"  # outbound TLS: opportunistic (any certificate) or verify (a CA-trusted one)
+    backup_mx: tuple[str, ...] = ()  # other hosts that are backup MXes for the domain (DNS: MX 20, 30…)
+    backup_for: tuple[str, ...] = ()  # domains this host is a backup MX for: their mail is queued and handed on
     # The keys some layer answered (flags, answers file, last run, wizard): the answers file records
     # these, so a default stays a default and follows the layout (or the key type on disk) next time.
     answered: frozenset[str] = frozenset()
@@ -376,8 +416,17 @@ def build_setup(raw: Mapping[str, Any], where: Callable[[str], str] = flag_of) -
         smoke=validate_bool(raw.get("smoke", True), where("smoke")),
         dkim=validate_bool(raw.get("dkim", False), where("dkim")),
         mta_sts_mode=validate_mta_sts_mode(raw.get("mta_sts_mode", "testing"), where("mta_sts_mode")),
+        relay_tls=validate_relay_tls(_given(raw, "relay_tls", "opportunistic"), where("relay_tls")),
+        backup_mx=validate_backup_mx(_given(raw, "backup_mx", ()), where("backup_mx"), hostname),
+        backup_for=validate_backup_for(_given(raw, "backup_for", ()), where("backup_for"), domain),
         answered=frozenset(k for k, v in raw.items() if v is not None),
     )
+
+
+def _given(raw: Mapping[str, Any], key: str, default: Any) -> Any:
+    """The answer, or `default` when none was given (None: a flag left out); an empty "" is judged."""
+    value = raw.get(key)
+    return default if value is None else value
 
 
 def _root(value: Any) -> Path | None:

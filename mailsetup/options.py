@@ -81,6 +81,15 @@ Dkim = Annotated[bool | None, _opt("--dkim/--no-dkim", help="Sign outgoing mail 
 MtaStsMode = Annotated[str | None, _opt(
     "--mta-sts-mode", metavar="MODE",
     help="The MTA-STS policy's mode: testing (default; senders report, still deliver), enforce, or none.")]
+RelayTls = Annotated[str | None, _opt(
+    "--relay-tls", metavar="MODE", help="Outbound TLS: opportunistic (default; STARTTLS when offered, any "
+    "certificate) or verify (STARTTLS and a CA-trusted certificate required, else the mail waits in the queue).")]
+BackupMx = Annotated[list[str] | None, _opt(
+    "--backup-mx", metavar="HOST", help="Another host that is a backup MX for the domain (repeatable; `dns` "
+    "prints it as MX 20, 30…).")]
+BackupFor = Annotated[list[str] | None, _opt(
+    "--backup-for", metavar="DOMAIN", help="A domain this host is a backup MX for: its mail is taken from "
+    "anyone, queued and handed to its primary MX (repeatable).")]
 Smoke = Annotated[bool | None, _opt("--smoke/--no-smoke", help="Run the smoke test (yes).")]
 
 # --- how init runs ------------------------------------------------------------------------------------

@@ -330,7 +330,8 @@ def recorded_answers(setup: MailSetup, key_type: str | None = None) -> dict:
         "smtpd_version": f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}",
         "queue_compression": setup.queue.compression, "queue_encryption": setup.queue.encryption,
         "max_message_size": setup.max_message_size, "keep_backups": setup.keep_backups, "dkim": setup.dkim,
-        "mta_sts_mode": setup.mta_sts_mode,
+        "mta_sts_mode": setup.mta_sts_mode, "relay_tls": setup.relay_tls,
+        "backup_mx": list(setup.backup_mx), "backup_for": list(setup.backup_for),
         **_acme_answers(setup),
     }
     always = {"domain", "hostname", "os", "admin", "key_type", "cert", "key", "smtpd_version"}

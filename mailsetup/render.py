@@ -185,6 +185,10 @@ def render_smtpd_conf(setup: MailSetup, queue_key: str | None, aliases_format: s
         "dkim_filters": dkim_filters,
         "dkim_chain": Filtered(", ".join(_quote(f.name) for f in dkim_filters)),
         "dkim_user": setup.layout.dkim_user,
+        # `relay tls`: STARTTLS required and the MX's certificate verified (plain `relay` never verifies
+        # it). Not toward the smoke test's sink (relay_host), which speaks plain SMTP on loopback.
+        "relay_tls": setup.relay_tls == "verify" and not relay_host,
+        "backup_domains": Filtered(", ".join(_quote(d) for d in setup.backup_for)),
     }
     text = _environment().get_template(template_name(setup)).render(**context)
     # Collapse the blank lines that skipped blocks leave behind.

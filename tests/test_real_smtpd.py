@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import pwd
 import shutil
+import smtplib
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 from conftest import IS_ROOT, SMTPD, run_cli
-from mta_kit import provision
+from mta_kit import free_port, provision
 
 pytestmark = pytest.mark.skipif(not (SMTPD and IS_ROOT), reason="needs OpenSMTPD installed and root")
 
@@ -65,6 +66,46 @@ def test_real_smtpd_passes_the_whole_smoke_test(root: Path):
         except OSError:
             pass
     assert leftovers == []
+
+
+@pytest.fixture
+def backup_root():
+    base = Path(tempfile.mkdtemp(prefix="mailsetup-real-", dir="/tmp"))
+    base.chmod(0o755)
+    ensure_system_user("alice")
+    yield provision(base / "root", "--backup-for", "a.test", "--relay-tls", "verify")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_backup_mx_takes_a_strangers_mail_for_its_backup_domain_and_is_no_open_relay(backup_root: Path):
+    """The real smtpd on the set-up's rules (the written smtpd.conf's, checked line by line), asked
+    from 127.0.0.2, which is not `from local`: RCPT for the backup domain and for our own is taken,
+    any other domain refused, a subdomain and the relay tricks too."""
+    from mailsetup.answers import load_setup
+    from mailsetup.realsmtpd import RealSmtpd, check_written_config, loopback_config
+    from mailsetup.smoke import RELAY_TRICKS, STRANGER
+
+    setup = load_setup(backup_root, "debian")
+    check_written_config(setup)  # the loopback smtpd runs what smtpd.conf says
+    smtp, submission = free_port(), free_port()
+    conf = loopback_config(setup, smtp, submission, free_port())
+    assert 'match from any for domain <backup_domains> action "backup"\n' in conf
+    wanted = {"bob@a.test": 250, "Bob@A.TEST": 250, "alice@example.test": 250, "x@example.net": 550,
+              "x@mail.a.test": 550, "x@a.test.example.net": 550,
+              **{t.format(domain="a.test"): 550 for t in RELAY_TRICKS if "{domain}." in t or "@{" not in t}}
+    answered = {}
+    with RealSmtpd(SMTPD, conf, (smtp, submission)), \
+            smtplib.SMTP("127.0.0.1", smtp, local_hostname="stranger.invalid", timeout=10,
+                         source_address=(STRANGER, 0)) as client:
+        client.ehlo()
+        for rcpt in wanted:
+            client.rset()
+            client.mail("someone@example.net")
+            answered[rcpt] = client.rcpt(f"<{rcpt}>")[0]
+    assert {r: code // 100 for r, code in answered.items()} == {r: code // 100 for r, code in wanted.items()}
+    # The whole smoke test still passes: its relay sink (plain SMTP) is not asked for a verified certificate.
+    code, checks, err = smoke(backup_root)
+    assert code == 0, (checks, err)
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,50 @@ def test_real_smtpd_loads_each_key_type(key_type: str, sandbox: Path):
     assert smtpd_check(sandbox / "etc/smtpd.conf").returncode == 0
 
 
+RELAYING = [["--relay-tls", "verify"], ["--backup-for", "a.test"],
+            ["--relay-tls", "verify", "--backup-for", "a.test", "--backup-for", "x.test"]]
+
+
+@needs_smtpd
+@pytest.mark.parametrize("relaying", RELAYING, ids="-".join)
+def test_real_smtpd_accepts_verified_relaying_and_a_backup_mx(relaying: list, sandbox: Path):
+    r = run_cli(*init_args(sandbox, *relaying, "--no-smoke"))
+    assert r.code == 0, r.err
+    conf = sandbox / "etc/smtpd.conf"
+    check = smtpd_check(conf)
+    assert check.returncode == 0, check.stderr
+    text = conf.read_text()
+    verify = "verify" in relaying
+    assert ('action "outbound" relay tls helo mail.example.test\n' in text) == verify
+    assert ('action "outbound" relay helo mail.example.test\n' in text) == (not verify)
+    if "--backup-for" in relaying:
+        assert f'action "backup" relay backup mx mail.example.test{" tls" if verify else ""} helo mail.example.test\n' \
+            in text
+        assert 'match from any for domain <backup_domains> action "backup"\n' in text
+    assert open_relay_rules(text) == []
+
+
+def test_the_smoke_tests_sink_is_not_asked_for_a_verified_certificate():
+    """The loopback smtpd of `smoke --engine opensmtpd` relays to a plain-SMTP sink: `tls` there
+    would fail the smoke test of every set-up with --relay-tls verify."""
+    setup = build_setup({"domain": "ehouse.io", "os": "debian", "relay_tls": "verify", "backup_for": ["a.test"]})
+    text = render_smtpd_conf(setup, KEY, relay_host="smtp://127.0.0.1:2526")
+    assert 'action "outbound" relay host smtp://127.0.0.1:2526 helo mail.ehouse.io\n' in text
+
+
+def test_legacy_grammar_says_tls_verify_and_relay_backup():
+    """Before 6.4 (smtpd.conf(5) of 6.0.3): `relay tls verify`, `relay backup NAME`, inline tables."""
+    setup = build_setup({"domain": "ehouse.io", "os": "freebsd", "smtpd_version": "6.0.3", "relay_tls": "verify",
+                         "backup_for": ["a.test", "x.test"]})
+    text = render_smtpd_conf(setup, KEY)
+    assert 'table backup_domains { "a.test", "x.test" }\n' in text
+    assert "accept from any for domain <backup_domains> relay backup mail.ehouse.io tls verify\n" in text
+    assert text.endswith("accept from local for any relay tls verify\n")
+    assert open_relay_rules(text) == []
+    plain = render_smtpd_conf(build_setup({"domain": "ehouse.io", "os": "freebsd", "smtpd_version": "6.0.3"}), KEY)
+    assert plain.endswith("accept from local for any relay\n") and "backup" not in plain
+
+
 def test_modern_config_holds_what_the_tutorial_asked_for():
     setup = build_setup({"domain": "ehouse.io", "hostname": "mail.ehouse.io", "os": "debian"})
     text = render_smtpd_conf(setup, KEY)

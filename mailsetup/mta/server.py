@@ -790,4 +790,8 @@ def serve_from_flags(root, os_name: str | None, listen: str, smtp_port: int, sub
 
     options = options_from_flags(listen, smtp_port, submission_port, relay_host, loopback_is_remote,
                                  max_connections, timeout)
-    serve_forever(load_runtime(load_setup(root, os_name), options), say=lambda text: echo(text, err=True))
+    setup = load_setup(root, os_name)
+    if setup.backup_for:  # it would refuse the backup domains' mail that the published MX records send here
+        raise MailsetupError(f"this set-up is a backup MX for {', '.join(setup.backup_for)} (--backup-for), which the "
+                             "embedded MTA does not do; run the real smtpd (mailsetup smoke --engine opensmtpd)")
+    serve_forever(load_runtime(setup, options), say=lambda text: echo(text, err=True))
