@@ -12,6 +12,7 @@ import shutil
 import smtplib
 import ssl
 import subprocess
+import tomllib
 from pathlib import Path
 
 import bcrypt
@@ -160,15 +161,60 @@ def test_the_password_reaches_mailsetup_on_stdin_only_and_the_user_can_log_in(ho
         assert _login(port, PASSWORD)[0] == 235
         assert _login(port, PASSWORD + "x")[0] == 535
 
+    # a password mailsetup refuses: its reason and the user's name, not the password
+    refused = {**role_vars(), "mailsetup_users": [{"name": "bob", "password": "Sh0rt!"}]}
+    run = host.playbook(refused, "-vvv", log=log)
+    assert recap(run.stdout)["failed"] == 1
+    assert ('"msg": "mailsetup user add bob failed: mailsetup: error: password: at least 8 characters, please"'
+            in run.stdout)
+    assert "Sh0rt!" not in _said(run) + log.read_text()
 
-def test_a_bad_answers_value_fails_the_play_with_mailsetups_line(host: Host):
+
+HOSTILE = 'mail.example.test"\nadmin = "evil\x7f \u00fc \U0001f600'  # TOML injection, DEL, non-ASCII, astral
+
+
+@pytest.mark.parametrize("key, value, where, why", [
+    ("max_message_size", "lots", "5: --max-message-size: ", "'lots' is not a number of bytes"),
+    ("hostname", HOSTILE, "4: --hostname: ", "contains a double quote, which is not allowed here"),
+], ids=["not-a-number", "toml-injection"])
+def test_a_bad_answers_value_fails_the_play_with_mailsetups_line(host: Host, key: str, value: str, where: str,
+                                                                  why: str):
     before = tree(host.etc)
-    run = host.playbook(role_vars(max_message_size="lots"))
+    run = host.playbook(role_vars(**{key: value}))
     assert run.returncode != 0
     assert recap(run.stdout)["failed"] == 1
-    line = ("mailsetup init failed (exit 2): mailsetup: error: /etc/mailsetup-ansible.toml:5: --max-message-size: "
-            "'lots' is not a number of bytes")
-    assert f'"msg": "{line}"' in run.stdout, run.stdout
+    msg = next(line for line in run.stdout.splitlines() if line.startswith("fatal: "))
+    assert f'"msg": "mailsetup init failed (exit 2): mailsetup: error: /etc/mailsetup-ansible.toml:{where}' in msg
+    assert msg.endswith(f'{why}"}}'), msg
+    written = host.etc / "mailsetup-ansible.toml"
+    assert tomllib.loads(written.read_text()) == {**ANSWERS, key: value}  # the value as given, quoted, one key
     after = tree(host.etc)
     assert set(after) - set(before) == {"mailsetup-ansible.toml"}  # the input only; mailsetup wrote nothing
     assert all(after[k] == before[k] for k in before)
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+WHEELS = sorted((CHECKOUT / ".build/dist").glob("mailsetup-*.whl"))
+
+
+def _installed(*packages: str) -> bool:
+    return subprocess.run(["dpkg", "-s", *packages], capture_output=True).returncode == 0
+
+
+@pytest.mark.once  # ~46 s, most of it pip fetching mailsetup's dependencies: the same on every release
+@pytest.mark.skipif(not WHEELS, reason="no wheel in .build/dist (scripts/bootstrap builds it)")
+@pytest.mark.skipif(not _installed("python3-venv", "python3-packaging"),
+                    reason="the role's apt task would install python3-venv / python3-packaging on this machine")
+def test_the_role_installs_mailsetup_from_a_wheel_into_its_venv(host: Host, tmp_path: Path):
+    venv = tmp_path / "opt-mailsetup"
+    variables = {**role_vars(), "mailsetup_command": "", "mailsetup_package": str(WHEELS[-1]),
+                 "mailsetup_venv": str(venv), "mailsetup_install_opensmtpd": False,
+                 "mailsetup_apt_cache_valid_time": 10 ** 9}  # apt finds its packages in place: no update
+    checked = host.playbook(variables, check=True)
+    assert checked.returncode == 0, _said(checked)
+    assert "is not installed yet" in checked.stdout and not venv.exists()
+    first = host.playbook(variables)
+    assert first.returncode == 0, _said(first)
+    assert recap(first.stdout)["changed"] >= 2  # the venv and mailsetup's files
+    assert (venv / "bin/mailsetup").exists() and (host.etc / "smtpd.conf").exists()
+    again = host.playbook(variables)
+    assert recap(again.stdout)["changed"] == 0, again.stdout
