@@ -28,10 +28,10 @@ from ansible_kit import ANSIBLE_PLAYBOOK, playbook_argv, playbook_env, recap
 from conftest import IS_ROOT, MAILSETUP, SMTPD
 from internet_kit import PASSWORD, TOOLS, Host, Internet
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.internet, pytest.mark.skipif(
     not (IS_ROOT and SMTPD and shutil.which("pebble") and shutil.which("swaks") and shutil.which("nsenter")
          and Path(TOOLS["dnsmasq"]).exists() and Path(ANSIBLE_PLAYBOOK).exists()),
-    reason="needs root, OpenSMTPD, Pebble, dnsmasq, swaks, nsenter and ansible-core")
+    reason="needs root, OpenSMTPD, Pebble, dnsmasq, swaks, nsenter and ansible-core")]
 
 
 def answers(host: Host, net: Internet, **extra: object) -> dict:
