@@ -3,7 +3,7 @@ namespaces (own /etc, /home, /var, /run), joined by veth pairs to a bridge in a 
 holds the one DNS server (dnsmasq) and the one ACME CA (Pebble). Addresses are from 192.0.2.0/24
 (documentation); no namespace has a default route, so nothing leaves the machine.
 
-Used by tests/test_internet.py, and by hand (docs/internet.md): `python tests/internet_kit.py up`.
+Used by tests/test_internet.py, and by hand (docs/internet.md): `.venv/bin/python tests/internet_kit.py up`.
 Everything started here lives in PID namespaces whose first process is killed by `stop()`: the
 kernel then ends every process inside, whatever state a test left it in.
 """
@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +116,7 @@ class Host:
     node: Node | None = None
     smtpd: subprocess.Popen | None = None
     users: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # more answers-file keys for this host
 
     @property
     def hostname(self) -> str:
@@ -174,6 +176,32 @@ class Host:
     def run(self, *argv: object, **kw) -> subprocess.CompletedProcess:
         return self.node.run(*argv, **kw)
 
+    def provision(self, net: Internet, mailsetup: str) -> dict[str, int]:
+        """The Ansible role (contrib/ansible) run on this host with the real ansible-playbook, as an
+        admin provisions a machine: `mailsetup init` unattended from the inventory's answers, then the
+        user's login (its password only on mailsetup's stdin). Returns the play's recap."""
+        from ansible_kit import playbook_argv, playbook_env, recap
+
+        inventory = {"mailsetup_answers": self.answers(net), "mailsetup_command": mailsetup,
+                     "mailsetup_users": [{"name": self.users[0], "password": PASSWORD}],
+                     "mailsetup_init_args": ["--no-smoke", "--no-preflight"],
+                     "mailsetup_environment": {"REQUESTS_CA_BUNDLE": str(net.ca_bundle)}}
+        path = self.work / "inventory-vars.json"
+        path.write_text(json.dumps(inventory))
+        path.chmod(0o600)
+        r = self.run(*playbook_argv(self.hostname, path), env=playbook_env(), timeout=300)
+        if r.returncode != 0:
+            raise AssertionError(f"ansible-playbook on {self.hostname}:\n{r.stdout[-4000:]}{r.stderr[-2000:]}")
+        return recap(r.stdout)
+
+    def answers(self, net: Internet) -> dict:
+        """What this host's inventory says: its names and address, a certificate from the small
+        internet's ACME CA, DKIM, verified TLS when it relays (every host here has a CA-signed one),
+        and its own `extra` (backup MX settings)."""
+        return {"domain": self.domain, "hostname": self.hostname, "os": "debian", "admin": self.users[0],
+                "listen": [self.address], "tls": "acme", "acme_server": net.acme_directory, "dkim": True,
+                "relay_tls": "verify", **self.extra}
+
     def start_smtpd(self) -> None:
         self.smtpd = self.node.popen(self.log, TOOLS["smtpd"], "-d", "-f", "/etc/smtpd.conf")
         deadline = time.monotonic() + 20
@@ -230,6 +258,14 @@ def dnsmasq_options(records: list[dict], ptr: list[str]) -> list[str]:
     return opts
 
 
+def standard_hosts(work: Path) -> list[Host]:
+    """A (a.test, alice), B (b.test, bob; its MX records name C as backup) and C (c.test, carol;
+    backup MX for b.test)."""
+    return [Host("a.test", f"{NET}.10", work / "a", users=["alice"]),
+            Host("b.test", f"{NET}.20", work / "b", users=["bob"], extra={"backup_mx": ["mail.c.test"]}),
+            Host("c.test", f"{NET}.30", work / "c", users=["carol"], extra={"backup_for": ["b.test"]})]
+
+
 class Internet:
     """The hub (bridge, dnsmasq, Pebble) and the hosts. `up()` boots them all; `publish()` serves a
     host's printed records; `down()` stops everything."""
@@ -252,6 +288,7 @@ class Internet:
         from mta_kit import listener_ca
 
         self.work.mkdir(parents=True, exist_ok=True)
+        self.work.chmod(0o755)  # smtpd's unprivileged processes and the users' deliveries walk through it
         self.hub = Node("hub", self.work, "ip link add br0 type bridge\n"
                         f"ip addr add {HUB}/24 dev br0\nip link set br0 up")
         self.serve_dns()
@@ -321,6 +358,18 @@ class Internet:
         self.serve_dns()
         return printed["records"]
 
+    def provision(self, mailsetup: str) -> dict[str, dict[str, int]]:
+        """Up, each host provisioned through the Ansible role (all at once, as three admins would),
+        its records published as printed, its smtpd started. Returns each play's recap."""
+        self.up()
+        with ThreadPoolExecutor(len(self.hosts)) as pool:
+            recaps = dict(zip(self.hosts, pool.map(lambda h: h.provision(self, mailsetup), self.hosts.values()),
+                              strict=True))
+        for host in self.hosts.values():
+            self.publish(host, mailsetup)
+            host.start_smtpd()
+        return recaps
+
     def down(self) -> None:
         for host in self.hosts.values():
             if host.node:
@@ -329,6 +378,57 @@ class Internet:
             self.hub.stop()
 
 
+USAGE = """usage (as root, with the test venv's python; docs/internet.md):
+  python tests/internet_kit.py up [DIR]                 bring the small internet up in DIR (default
+                                                        /tmp/mailsetup-internet); Ctrl-C tears it down
+  python tests/internet_kit.py enter NAME [COMMAND...]  a shell (or COMMAND) on a.test, b.test, c.test or
+                                                        hub, in the small internet that `up` runs"""
+DEFAULT_DIR = Path("/tmp/mailsetup-internet")
+
+
+def _up(work: Path) -> int:
+    from conftest import MAILSETUP
+
+    if work.exists():
+        print(f"{work} exists: is the small internet up already? (remove it if not)", file=sys.stderr)
+        return 2
+    net = Internet(work, standard_hosts(work))
+    try:
+        net.provision(MAILSETUP)
+        where = {"hub": net.hub.pid, **{d: h.node.pid for d, h in net.hosts.items()}}
+        (work / "pids.json").write_text(json.dumps(where))
+        print(f"The small internet is up ({work}); dnsmasq and Pebble on {HUB}.")
+        for h in net.hosts.values():
+            print(f"  {h.hostname:<12} {h.address:<11} user {h.users[0]} (password: {PASSWORD})")
+        print(f"Look around: python {sys.argv[0]} enter a.test   (then e.g. mailsetup dns --check, smtpctl show "
+              "queue, swaks ...)\nCtrl-C here tears it all down.")
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        net.down()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _enter(name: str, command: list[str], work: Path = DEFAULT_DIR) -> int:
+    try:
+        pid = json.loads((work / "pids.json").read_text())[name]
+    except (OSError, KeyError, ValueError):
+        print(f"no {name} in a small internet at {work}: start one with `up`", file=sys.stderr)
+        return 2
+    argv = ["nsenter", "-t", str(pid), "--net", "--mount", "--uts", "--pid", "--", *(command or ["bash", "-i"])]
+    venv = str(Path(sys.executable).parent)  # mailsetup, ansible-playbook: the test venv's, first on PATH
+    os.environ["PATH"] = f"{venv}:{os.environ.get('PATH', '')}"
+    os.execvp(argv[0], argv)
+
+
 if __name__ == "__main__":  # pragma: no cover - by hand, see docs/internet.md
-    print("see docs/internet.md", file=sys.stderr)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    args = sys.argv[1:]
+    if args[:1] == ["up"] and len(args) <= 2:
+        sys.exit(_up(Path(args[1]) if len(args) == 2 else DEFAULT_DIR))
+    if args[:1] == ["enter"] and len(args) >= 2:
+        sys.exit(_enter(args[1], args[2:]))
+    print(USAGE, file=sys.stderr)
+    sys.exit(2)

@@ -20,13 +20,12 @@ import sys
 import textwrap
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from ansible_kit import ANSIBLE_PLAYBOOK, playbook_argv, playbook_env, recap
+from ansible_kit import ANSIBLE_PLAYBOOK
 from conftest import IS_ROOT, MAILSETUP, SMTPD
-from internet_kit import PASSWORD, TOOLS, Host, Internet
+from internet_kit import PASSWORD, TOOLS, Host, Internet, standard_hosts
 
 pytestmark = [pytest.mark.internet, pytest.mark.skipif(
     not (IS_ROOT and SMTPD and shutil.which("pebble") and shutil.which("swaks") and shutil.which("nsenter")
@@ -34,49 +33,13 @@ pytestmark = [pytest.mark.internet, pytest.mark.skipif(
     reason="needs root, OpenSMTPD, Pebble, dnsmasq, swaks, nsenter and ansible-core")]
 
 
-def answers(host: Host, net: Internet, **extra: object) -> dict:
-    """What each host's inventory says: its names and address, a certificate from the small
-    internet's ACME CA, DKIM, and verified TLS when it relays (every host here has a CA-signed one)."""
-    base = {"domain": host.domain, "hostname": host.hostname, "os": "debian", "admin": host.users[0],
-            "listen": [host.address], "tls": "acme", "acme_server": net.acme_directory, "dkim": True,
-            "relay_tls": "verify"}
-    return {**base, **extra}
-
-
-def provision(host: Host, net: Internet, values: dict) -> dict[str, int]:
-    """The Ansible role (contrib/ansible) run on the host with the real ansible-playbook, as an admin
-    provisions a machine: mailsetup init unattended from the inventory's answers, the user's login
-    (its password only on mailsetup's stdin). Returns the play's recap."""
-    inventory = {"mailsetup_answers": values, "mailsetup_command": MAILSETUP,
-                 "mailsetup_users": [{"name": host.users[0], "password": PASSWORD}],
-                 "mailsetup_init_args": ["--no-smoke", "--no-preflight"],
-                 "mailsetup_environment": {"REQUESTS_CA_BUNDLE": str(net.ca_bundle)}}
-    path = host.work / "inventory-vars.json"
-    path.write_text(json.dumps(inventory))
-    path.chmod(0o600)
-    r = host.run(*playbook_argv(host.hostname, path), env=playbook_env(), timeout=300)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    return recap(r.stdout)
-
-
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     work = tmp_path_factory.mktemp("internet")
-    work.chmod(0o755)  # smtpd's unprivileged processes and the users' deliveries walk through it
-    a = Host("a.test", "192.0.2.10", work / "a", users=["alice"])
-    b = Host("b.test", "192.0.2.20", work / "b", users=["bob"])
-    c = Host("c.test", "192.0.2.30", work / "c", users=["carol"])
-    internet = Internet(work, [a, b, c])
+    internet = Internet(work, standard_hosts(work))
     try:
-        internet.up()
-        inventory = {a: answers(a, internet), b: answers(b, internet, backup_mx=[c.hostname]),
-                     c: answers(c, internet, backup_for=[b.domain])}
-        with ThreadPoolExecutor(3) as pool:  # three admins' machines: provisioned at the same time
-            recaps = list(pool.map(lambda h: provision(h, internet, inventory[h]), inventory))
-        assert all(r["changed"] > 0 and r["failed"] == 0 for r in recaps), recaps
-        for host in (a, b, c):
-            internet.publish(host, MAILSETUP)
-            host.start_smtpd()
+        recaps = internet.provision(MAILSETUP)
+        assert all(r["changed"] > 0 and r["failed"] == 0 for r in recaps.values()), recaps
         yield internet
     finally:
         internet.down()
