@@ -29,6 +29,14 @@ PASSWORD = "correct horse battery"
 TOOLS = {name: shutil.which(name) or f"/usr/sbin/{name}" for name in ("dnsmasq", "pebble", "smtpd", "smtpctl")}
 
 
+def _die_with_parent() -> None:
+    """In the holder, before exec: the kernel kills it when the process that started it dies (a test
+    run killed by a timeout leaves no namespaces behind: --kill-child then ends everything inside)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _run(argv: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
 
@@ -44,7 +52,8 @@ class Node:
             flags.append("--uts")
         script = f"set -e\n{setup}\nip link set lo up\necho ready\nexec sleep 1000000\n"
         self.holder = subprocess.Popen(["unshare", *flags, "sh", "-c", script], stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+                                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                       preexec_fn=_die_with_parent)
         line = self.holder.stdout.readline()
         if line.strip() != "ready":
             self.holder.kill()
@@ -402,6 +411,8 @@ def _up(work: Path) -> int:
             print(f"  {h.hostname:<12} {h.address:<11} user {h.users[0]} (password: {PASSWORD})")
         print(f"Look around: python {sys.argv[0]} enter a.test   (then e.g. mailsetup dns --check, smtpctl show "
               "queue, swaks ...)\nCtrl-C here tears it all down.")
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` tears it down like Ctrl-C
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
         signal.pause()
     except KeyboardInterrupt:
         pass
