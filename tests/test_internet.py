@@ -280,6 +280,8 @@ def test_queue_key_and_dkim_rotation_on_b_while_mail_flows_both_ways_lose_nothin
         assert seen["signatures"] == [True, True], (path, seen)
         signed_by.update(re.findall(r"\bs=(\w+);", path[0].read_text()))
     assert signed_by & set(before) and signed_by - set(before)  # both pairs signed some of them
+    for seen in authenticate_all(b, [v[0] for v in at_b.values()], dkim_only=True):  # A's, through B's restarts
+        assert seen["signatures"] == [True, True], seen
 
 
 def test_with_b_down_mail_waits_at_its_backup_mx_and_reaches_b_once_when_b_returns(net: Internet):
