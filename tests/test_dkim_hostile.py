@@ -195,8 +195,11 @@ def test_a_message_of_millions_of_short_lines_leaves_unsigned_without_a_gigabyte
             c.sendmail("alice@example.test", ["someone@example.net"], message)
         grown = _peak_rss_mb(served.proc.pid) - before
         deadline = time.monotonic() + 30
-        while not sink.messages and time.monotonic() < deadline:
+
+        def ours() -> list[bytes]:  # (the shared root's queue may also hand on an earlier test's message)
+            return [m[2] for m in sink.messages if b"\r\nSubject: short lines\r\n" in m[2][:4096]]
+        while not ours() and time.monotonic() < deadline:
             time.sleep(0.1)
     assert grown < 400, f"serve's peak memory grew by {grown:.0f} MB for one message"
-    assert sink.messages and b"DKIM-Signature" not in sink.messages[0][2]
+    assert ours() and b"DKIM-Signature" not in ours()[0]
     assert "DKIM signing failed, sent unsigned: it has more than 1000000 lines" in served.log.read_text()
