@@ -429,7 +429,10 @@ def _queue_key_rotation_plan(setup, opts: InitOptions, out: Out, interactive: bo
     waiting = state.queued_mail(setup)
     if not waiting:
         out.say("queue is empty: safe to rotate the queue key.")
-        return False, []
+        # ...for now: a running smtpd keeps taking mail, under the old key, until it is restarted with
+        # the new one, and that mail would be stranded. Its intake is paused before the new key is
+        # written (the drain then ends at once) and stays paused until the restart.
+        return setup.root is None and state.smtpd_answers(), []
     what = "; ".join(map(str, waiting))
     if opts.force_rotate:
         out.warn(f"rotating anyway (--force-rotate); stranded: {what}")

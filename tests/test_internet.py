@@ -199,6 +199,7 @@ class Stream:
     def __init__(self, host: Host, sender: str, rcpt: str, tag: str):
         self.host, self.sender, self.rcpt, self.tag = host, sender, rcpt, tag
         self.sent: list[str] = []
+        self.ids: dict[str, str] = {}
         self.refused = 0
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -207,11 +208,13 @@ class Stream:
         while not self.stopped.is_set():
             subject = f"{self.tag} {len(self.sent) + self.refused}"
             user = self.sender.split("@")[0]
-            r = self.host.run("swaks", "-S", "-S", "--timeout", "5", "--server", f"{self.host.address}:587", "--tls",
+            r = self.host.run("swaks", "--timeout", "5", "--server", f"{self.host.address}:587", "--tls",
                               "--auth", "LOGIN", "--auth-user", user, "--auth-password", PASSWORD, "--from",
                               self.sender, "--to", self.rcpt, "--header", f"Subject: {subject}")
             if r.returncode == 0:
                 self.sent.append(subject)
+                accepted = re.search(r"<- +250 2\.0\.0 (\w+) Message accepted", r.stdout)
+                self.ids[subject] = accepted[1] if accepted else "?"  # smtpd's msgid: its log's name for it
             else:
                 self.refused += 1
             time.sleep(0.5)
@@ -272,6 +275,11 @@ def test_queue_key_and_dkim_rotation_on_b_while_mail_flows_both_ways_lose_nothin
         time.sleep(1)
     at_b, at_a = arrived(b, "bob", "inbound"), arrived(a, "alice", "outbound")
     assert len(inbound.sent) > 5 and len(outbound.sent) > 5
+    if set(at_a) != set(outbound.sent) or set(at_b) != set(inbound.sent):  # what to look at, if it ever fails
+        print("outbound missing:", {m: outbound.ids[m] for m in set(outbound.sent) - set(at_a)},
+              "inbound missing:", {m: inbound.ids[m] for m in set(inbound.sent) - set(at_b)})
+        print("B's spool:", b.run("find", "/var/spool/smtpd/queue", "-type", "f").stdout)
+        print("B's log:\n" + b.log.read_text(errors="replace"), "\nA's log:\n" + a.log.read_text(errors="replace"))
     assert sorted(at_b) == sorted(inbound.sent) and all(len(v) == 1 for v in at_b.values())
     assert sorted(at_a) == sorted(outbound.sent) and all(len(v) == 1 for v in at_a.values())
     signed_by = set()

@@ -411,3 +411,17 @@ def test_the_drain_waits_for_a_session_open_before_the_pause(host: Host):
                 proc.wait()
     assert cli.returncode == 0, err
     assert host.path(KEY).read_text() != old
+
+
+def test_rotating_with_an_empty_queue_still_pauses_intake_until_the_restart(host: Host):
+    """An empty queue at the plan is not enough: a running smtpd keeps taking mail under the old key
+    until it is restarted with the new one, and that mail would be stranded (the small internet lost
+    one message this way while B rotated its key). Its intake is paused before the key is written."""
+    assert host.run("smtpctl", "remove", "all").returncode == 0
+    old = host.path(KEY).read_text()
+    r = host.mailsetup("init", "--yes", "--rotate-queue-key", "--no-smoke")
+    assert r.code == 0, r.err
+    assert host.path(KEY).read_text() != old
+    assert "smtpd's intake stays paused until you restart it with the new key" in r.err
+    assert "SMTP paused" in host.status()
+    assert not intake_open(host)  # nothing can be queued under the key the restart drops
