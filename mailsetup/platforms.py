@@ -41,6 +41,12 @@ class Layout:
     letsencrypt_dir: PurePosixPath = PurePosixPath("/etc/letsencrypt")
     letsencrypt_work: PurePosixPath = PurePosixPath("/var/lib/letsencrypt")
     letsencrypt_logs: PurePosixPath = PurePosixPath("/var/log/letsencrypt")
+    # --imap dovecot: the whole dovecot.conf is ours (the one before it kept as a dated backup). A
+    # local.conf beside Debian's conf.d cannot take away what conf.d turns on: passdb pam (the system
+    # passwords would log in to IMAP too) and the snakeoil certificate.
+    dovecot_conf: PurePosixPath = PurePosixPath("/etc/dovecot/dovecot.conf")
+    dovecot_user: str = "dovecot"  # Dovecot's auth process reads the logins' passwd-file as this user's group
+    dovecot_lmtp: PurePosixPath = PurePosixPath("/var/run/dovecot/lmtp")  # where smtpd hands mail to Dovecot
 
     @property
     def aliases_db(self) -> PurePosixPath:
@@ -57,6 +63,12 @@ class Layout:
     @property
     def credentials(self) -> PurePosixPath:
         return self.state_dir / "credentials"
+
+    @property
+    def imap_users(self) -> PurePosixPath:
+        """Dovecot's passdb: the credentials table's logins and hashes in passwd-file form. In Dovecot's
+        directory, not ours: a directory has one group, and /etc/mailsetup's lets smtpd's in."""
+        return self.dovecot_conf.parent / "users"
 
     @property
     def dkim_state(self) -> PurePosixPath:
@@ -206,6 +218,7 @@ def sandboxed(layout: Layout, root: Path | None) -> Layout:
         letsencrypt_dir=under(layout.letsencrypt_dir),
         letsencrypt_work=under(layout.letsencrypt_work),
         letsencrypt_logs=under(layout.letsencrypt_logs),
+        dovecot_conf=under(layout.dovecot_conf),
     )
 
 
