@@ -37,6 +37,8 @@ class Layout:
     dkim_filter: PurePosixPath = PurePosixPath("/usr/libexec/opensmtpd/filter-dkimsign")  # on this host
     # The MTA-STS policy's web root: a web server serves it as https://mta-sts.DOMAIN/ (RFC 8461).
     mta_sts_dir: PurePosixPath = PurePosixPath("/var/www/mta-sts")
+    # Thunderbird's autoconfig (--imap dovecot): a web server serves it as https://autoconfig.DOMAIN/.
+    autoconfig_dir: PurePosixPath = PurePosixPath("/var/www/autoconfig")
     # certbot's config (live/, archive/, renewal-hooks/), work and logs directories (--tls acme)
     letsencrypt_dir: PurePosixPath = PurePosixPath("/etc/letsencrypt")
     letsencrypt_work: PurePosixPath = PurePosixPath("/var/lib/letsencrypt")
@@ -79,6 +81,11 @@ class Layout:
     def mta_sts_policy(self) -> PurePosixPath:
         """The MTA-STS policy file, at the path RFC 8461 fixes under the web root."""
         return self.mta_sts_dir / ".well-known" / "mta-sts.txt"
+
+    @property
+    def autoconfig_file(self) -> PurePosixPath:
+        """Where Thunderbird looks under the autoconfig host: /mail/config-v1.1.xml."""
+        return self.autoconfig_dir / "mail" / "config-v1.1.xml"
 
     @property
     def queue_dir(self) -> PurePosixPath:
@@ -215,6 +222,7 @@ def sandboxed(layout: Layout, root: Path | None) -> Layout:
         spool=under(layout.spool),
         dkim_dir=under(layout.dkim_dir),
         mta_sts_dir=under(layout.mta_sts_dir),
+        autoconfig_dir=under(layout.autoconfig_dir),
         letsencrypt_dir=under(layout.letsencrypt_dir),
         letsencrypt_work=under(layout.letsencrypt_work),
         letsencrypt_logs=under(layout.letsencrypt_logs),

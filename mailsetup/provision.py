@@ -339,6 +339,24 @@ def _plan_dovecot(setup: MailSetup, prov: Provisioning) -> None:
     prov.plan.add(FileChange(Path(setup.layout.dovecot_conf), render_dovecot_conf(setup).encode(), DOVECOT_CONF_MODE,
                              f"dovecot.conf (Dovecot {setup.dovecot_version[0]}.{setup.dovecot_version[1]}: "
                              "IMAPS on 993, LMTP for smtpd)"))
+    _plan_autoconfig(setup, prov)
+
+
+def _plan_autoconfig(setup: MailSetup, prov: Provisioning) -> None:
+    """Thunderbird's autoconfig file under the web root, like the MTA-STS policy (and, like it, left
+    out with a warning where the web root is not ours to write)."""
+    from mailsetup import dns
+
+    change = FileChange(Path(setup.layout.autoconfig_file), dns.autoconfig_xml(setup).encode(), dns.AUTOCONFIG_MODE,
+                        f"Thunderbird autoconfig: serve it at {dns.autoconfig_url(setup)}")
+    try:
+        read_current(change.path)
+        change.state()
+    except (MailsetupError, OSError) as exc:
+        why = exc.message if isinstance(exc, MailsetupError) else f"{exc.filename}: {exc.strerror}"
+        prov.warnings.append(f"Thunderbird autoconfig not written: {why}")
+        return
+    prov.plan.add(change)
 
 
 def recorded_answers(setup: MailSetup, key_type: str | None = None) -> dict:

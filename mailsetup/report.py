@@ -166,6 +166,11 @@ def print_dns(setup: MailSetup, records, ptr: list[str], have_ips: bool, compari
     missing = [name for name, port in ports.items() if port is None]
     typer.echo(f"Mail clients (RFC 6186) find {', '.join(offered)}"
                + (f"; \"0 0 0 .\" says {', '.join(missing)} not offered here" if missing else "") + ".")
+    if setup.imap == "dovecot":
+        from mailsetup.dns import autoconfig_url
+
+        typer.echo(f"Thunderbird autoconfig: {setup.layout.autoconfig_file}; serve it at {autoconfig_url(setup)} "
+                   f"(point autoconfig.{setup.domain} at that web server).")
     if comparisons is None:
         return
     typer.echo("")

@@ -149,3 +149,38 @@ def test_doctor_checks_dovecot_its_certificate_its_port_and_private_maildirs(pri
     assert found["each login's Maildir private"] == ["ok", "1 Maildir(s), each its owner's only"], found
     status, detail = seen["doctor_open_maildir"]["each login's Maildir private"]
     assert status == "fail" and detail.startswith("/home/alice/Maildir is mode 0755"), detail
+
+
+def test_dns_offers_imaps_and_init_writes_the_thunderbird_autoconfig_file(tmp_path: Path):
+    import xml.etree.ElementTree as ET
+
+    root = tmp_path / "root"
+    r = run_cli(*init_args(root, "--imap", "dovecot", "--no-smoke"))
+    assert r.code == 0, r.out + r.err
+    path = root / "var/www/autoconfig/mail/config-v1.1.xml"
+    assert path.stat().st_mode & 0o777 == 0o644
+    provider = ET.fromstring(path.read_text()).find("emailProvider")
+    incoming, outgoing = provider.find("incomingServer"), provider.find("outgoingServer")
+    assert provider.findtext("domain") == "example.test"
+    assert [incoming.get("type"), incoming.findtext("hostname"), incoming.findtext("port"),
+            incoming.findtext("socketType"), incoming.findtext("username")] == [
+        "imap", "mail.example.test", "993", "SSL", "%EMAILLOCALPART%"]
+    assert [outgoing.get("type"), outgoing.findtext("port"), outgoing.findtext("socketType")] == [
+        "smtp", "587", "STARTTLS"]
+    dns = run_cli("dns", "--root", root)
+    assert dns.code == 0, dns.err
+    assert "_imaps._tcp.example.test.        3600 IN SRV   0 1 993 mail.example.test." in dns.out
+    assert "_imap._tcp.example.test.         3600 IN SRV   0 0 0 ." in dns.out  # 143 is closed
+    assert (f"Thunderbird autoconfig: {path}; serve it at https://autoconfig.example.test/mail/config-v1.1.xml"
+            in dns.out)
+    as_json = json.loads(run_cli("dns", "--root", root, "--json").out)
+    assert as_json["autoconfig"] == {"path": str(path), "url": "https://autoconfig.example.test/mail/config-v1.1.xml"}
+
+
+def test_without_imap_dns_says_imaps_is_not_offered_and_no_autoconfig_is_written(tmp_path: Path):
+    root = tmp_path / "root"
+    assert run_cli(*init_args(root, "--no-smoke")).code == 0
+    assert not (root / "var/www/autoconfig").exists()
+    dns = run_cli("dns", "--root", root)
+    assert "_imaps._tcp.example.test.        3600 IN SRV   0 0 0 ." in dns.out
+    assert "Thunderbird autoconfig" not in dns.out
