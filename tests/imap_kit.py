@@ -15,16 +15,18 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 MAILSETUP, PASSWORD = sys.argv[1], sys.argv[2]
+WORK = Path(tempfile.mkdtemp(prefix="imap-kit-"))  # the logs and the client's files; removed at the end
 seen: dict[str, object] = {}
 
 
-def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, input=input, timeout=120,
-                          env=dict(os.environ, NO_COLOR="1"))
+def run(*args: str, input: str | None = None, home: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NO_COLOR="1", **({"HOME": str(home)} if home else {}))
+    return subprocess.run(args, capture_output=True, text=True, input=input, timeout=120, env=env)
 
 
 def wait_port(port: int, timeout: float = 15) -> bool:
@@ -61,6 +63,33 @@ def plain_imap() -> str:
         return f"closed:{exc.strerror}"
 
 
+def mbsync_from_autoconfig() -> list:
+    """A real IMAP client set up the way a person's would be: mbsync (isync) configured from the
+    Thunderbird autoconfig file init wrote (host, port, TLS, login) and trusting the certificate
+    smtpd and Dovecot serve; it copies alice's INBOX into a Maildir of its own."""
+    import xml.etree.ElementTree as ET
+
+    incoming = ET.parse("/var/www/autoconfig/mail/config-v1.1.xml").find("emailProvider/incomingServer")
+    host, port = incoming.findtext("hostname"), incoming.findtext("port")
+    user = incoming.findtext("username").replace("%EMAILLOCALPART%", "alice")
+    tls = {"SSL": "IMAPS", "STARTTLS": "STARTTLS"}[incoming.findtext("socketType")]
+    with open("/etc/hosts", "a") as hosts:  # this namespace's copy: the mail host is on loopback here
+        hosts.write(f"127.0.0.1 {host}\n")
+    local = WORK / "mbsync-mail"
+    local.mkdir()
+    rc = WORK / "mbsyncrc"
+    rc.write_text(f"IMAPAccount a\nHost {host}\nPort {port}\nUser {user}\nPassCmd \"cat {WORK}/mbsync-pass\"\n"
+                  f"SSLType {tls}\nCertificateFile /etc/ssl/certs/{host}.crt\n\n"
+                  "IMAPStore remote\nAccount a\n\n"
+                  f"MaildirStore local\nPath {local}/\nInbox {local}/INBOX\n\n"
+                  "Channel inbox\nFar :remote:INBOX\nNear :local:INBOX\nCreate Near\nSync Pull\n"
+                  "SyncState *\n")  # its state in its own Maildir, not in ~/.mbsync
+    (WORK / "mbsync-pass").write_text(PASSWORD + "\n")
+    r = run("mbsync", "-c", str(rc), "inbox", home=WORK)
+    got = [p.read_text() for p in sorted((local / "INBOX").glob("*/*"))]  # cur/: imaplib's fetch marked it seen
+    return [r.returncode, r.stdout[-500:] + r.stderr[-1000:], [host, port, user, tls], got]
+
+
 def main() -> None:
     import pwd
 
@@ -76,9 +105,9 @@ def main() -> None:
     if r.returncode:
         return
     dovecot = subprocess.Popen(["dovecot", "-F", "-c", "/etc/dovecot/dovecot.conf"],
-                               stdout=subprocess.DEVNULL, stderr=open("/tmp/dovecot.log", "w"))
+                               stdout=subprocess.DEVNULL, stderr=open(WORK / "dovecot.log", "w"))
     smtpd = subprocess.Popen(["smtpd", "-d", "-f", "/etc/smtpd.conf"],
-                             stdout=subprocess.DEVNULL, stderr=open("/tmp/smtpd.log", "w"))
+                             stdout=subprocess.DEVNULL, stderr=open(WORK / "smtpd.log", "w"))
     try:
         seen["ports"] = [wait_port(993), wait_port(25)]
         prove()
@@ -86,8 +115,8 @@ def main() -> None:
         for proc in (smtpd, dovecot):
             proc.terminate()
             proc.wait(10)
-        seen["dovecot_log"] = Path("/tmp/dovecot.log").read_text()[-1500:]
-        seen["smtpd_log"] = Path("/tmp/smtpd.log").read_text()[-1500:]
+        seen["dovecot_log"] = (WORK / "dovecot.log").read_text()[-1500:]
+        seen["smtpd_log"] = (WORK / "smtpd.log").read_text()[-1500:]
 
 
 def prove() -> None:
@@ -102,6 +131,7 @@ def prove() -> None:
     seen["alice"] = imaps_login("alice", PASSWORD)
     seen["alice_wrong"] = imaps_login("alice", PASSWORD + "x")
     seen["plain_imap"] = plain_imap()
+    seen["mbsync"] = mbsync_from_autoconfig()
     doctor = run(MAILSETUP, "doctor", "--json")
     seen["doctor"] = {f["name"]: [f["status"], f["detail"]] for f in json.loads(doctor.stdout or "[]")}
     home = Path("/home/alice/Maildir")
@@ -121,5 +151,10 @@ def prove() -> None:
 if __name__ == "__main__":
     try:
         main()
+    except Exception as exc:  # noqa: BLE001 - said in the JSON, for the test's message
+        seen["error"] = repr(exc)
     finally:
+        import shutil
+
+        shutil.rmtree(WORK, ignore_errors=True)
         print(json.dumps(seen))

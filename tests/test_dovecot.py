@@ -184,3 +184,12 @@ def test_without_imap_dns_says_imaps_is_not_offered_and_no_autoconfig_is_written
     dns = run_cli("dns", "--root", root)
     assert "_imaps._tcp.example.test.        3600 IN SRV   0 0 0 ." in dns.out
     assert "Thunderbird autoconfig" not in dns.out
+
+
+@needs_both
+@pytest.mark.skipif(not shutil.which("mbsync"), reason="needs isync (mbsync)")
+def test_a_real_imap_client_set_up_from_the_autoconfig_file_fetches_the_mail(private_host: dict):
+    code, said, settings, fetched = private_host["mbsync"]
+    assert settings == ["mail.example.test", "993", "alice", "IMAPS"]
+    assert code == 0, said
+    assert len(fetched) == 1 and "Subject: through LMTP" in fetched[0], (said, fetched)
