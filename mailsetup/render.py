@@ -216,20 +216,23 @@ def dovecot_template_name(setup: MailSetup) -> str:
     return "dovecot.conf.2.4.j2" if setup.dovecot_version >= (2, 4) else "dovecot.conf.2.3.j2"
 
 
-def render_dovecot_conf(setup: MailSetup, imaps_port: int = 993) -> str:
+def render_dovecot_conf(setup: MailSetup, imaps_port: int = 993, loopback: dict | None = None) -> str:
     """dovecot.conf for `--imap dovecot`: IMAPS with smtpd's certificate pair, the logins of the
-    credentials table (as the passwd-file `Layout.imap_users`), the Maildir smtpd delivered to."""
+    credentials table (as the passwd-file `Layout.imap_users`), the Maildir smtpd delivered to.
+    `loopback` (base_dir, users, uid, gid, home) makes the smoke test's copy: on 127.0.0.1 only, with
+    its own sockets and one throw-away login that reads one Maildir."""
     context = {
         "version": __version__,
         "os_title": setup.layout.title,
         "hostname": setup.hostname,
         "cert": setup.tls.cert,
         "key": setup.tls.key,
-        "users": setup.layout.imap_users,
+        "users": loopback["users"] if loopback else setup.layout.imap_users,
         "lmtp": setup.layout.dovecot_lmtp,
         "imaps_port": imaps_port,
         # In a sandbox the homes are under --root, as smtpd.conf's maildir says; on a host, ~/Maildir.
-        "home_dir": setup.layout.home_dir if setup.root is not None else None,
+        "home_dir": setup.layout.home_dir if setup.root is not None and not loopback else None,
+        "loopback": loopback,
     }
     text = _environment().get_template(dovecot_template_name(setup)).render(**context)
     return re.sub(r"\n{3,}", "\n\n", text)

@@ -223,6 +223,8 @@ def next_steps(setup: MailSetup) -> list[str]:
         ]
     else:
         steps.append(f"Restart OpenSMTPD: {restart_command(layout)}")
+    if setup.imap == "dovecot":  # Dovecot was written for, not started: smtpd now hands local mail to its LMTP
+        steps.append(f"Start Dovecot (IMAPS on 993; smtpd delivers through its LMTP): {_dovecot_start(setup)}")
     if setup.tls.source == "acme":
         from mailsetup.acme import certbot_dirs, hook_path
 
@@ -232,6 +234,17 @@ def next_steps(setup: MailSetup) -> list[str]:
     steps.append("After editing aliases: mailsetup aliases "
                  f"{layout.aliases} --out {layout.aliases_db} && smtpctl update table aliases")
     return steps
+
+
+def _dovecot_start(setup: MailSetup) -> str:
+    from dataclasses import replace
+
+    from mailsetup.platforms import restart_command
+
+    if setup.root is not None:
+        return f"dovecot -F -c {setup.layout.dovecot_conf}"
+    found = restart_command(replace(setup.layout, restart="systemctl restart dovecot"))
+    return "dovecot (it runs in the background by itself)" if found.startswith("no systemd") else found
 
 
 def one_line(text: str) -> str:

@@ -132,6 +132,9 @@ def prove() -> None:
     seen["alice_wrong"] = imaps_login("alice", PASSWORD + "x")
     seen["plain_imap"] = plain_imap()
     seen["mbsync"] = mbsync_from_autoconfig()
+    r = run(MAILSETUP, "smoke", "--json")  # the embedded MTA on free ports, its own loopback Dovecot
+    seen["smoke"] = [r.returncode, {c["name"]: [c["ok"], c["detail"]] for c in json.loads(r.stdout or "[]")},
+                     r.stderr[-1000:]]
     doctor = run(MAILSETUP, "doctor", "--json")
     seen["doctor"] = {f["name"]: [f["status"], f["detail"]] for f in json.loads(doctor.stdout or "[]")}
     home = Path("/home/alice/Maildir")

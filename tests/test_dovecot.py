@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,34 @@ def test_a_real_imap_client_set_up_from_the_autoconfig_file_fetches_the_mail(pri
     assert settings == ["mail.example.test", "993", "alice", "IMAPS"]
     assert code == 0, said
     assert len(fetched) == 1 and "Subject: through LMTP" in fetched[0], (said, fetched)
+
+
+IMAP_CHECK = "read back over IMAPS through Dovecot"
+
+
+@needs_both
+def test_the_smoke_test_reads_the_message_back_over_imaps_on_a_host(private_host: dict):
+    code, checks, err = private_host["smoke"]
+    assert code == 0, (checks, err)
+    ok, detail = checks[IMAP_CHECK]
+    assert ok, detail
+    assert "(IMAPS, mail.example.test.crt) shows it in alice's INBOX; a wrong password is refused" in detail
+
+
+@needs_both
+def test_the_smoke_test_on_the_real_smtpd_reads_the_message_back_over_imaps(tmp_path: Path):
+    from test_real_smtpd import ensure_system_user
+
+    ensure_system_user("alice")  # smtpd and Dovecot deliver to and serve a person's account only
+    base = Path(tempfile.mkdtemp(prefix="mailsetup-imap-", dir="/tmp"))
+    base.chmod(0o755)  # smtpd's unprivileged processes must reach aliases.db
+    try:
+        root = base / "root"
+        assert run_cli(*init_args(root, "--imap", "dovecot", "--no-smoke")).code == 0
+        r = run_cli("smoke", "--root", root, "--engine", "opensmtpd", "--json")
+        checks = {c["name"]: c for c in json.loads(r.out)}
+        assert r.code == 0, ([c for c in checks.values() if not c["ok"]], r.err)
+        assert checks[IMAP_CHECK]["ok"] and "shows it in alice's INBOX" in checks[IMAP_CHECK]["detail"]
+        assert not list(Path("/tmp").glob("mailsetup-dovecot-*"))  # its Dovecot stopped and removed
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
