@@ -384,6 +384,9 @@ def apply(run: Run, opts: InitOptions, out: Out, phase: dict[str, bool]) -> None
         if run.prov.dovecot_check is not None and run.prov.dovecot_check.text:
             out.say(("✓ " if run.prov.dovecot_check.ran else "- ") + run.prov.dovecot_check.text)
     out.report["smtpd_check"] = {"ran": verdict.ran, "ok": verdict.ok, "detail": verdict.text}
+    if run.prov.dovecot_check is not None and run.prov.dovecot_check.text:
+        check = run.prov.dovecot_check
+        out.report["dovecot_check"] = {"ran": check.ran, "ok": check.ok, "detail": check.text}
     if run.rotate_qk:
         out.say("queue key rotated; the old one is kept in a dated 0600 backup beside it.")
         if run.stranded:

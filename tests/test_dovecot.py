@@ -225,3 +225,10 @@ def test_the_smoke_test_on_the_real_smtpd_reads_the_message_back_over_imaps(tmp_
         assert not list(Path("/tmp").glob("mailsetup-dovecot-*"))  # its Dovecot stopped and removed
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@needs_dovecot
+def test_init_json_reports_the_doveconf_verdict(tmp_path: Path):
+    r = run_cli(*init_args(tmp_path / "root", "--imap", "dovecot", "--no-smoke", "--json"))
+    assert r.code == 0, r.out + r.err
+    assert json.loads(r.out)["dovecot_check"] == {"ran": True, "ok": True, "detail": "doveconf -n: dovecot.conf OK"}
