@@ -34,6 +34,18 @@ def verify_with_smtpd(setup: MailSetup) -> ConfigVerdict:
     return ConfigVerdict(True, result.ok, verdict if result.ok else result.output)
 
 
+def verify_with_dovecot(setup: MailSetup) -> ConfigVerdict:
+    """`doveconf -n -c` on the written dovecot.conf (--imap dovecot), when Dovecot is installed."""
+    from mailsetup import dovecot
+
+    if setup.imap != "dovecot":
+        return ConfigVerdict(False, True, "")
+    result = dovecot.check_config(Path(setup.layout.dovecot_conf))
+    if result is None:
+        return ConfigVerdict(False, True, "doveconf -n skipped: Dovecot is not installed here")
+    return ConfigVerdict(True, result.ok, "doveconf -n: dovecot.conf OK" if result.ok else result.output)
+
+
 def installed_smtpd_warning() -> str | None:
     found = smtpd_version()
     if found is None:
@@ -46,6 +58,7 @@ def apply_and_verify(prov: Provisioning) -> tuple[list[Applied], ConfigVerdict]:
     results = apply_plan(prov.plan)
     try:
         verdict = verify_with_smtpd(prov.setup)
+        dovecot_verdict = verify_with_dovecot(prov.setup) if verdict.ok else None
     except BaseException:  # Ctrl-C or a crash while smtpd judges: unchecked files do not stay
         undo_applied(results)
         raise
@@ -56,6 +69,12 @@ def apply_and_verify(prov: Provisioning) -> tuple[list[Applied], ConfigVerdict]:
             + _version_mismatch(prov.setup),
             exit_code=1,
         )
+    if dovecot_verdict is not None and not dovecot_verdict.ok:
+        undo_applied(results)
+        raise MailsetupError("doveconf -n refused the new dovecot.conf, so every file was put back: "
+                             f"{dovecot_verdict.text}" + _dovecot_mismatch(prov.setup),
+                             hint="or leave Dovecot out: --imap none", exit_code=1)
+    prov.dovecot_check = dovecot_verdict
     # Only now: a refused run above puts the old files back. Never the backups that still open
     # queued mail: while the spool holds envelopes the current key cannot read, every kept queue
     # key (and smtpd.conf, which carries it) is the way back to them (`doctor` names the one).
@@ -76,6 +95,17 @@ def _backups_that_open_queued_mail(setup: MailSetup) -> set[Path]:
     except (OSError, MailsetupError):
         return precious
     return precious if stranded else set()
+
+
+def _dovecot_mismatch(setup: MailSetup) -> str:
+    from mailsetup.dovecot import dovecot_version
+
+    found = dovecot_version()
+    if found is None or (found >= (2, 4)) == (setup.dovecot_version >= (2, 4)):
+        return ""
+    wanted = f"{setup.dovecot_version[0]}.{setup.dovecot_version[1]}"
+    return (f" (it was rendered for Dovecot {wanted} but the installed Dovecot is {found[0]}.{found[1]}; "
+            "leave out the Dovecot version you gave (--dovecot-version) to render for the installed one)")
 
 
 def _version_mismatch(setup: MailSetup) -> str:

@@ -54,7 +54,8 @@ def init(domain: o.Domain = None, hostname: o.Hostname = None, os_name: o.OsName
          ip: o.PreflightIp = None, nameserver: o.Nameserver = None, probe: o.Probe = None, dnsbl: o.Dnsbl = None,
          acme_server: o.AcmeServer = None, acme_email: o.AcmeEmail = None, webroot: o.Webroot = None,
          http_01_port: o.Http01Port = None, reload_command: o.ReloadCommand = None, relay_tls: o.RelayTls = None,
-         backup_mx: o.BackupMx = None, backup_for: o.BackupFor = None, debug: o.Debug = False) -> None:
+         backup_mx: o.BackupMx = None, backup_for: o.BackupFor = None, imap: o.Imap = None,
+         dovecot_version: o.DovecotVersion = None, debug: o.Debug = False) -> None:
     """Provision everything (certificate, queue key, aliases, smtpd.conf), check it, smoke-test it.
 
     On a terminal it asks what no flag gave; a re-run shows the state and offers rotation."""

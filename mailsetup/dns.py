@@ -134,9 +134,10 @@ def tlsrpt_records(setup: MailSetup) -> list[Record]:
 
 def client_ports(setup: MailSetup) -> dict[str, int | None]:
     """Each mail-client service of RFC 6186 and RFC 8314 and the port this set-up offers it on;
-    None: not offered here (no implicit-TLS submission listener, no IMAP server yet)."""
+    None: not offered here (no implicit-TLS submission listener; IMAPS only with --imap dovecot)."""
     submission = next(lst.port for lst in setup.listeners if lst.name == "submission")
-    return {"submission": submission, "submissions": None, "imaps": None, "imap": None}
+    return {"submission": submission, "submissions": None, "imaps": 993 if setup.imap == "dovecot" else None,
+            "imap": None}  # IMAP only with TLS from the first byte (RFC 8314): 143 is closed
 
 
 def client_srv_records(setup: MailSetup) -> list[Record]:
@@ -149,6 +150,37 @@ def client_srv_records(setup: MailSetup) -> list[Record]:
             records.append(Record(name, "SRV", f"0 1 {port} {setup.hostname}.",
                                   f"clients: {service} on {setup.hostname} port {port} (RFC 6186)"))
     return records
+
+
+AUTOCONFIG_MODE = 0o644  # a web server, whoever it runs as, must read it
+
+
+def autoconfig_url(setup: MailSetup) -> str:
+    return f"https://autoconfig.{setup.domain}/mail/config-v1.1.xml"
+
+
+def autoconfig_xml(setup: MailSetup) -> str:
+    """Thunderbird's autoconfig file (config-v1.1.xml): IMAPS on 993 and submission with STARTTLS, the
+    login being the address's local part (the names `mailsetup user` adds). Thunderbird does no SRV
+    lookup: it fetches this file. The values are validated host names and ports, escaped all the same."""
+    from xml.sax.saxutils import escape
+
+    domain, host = escape(setup.domain), escape(setup.hostname)
+    submission = next(lst.port for lst in setup.listeners if lst.name == "submission")
+
+    def server(tag: str, kind: str, port: int, socket_type: str) -> str:
+        return (f'    <{tag} type="{kind}">\n      <hostname>{host}</hostname>\n      <port>{port}</port>\n'
+                f"      <socketType>{socket_type}</socketType>\n"
+                "      <authentication>password-cleartext</authentication>\n"
+                f"      <username>%EMAILLOCALPART%</username>\n    </{tag}>\n")
+
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<!-- written by mailsetup; serve it at {escape(autoconfig_url(setup))} -->\n"
+            '<clientConfig version="1.1">\n'
+            f'  <emailProvider id="{domain}">\n    <domain>{domain}</domain>\n'
+            f"    <displayName>{domain} mail</displayName>\n    <displayShortName>{domain}</displayShortName>\n"
+            + server("incomingServer", "imap", 993, "SSL") + server("outgoingServer", "smtp", submission, "STARTTLS")
+            + "  </emailProvider>\n</clientConfig>\n")
 
 
 GROUPS = {
@@ -466,6 +498,8 @@ def show_records(setup: MailSetup, ips_given: list[str], check: bool, nameserver
     if as_json:
         payload = {"records": records_as_dicts(records), "ptr": ptr_advice(setup, ips),
                    "left_out": [{"ip": addr, "why": why} for addr, why in left_out], "mta_sts": mta_sts_info(setup)}
+        if setup.imap == "dovecot":
+            payload["autoconfig"] = {"path": str(setup.layout.autoconfig_file), "url": autoconfig_url(setup)}
         if comparisons is not None:
             payload["check"] = [c.as_dict() for c in comparisons]
         print_json(payload)

@@ -369,6 +369,8 @@ class Doctor:
         return OK, detail
 
     def run(self) -> list[Finding]:
+        from mailsetup.dovecot_doctor import dovecot_checks
+
         for name, fn in (
             ("smtpd -n accepts smtpd.conf", self.smtpd_config),
             ("no open relay", self.open_relay),
@@ -389,6 +391,7 @@ class Doctor:
             ("DKIM signing", self.dkim),
             *((("certificate chain", self.cert_chain), ("certbot deploy hook", self.acme_hook))
               if self.setup.tls.source == "acme" else ()),
+            *dovecot_checks(self.setup),
         ):
             self.check(name, fn)
         return self.findings

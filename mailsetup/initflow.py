@@ -15,7 +15,7 @@ from typing import Any
 from mailsetup import answers as answers_mod
 from mailsetup.errors import Interrupted, MailsetupError
 from mailsetup.model import MailSetup
-from mailsetup.questions import Answers, can_sign, check_given, require_answers
+from mailsetup.questions import Answers, can_sign, check_given, default_imap, require_answers
 
 
 @dataclass
@@ -108,6 +108,9 @@ def gather(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]) -
     answers = Answers(flags=flags, file=from_file, last_run=previous, detected=detected)
     if previous is None:  # a new set-up signs with DKIM when it can; an existing one keeps its choice
         answers.layers["detected"]["dkim"] = can_sign(answers)
+        answers.layers["detected"]["imap"] = default_imap(answers)  # and serves IMAP when Dovecot is here
+    if "dovecot_version" in answers.layers["detected"]:  # the installed Dovecot's grammar beats a recorded one
+        answers.layers["last run"].pop("dovecot_version", None)
     return answers, bool(previous)
 
 
@@ -153,10 +156,12 @@ def _preflight_options(p: dict[str, Any]) -> Any:
 def _detected() -> dict[str, Any]:
     """What this host says by itself: the installed smtpd's version (it wins over a recorded one;
     only a version chosen for this run beats it)."""
+    from mailsetup.dovecot import dovecot_version
     from mailsetup.opensmtpd import smtpd_version
 
-    found = smtpd_version()
-    return {"smtpd_version": f"{found[0]}.{found[1]}"} if found else {}
+    found, dovecot = smtpd_version(), dovecot_version()
+    return {**({"smtpd_version": f"{found[0]}.{found[1]}"} if found else {}),
+            **({"dovecot_version": f"{dovecot[0]}.{dovecot[1]}"} if dovecot else {})}
 
 
 def run_init(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any] | None = None) -> int:
@@ -376,7 +381,12 @@ def apply(run: Run, opts: InitOptions, out: Out, phase: dict[str, bool]) -> None
     if not opts.quiet and not opts.as_json:
         report.print_applied(run.results)
         report.print_verdict(verdict, defect)
+        if run.prov.dovecot_check is not None and run.prov.dovecot_check.text:
+            out.say(("✓ " if run.prov.dovecot_check.ran else "- ") + run.prov.dovecot_check.text)
     out.report["smtpd_check"] = {"ran": verdict.ran, "ok": verdict.ok, "detail": verdict.text}
+    if run.prov.dovecot_check is not None and run.prov.dovecot_check.text:
+        check = run.prov.dovecot_check
+        out.report["dovecot_check"] = {"ran": check.ran, "ok": check.ok, "detail": check.text}
     if run.rotate_qk:
         out.say("queue key rotated; the old one is kept in a dated 0600 backup beside it.")
         if run.stranded:

@@ -19,6 +19,8 @@ from mailsetup.platforms import Layout, account_problem, detect_os, get_layout, 
 
 KEY_TYPES = ("rsa-2048", "rsa-4096", "ecdsa-p256")
 DEFAULT_SMTPD_VERSION = (7, 4)
+DEFAULT_DOVECOT_VERSION = (2, 3)  # Debian 12's; 2.4 (Debian 13) needs another grammar
+IMAP_SERVERS = ("dovecot", "none")
 MODERN_GRAMMAR = (6, 4)  # action/match, `pki … cert`, `queue encryption KEY`
 DEFAULT_MAX_MESSAGE_SIZE = 35 * 1024 * 1024  # smtpd's default
 DEFAULT_KEEP_BACKUPS = 5  # dated backups kept of each file, as certbot keeps five versions
@@ -220,6 +222,24 @@ def parse_version(value: Any, flag: str = "--smtpd-version") -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def validate_imap(value: Any, flag: str = "--imap") -> str:
+    text = str(value).strip().lower()
+    if text not in IMAP_SERVERS:
+        raise MailsetupError(f"{flag}: {value!r} is not dovecot or none")
+    return text
+
+
+def parse_dovecot_version(value: Any, flag: str = "--dovecot-version") -> tuple[int, int]:
+    """2.3 or 2.4 (the two grammars we write); a later 2.x is written for as 2.4."""
+    found = re.fullmatch(r"\s*(\d+)\.(\d+)(?:\.\d+)*\s*", str(value))
+    if not found:
+        raise MailsetupError(f"{flag}: {value!r} is not a Dovecot version such as 2.3 or 2.4")
+    version = (int(found.group(1)), int(found.group(2)))
+    if version < (2, 3) or version[0] > 2:
+        raise MailsetupError(f"{flag}: Dovecot {version[0]}.{version[1]} is not supported (2.3 or 2.4)")
+    return version
+
+
 def validate_bool(value: Any, flag: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -345,6 +365,8 @@ class MailSetup:
     relay_tls: str = "opportunistic"  # outbound TLS: opportunistic (any certificate) or verify (a CA-trusted one)
     backup_mx: tuple[str, ...] = ()  # other hosts that are backup MXes for the domain (DNS: MX 20, 30…)
     backup_for: tuple[str, ...] = ()  # domains this host is a backup MX for: their mail is queued and handed on
+    imap: str = "none"  # "dovecot": IMAPS on 993 from the same certificate and logins, mail handed over by LMTP
+    dovecot_version: tuple[int, int] = DEFAULT_DOVECOT_VERSION  # the grammar dovecot.conf is written in
     # The keys some layer answered (flags, answers file, last run, wizard): the answers file records
     # these, so a default stays a default and follows the layout (or the key type on disk) next time.
     answered: frozenset[str] = frozenset()
@@ -419,6 +441,9 @@ def build_setup(raw: Mapping[str, Any], where: Callable[[str], str] = flag_of) -
         relay_tls=validate_relay_tls(_given(raw, "relay_tls", "opportunistic"), where("relay_tls")),
         backup_mx=validate_backup_mx(_given(raw, "backup_mx", ()), where("backup_mx"), hostname),
         backup_for=validate_backup_for(_given(raw, "backup_for", ()), where("backup_for"), domain),
+        imap=validate_imap(_given(raw, "imap", "none"), where("imap")),
+        dovecot_version=(parse_dovecot_version(raw["dovecot_version"], where("dovecot_version"))
+                         if raw.get("dovecot_version") else DEFAULT_DOVECOT_VERSION),
         answered=frozenset(k for k, v in raw.items() if v is not None),
     )
 

@@ -68,6 +68,11 @@ SubmissionPort = Annotated[int, _opt("--submission-port", help="Port of the subm
 InitSubmissionPort = Annotated[int | None, _opt("--submission-port", help="Submission port (587).")]
 SmtpdVersion = Annotated[str | None, _opt(
     "--smtpd-version", help="Target smtpd version (default: the installed one, else 7.4).")]
+Imap = Annotated[str | None, _opt(
+    "--imap", metavar="SERVER", help="IMAP server: dovecot (IMAPS on 993, same certificate and logins; the "
+    "default where Dovecot is installed) or none.")]
+DovecotVersion = Annotated[str | None, _opt(
+    "--dovecot-version", help="Target Dovecot version, 2.3 or 2.4 (default: the installed one, else 2.3).")]
 Compression = Annotated[bool, _opt("--queue-compression/--no-queue-compression")]
 InitCompression = Annotated[bool | None, _opt("--queue-compression/--no-queue-compression")]
 Encryption = Annotated[bool, _opt("--queue-encryption/--no-queue-encryption")]

@@ -37,10 +37,18 @@ class Layout:
     dkim_filter: PurePosixPath = PurePosixPath("/usr/libexec/opensmtpd/filter-dkimsign")  # on this host
     # The MTA-STS policy's web root: a web server serves it as https://mta-sts.DOMAIN/ (RFC 8461).
     mta_sts_dir: PurePosixPath = PurePosixPath("/var/www/mta-sts")
+    # Thunderbird's autoconfig (--imap dovecot): a web server serves it as https://autoconfig.DOMAIN/.
+    autoconfig_dir: PurePosixPath = PurePosixPath("/var/www/autoconfig")
     # certbot's config (live/, archive/, renewal-hooks/), work and logs directories (--tls acme)
     letsencrypt_dir: PurePosixPath = PurePosixPath("/etc/letsencrypt")
     letsencrypt_work: PurePosixPath = PurePosixPath("/var/lib/letsencrypt")
     letsencrypt_logs: PurePosixPath = PurePosixPath("/var/log/letsencrypt")
+    # --imap dovecot: the whole dovecot.conf is ours (the one before it kept as a dated backup). A
+    # local.conf beside Debian's conf.d cannot take away what conf.d turns on: passdb pam (the system
+    # passwords would log in to IMAP too) and the snakeoil certificate.
+    dovecot_conf: PurePosixPath = PurePosixPath("/etc/dovecot/dovecot.conf")
+    dovecot_user: str = "dovecot"  # Dovecot's auth process reads the logins' passwd-file as this user's group
+    dovecot_lmtp: PurePosixPath = PurePosixPath("/var/run/dovecot/lmtp")  # where smtpd hands mail to Dovecot
 
     @property
     def aliases_db(self) -> PurePosixPath:
@@ -59,6 +67,12 @@ class Layout:
         return self.state_dir / "credentials"
 
     @property
+    def imap_users(self) -> PurePosixPath:
+        """Dovecot's passdb: the credentials table's logins and hashes in passwd-file form. In Dovecot's
+        directory, not ours: a directory has one group, and /etc/mailsetup's lets smtpd's in."""
+        return self.dovecot_conf.parent / "users"
+
+    @property
     def dkim_state(self) -> PurePosixPath:
         """Which DKIM key signs, which waits for its record, which retires (no secrets)."""
         return self.state_dir / "dkim.toml"
@@ -67,6 +81,11 @@ class Layout:
     def mta_sts_policy(self) -> PurePosixPath:
         """The MTA-STS policy file, at the path RFC 8461 fixes under the web root."""
         return self.mta_sts_dir / ".well-known" / "mta-sts.txt"
+
+    @property
+    def autoconfig_file(self) -> PurePosixPath:
+        """Where Thunderbird looks under the autoconfig host: /mail/config-v1.1.xml."""
+        return self.autoconfig_dir / "mail" / "config-v1.1.xml"
 
     @property
     def queue_dir(self) -> PurePosixPath:
@@ -203,9 +222,11 @@ def sandboxed(layout: Layout, root: Path | None) -> Layout:
         spool=under(layout.spool),
         dkim_dir=under(layout.dkim_dir),
         mta_sts_dir=under(layout.mta_sts_dir),
+        autoconfig_dir=under(layout.autoconfig_dir),
         letsencrypt_dir=under(layout.letsencrypt_dir),
         letsencrypt_work=under(layout.letsencrypt_work),
         letsencrypt_logs=under(layout.letsencrypt_logs),
+        dovecot_conf=under(layout.dovecot_conf),
     )
 
 

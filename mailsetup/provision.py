@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mailsetup import aliases as aliases_mod
 from mailsetup import credentials, queuekey
@@ -22,6 +23,7 @@ from mailsetup.opensmtpd import (
 from mailsetup.render import ANSWERS_MODE, render_answers, render_smtpd_conf
 
 CONF_MODE = 0o600  # it carries the queue key, and smtpd reads it with no secrecy check
+DOVECOT_CONF_MODE = 0o644  # no secret in it (the key is named, not held); Dovecot's processes read it
 QUEUE_KEY_REDACT = queuekey.QUEUE_KEY_LINE + r"(?P<secret>(?!stdin\b)[^\s-]\S*)"
 
 
@@ -34,6 +36,7 @@ class Provisioning:
     notes: list[str] = field(default_factory=list)
     key_type_in_use: str | None = None  # of the certificate that will be on disk
     dkim_keys: list = field(default_factory=list)  # dkim.DkimKey: every key the state file will list
+    dovecot_check: Any = None  # apply.ConfigVerdict of `doveconf -n` once written (--imap dovecot)
 
     def files_report(self) -> list[dict[str, str]]:
         """The plan's files as --json reports them."""
@@ -313,6 +316,47 @@ def _plan_credentials(setup: MailSetup, prov: Provisioning, new_user: tuple[str,
     mode, owner = credentials.table_access(setup.layout.smtpd_user)
     prov.plan.add(FileChange(path, content, mode,
                              f"credentials table for AUTH, {len(users)} user(s)", secret=True, owner=owner))
+    if setup.imap == "dovecot":
+        prov.plan.add(imap_users_change(setup, users))
+
+
+def imap_users_change(setup: MailSetup, users: list) -> FileChange:
+    """Dovecot's passwd-file: the same logins and bcrypt hashes as the credentials table, readable by
+    root and Dovecot's auth group only."""
+    from mailsetup import dovecot
+
+    mode, owner = dovecot.imap_users_access(setup.layout.dovecot_user)
+    return FileChange(Path(setup.layout.imap_users), dovecot.render_imap_users(users), mode,
+                      f"IMAP logins for Dovecot (passwd-file), {len(users)} user(s)", secret=True, owner=owner)
+
+
+def _plan_dovecot(setup: MailSetup, prov: Provisioning) -> None:
+    """--imap dovecot: dovecot.conf from the same model (doveconf -n judges it once written)."""
+    if setup.imap != "dovecot":
+        return
+    from mailsetup.render import render_dovecot_conf
+
+    prov.plan.add(FileChange(Path(setup.layout.dovecot_conf), render_dovecot_conf(setup).encode(), DOVECOT_CONF_MODE,
+                             f"dovecot.conf (Dovecot {setup.dovecot_version[0]}.{setup.dovecot_version[1]}: "
+                             "IMAPS on 993, LMTP for smtpd)"))
+    _plan_autoconfig(setup, prov)
+
+
+def _plan_autoconfig(setup: MailSetup, prov: Provisioning) -> None:
+    """Thunderbird's autoconfig file under the web root, like the MTA-STS policy (and, like it, left
+    out with a warning where the web root is not ours to write)."""
+    from mailsetup import dns
+
+    change = FileChange(Path(setup.layout.autoconfig_file), dns.autoconfig_xml(setup).encode(), dns.AUTOCONFIG_MODE,
+                        f"Thunderbird autoconfig: serve it at {dns.autoconfig_url(setup)}")
+    try:
+        read_current(change.path)
+        change.state()
+    except (MailsetupError, OSError) as exc:
+        why = exc.message if isinstance(exc, MailsetupError) else f"{exc.filename}: {exc.strerror}"
+        prov.warnings.append(f"Thunderbird autoconfig not written: {why}")
+        return
+    prov.plan.add(change)
 
 
 def recorded_answers(setup: MailSetup, key_type: str | None = None) -> dict:
@@ -331,10 +375,13 @@ def recorded_answers(setup: MailSetup, key_type: str | None = None) -> dict:
         "queue_compression": setup.queue.compression, "queue_encryption": setup.queue.encryption,
         "max_message_size": setup.max_message_size, "keep_backups": setup.keep_backups, "dkim": setup.dkim,
         "mta_sts_mode": setup.mta_sts_mode, "relay_tls": setup.relay_tls,
-        "backup_mx": list(setup.backup_mx), "backup_for": list(setup.backup_for),
+        "backup_mx": list(setup.backup_mx), "backup_for": list(setup.backup_for), "imap": setup.imap,
+        "dovecot_version": (f"{setup.dovecot_version[0]}.{setup.dovecot_version[1]}" if setup.imap == "dovecot"
+                            else None),
         **_acme_answers(setup),
     }
-    always = {"domain", "hostname", "os", "admin", "key_type", "cert", "key", "smtpd_version"}
+    always = {"domain", "hostname", "os", "admin", "key_type", "cert", "key", "smtpd_version", "imap",
+              "dovecot_version"}
     return {k: v for k, v in values.items() if v is not None and (k in always or k in setup.answered)}
 
 
@@ -363,6 +410,7 @@ def build_plan(setup: MailSetup, rotate_cert: bool = False, rotate_queue_key: bo
     _plan_credentials(setup, prov, new_user)
     _plan_dkim(setup, prov, rotate_dkim, dkim_switch)
     _plan_mta_sts(setup, prov)
+    _plan_dovecot(setup, prov)
     conf = render_smtpd_conf(setup, queue_key, prov.aliases_format, dkim_keys=prov.dkim_keys)
     findings = open_relay_rules(conf)
     if findings:  # the template cannot produce one; this guards the template itself

@@ -66,6 +66,20 @@ TLS_CHOICES = [
 TLS_HELP = ("self-signed works anywhere, but mail clients warn about it (servers sending to you accept it); "
             "acme gets a certificate every client trusts, but only for a public name whose port 80 reaches this host")
 
+IMAP_CHOICES = [
+    ("dovecot", "Dovecot: IMAPS on 993 with the same certificate and logins; smtpd hands mail over by LMTP"),
+    ("none", "none: mail stays in each ~/Maildir for local mail readers"),
+]
+IMAP_HELP = "IMAP lets people read their mail from a phone or a desktop client (port 993, TLS only)"
+
+
+def default_imap(answers: Mapping[str, Any]) -> str:
+    """Dovecot when it is installed on the host being set up (doveconf found); never by itself in a
+    sandbox (--root), where no Dovecot would read what we write."""
+    from mailsetup.dovecot import installed
+
+    return "dovecot" if not answers.get("root") and installed() else "none"
+
 
 QUESTIONS: tuple[Question, ...] = (
     Question("domain", "Mail domain (--domain):", "--domain", "text",
@@ -114,6 +128,11 @@ QUESTIONS: tuple[Question, ...] = (
              validate=_username_or_blank, default=lambda a: str(a.get("admin") or ""), then_password=True),
     Question("dkim", "Sign outgoing mail with DKIM, RSA and Ed25519 (--dkim)?", "--dkim", "confirm",
              validate=lambda v, w, a: model.validate_bool(v, w), default=lambda a: bool(a.get("dkim", True))),
+    Question("imap", "IMAP server for reading mail: dovecot or none (--imap):", "--imap", "select",
+             validate=lambda v, w, a: model.validate_imap(v, w), choices=lambda: IMAP_CHOICES,
+             default=lambda a: a.get("imap") or default_imap(a), explain=IMAP_HELP),
+    Question("dovecot_version", "The Dovecot version to write for (--dovecot-version):", "--dovecot-version",
+             "setting", validate=lambda v, w, a: model.parse_dovecot_version(v, w)),
     Question("mta_sts_mode", "MTA-STS policy mode: testing, enforce or none (--mta-sts-mode):", "--mta-sts-mode",
              "setting", validate=lambda v, w, a: model.validate_mta_sts_mode(v, w)),
     Question("relay_tls", "Outbound TLS: opportunistic or verify (--relay-tls):", "--relay-tls", "setting",

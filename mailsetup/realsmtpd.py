@@ -27,7 +27,8 @@ def loopback_setup(setup: MailSetup, smtp_port: int, submission_port: int, liste
     no `listen on localhost` (port 25 on loopback may be this host's own smtpd's)."""
     listeners = (Listener("smtp", listen, smtp_port, "starttls", "optional"),
                  Listener("submission", listen, submission_port, "require", "required"))
-    return replace(setup, listeners=listeners, layout=replace(setup.layout, localhost_listener=""))
+    # The smoke test runs no Dovecot: the loopback smtpd writes the Maildir itself, the one LMTP writes.
+    return replace(setup, listeners=listeners, layout=replace(setup.layout, localhost_listener=""), imap="none")
 
 
 def loopback_config(setup: MailSetup, smtp_port: int, submission_port: int, relay_port: int,

@@ -57,6 +57,18 @@ def _command(tokens: object) -> Filtered:
     return Filtered('"' + " ".join(words) + '"')
 
 
+_PATH = re.compile(r"^/[A-Za-z0-9._/+-]*$")
+
+
+def _path(value: object) -> Filtered:
+    """An absolute path for dovecot.conf, which has no quoting we could rely on for one: plain
+    characters only, so a path can never end a value or start another setting."""
+    text = str(value)
+    if not _PATH.fullmatch(text):
+        raise MailsetupError(f"refusing to render {text!r} into dovecot.conf: not a plain absolute path")
+    return Filtered(text)
+
+
 def _finalize(value: object) -> object:
     if value is None or isinstance(value, Filtered):
         return "" if value is None else value
@@ -75,7 +87,7 @@ def _environment():
         lstrip_blocks=True,
         finalize=_finalize,
     )
-    env.filters.update(bare=_bare, quote=_quote, comment=_comment, command=_command)
+    env.filters.update(bare=_bare, quote=_quote, comment=_comment, command=_command, path=_path)
     return env
 
 
@@ -150,6 +162,9 @@ def render_smtpd_conf(setup: MailSetup, queue_key: str | None, aliases_format: s
     if relay_host and not setup.modern_grammar:
         raise MailsetupError(f"a relay host needs the grammar of smtpd 6.4 or later; this set-up is for "
                              f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}", exit_code=1)
+    if setup.imap == "dovecot" and not setup.modern_grammar:
+        raise MailsetupError("--imap dovecot: delivery by LMTP is written for smtpd 6.4 or later; this set-up is "
+                             f"for {setup.smtpd_version[0]}.{setup.smtpd_version[1]}")
     listeners = [
         _ListenerView(
             address=listener.address,
@@ -181,6 +196,7 @@ def render_smtpd_conf(setup: MailSetup, queue_key: str | None, aliases_format: s
         "localhost_listener": _localhost_listener(setup),
         "listeners": listeners,
         "maildir": setup.maildir_template,
+        "lmtp": setup.layout.dovecot_lmtp if setup.imap == "dovecot" else None,
         "relay_host": relay_host,
         "dkim_filters": dkim_filters,
         "dkim_chain": Filtered(", ".join(_quote(f.name) for f in dkim_filters)),
@@ -192,6 +208,33 @@ def render_smtpd_conf(setup: MailSetup, queue_key: str | None, aliases_format: s
     }
     text = _environment().get_template(template_name(setup)).render(**context)
     # Collapse the blank lines that skipped blocks leave behind.
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def dovecot_template_name(setup: MailSetup) -> str:
+    """One template per grammar: 2.3 (Debian 12) and 2.4 (Debian 13), whose settings were renamed."""
+    return "dovecot.conf.2.4.j2" if setup.dovecot_version >= (2, 4) else "dovecot.conf.2.3.j2"
+
+
+def render_dovecot_conf(setup: MailSetup, imaps_port: int = 993, loopback: dict | None = None) -> str:
+    """dovecot.conf for `--imap dovecot`: IMAPS with smtpd's certificate pair, the logins of the
+    credentials table (as the passwd-file `Layout.imap_users`), the Maildir smtpd delivered to.
+    `loopback` (base_dir, users, uid, gid, home) makes the smoke test's copy: on 127.0.0.1 only, with
+    its own sockets and one throw-away login that reads one Maildir."""
+    context = {
+        "version": __version__,
+        "os_title": setup.layout.title,
+        "hostname": setup.hostname,
+        "cert": setup.tls.cert,
+        "key": setup.tls.key,
+        "users": loopback["users"] if loopback else setup.layout.imap_users,
+        "lmtp": setup.layout.dovecot_lmtp,
+        "imaps_port": imaps_port,
+        # In a sandbox the homes are under --root, as smtpd.conf's maildir says; on a host, ~/Maildir.
+        "home_dir": setup.layout.home_dir if setup.root is not None and not loopback else None,
+        "loopback": loopback,
+    }
+    text = _environment().get_template(dovecot_template_name(setup)).render(**context)
     return re.sub(r"\n{3,}", "\n\n", text)
 
 

@@ -166,6 +166,11 @@ def print_dns(setup: MailSetup, records, ptr: list[str], have_ips: bool, compari
     missing = [name for name, port in ports.items() if port is None]
     typer.echo(f"Mail clients (RFC 6186) find {', '.join(offered)}"
                + (f"; \"0 0 0 .\" says {', '.join(missing)} not offered here" if missing else "") + ".")
+    if setup.imap == "dovecot":
+        from mailsetup.dns import autoconfig_url
+
+        typer.echo(f"Thunderbird autoconfig: {setup.layout.autoconfig_file}; serve it at {autoconfig_url(setup)} "
+                   f"(point autoconfig.{setup.domain} at that web server).")
     if comparisons is None:
         return
     typer.echo("")
@@ -218,6 +223,8 @@ def next_steps(setup: MailSetup) -> list[str]:
         ]
     else:
         steps.append(f"Restart OpenSMTPD: {restart_command(layout)}")
+    if setup.imap == "dovecot":  # Dovecot was written for, not started: smtpd now hands local mail to its LMTP
+        steps.append(f"Start Dovecot (IMAPS on 993; smtpd delivers through its LMTP): {_dovecot_start(setup)}")
     if setup.tls.source == "acme":
         from mailsetup.acme import certbot_dirs, hook_path
 
@@ -227,6 +234,17 @@ def next_steps(setup: MailSetup) -> list[str]:
     steps.append("After editing aliases: mailsetup aliases "
                  f"{layout.aliases} --out {layout.aliases_db} && smtpctl update table aliases")
     return steps
+
+
+def _dovecot_start(setup: MailSetup) -> str:
+    from dataclasses import replace
+
+    from mailsetup.platforms import restart_command
+
+    if setup.root is not None:
+        return f"dovecot -F -c {setup.layout.dovecot_conf}"
+    found = restart_command(replace(setup.layout, restart="systemctl restart dovecot"))
+    return "dovecot (it runs in the background by itself)" if found.startswith("no systemd") else found
 
 
 def one_line(text: str) -> str:

@@ -352,6 +352,8 @@ class _SmokeRun:
         add("STARTTLS with the generated certificate", self.certificate)
         add("the server's own name in the greeting and EHLO", self.own_name)
         add("inbound over STARTTLS through the aliases into Maildir", self.inbound)
+        if self.setup.imap == "dovecot" and self.reads_imap():
+            add("read back over IMAPS through Dovecot", self.imap_read_back)
         add("unauthenticated relay refused", self.no_open_relay)
         add("AUTH without TLS refused", self.auth_needs_tls)
         add("wrong password refused", self.wrong_password)
@@ -378,7 +380,7 @@ class _SmokeRun:
 
     def add_smoke_user(self) -> str:
         creds = creds_mod.read_credentials(self.creds_path)
-        hashed = creds_mod.hash_password(self.password)
+        hashed = self.hashed = creds_mod.hash_password(self.password)
         # A smoke-only login, taken out again at the end; the original bytes are restored.
         write_atomic(self.creds_path, creds_mod.render_credentials(creds_mod.with_user(creds, self.user, hashed)),
                      self.creds_mode)
@@ -431,7 +433,31 @@ class _SmokeRun:
         with self.client("smtp", "stranger.invalid", source=STRANGER) as c:
             c.starttls(context=self.tls)
             c.send_message(_message(self.token, rcpt, "stranger@example.net"))
+        self.inbound_users = list(decision.local_users)
         return f"{rcpt} -> " + ", ".join(self._arrived(u) for u in decision.local_users)
+
+    inbound_users: list = []
+    hashed = ""
+
+    def reads_imap(self) -> bool:
+        """Dovecot can serve the Maildir the message went to: installed, we are root (it drops to the
+        Maildir's owner), and that owner is a person (Dovecot never serves uid 0: the embedded MTA's
+        Maildir in a sandbox is root's; the real smtpd's there, and every one on a host, is the user's)."""
+        from mailsetup.opensmtpd import find_binary
+
+        if os.geteuid() != 0 or find_binary("dovecot") is None or not self.inbound_users:
+            return False
+        owner = self.server.owner(self.inbound_users[0])
+        return owner is not None and owner[0] != 0
+
+    def imap_read_back(self) -> str:
+        """The Maildir the test message went to, served by a Dovecot of this test's own on loopback
+        (the same template as dovecot.conf), read over IMAPS with a real client library."""
+        from mailsetup.imapsmoke import read_back
+
+        assert self.inbound_users, "no message arrived to read back"
+        user = self.inbound_users[0]
+        return read_back(self.setup, self.tls, user, self.server.maildir(user), self.token, self.password, self.hashed)
 
     def _arrived(self, user: str) -> str:
         # Read (and later removed) the way it was delivered: as root in a real user's home,

@@ -48,13 +48,17 @@ def _write_credentials(setup, creds: list, done: str) -> None:
     from mailsetup.files import FileChange, apply_plan
     from mailsetup.opensmtpd import smtpd_tables_reading, update_table
     from mailsetup.platforms import LAYOUTS
+    from mailsetup.provision import imap_users_change
 
     layout = setup.layout
     path = Path(layout.credentials)
     mode, owner = c.table_access(layout.smtpd_user)
-    apply_plan([FileChange(path, c.render_credentials(creds), mode, "credentials", secret=True, owner=owner)],
-               setup.keep_backups)
-    echo(f"{done} {path}")
+    changes = [FileChange(path, c.render_credentials(creds), mode, "credentials", secret=True, owner=owner)]
+    if setup.imap == "dovecot":  # the same logins for IMAP: both files in one plan, both or neither
+        changes.append(imap_users_change(setup, creds))
+    apply_plan(changes, setup.keep_backups)
+    echo(f"{done} {path}" + (f" and {layout.imap_users}" if setup.imap == "dovecot" else ""))
+    _reload_dovecot(setup)
     users = smtpd_tables_reading(path, Path(LAYOUTS[layout.name].smtpd_conf))
     if not users:
         echo(f"no running smtpd here serves {path}; smtpd reads it when it starts", err=True)
@@ -66,3 +70,14 @@ def _write_credentials(setup, creds: list, done: str) -> None:
                 f"smtpctl update table {user.table}: {said}",
                 hint=f"`mailsetup doctor` says why; or restart smtpd: {layout.restart}", exit_code=1)
         echo(f"reloaded table {user.table} of the running smtpd (pid {user.pid}): the change is live")
+
+
+def _reload_dovecot(setup) -> None:
+    """Dovecot reads the passwd-file at each login; `doveadm reload` also drops what its auth process
+    cached. Only this host's Dovecot, never from a sandbox (--root)."""
+    if setup.imap != "dovecot" or setup.root is not None:
+        return
+    from mailsetup.dovecot import reload_running
+
+    said = reload_running()
+    echo(said or "no running Dovecot here; it reads the logins when it starts", err=not said)

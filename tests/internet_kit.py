@@ -209,7 +209,7 @@ class Host:
         and its own `extra` (backup MX settings)."""
         return {"domain": self.domain, "hostname": self.hostname, "os": "debian", "admin": self.users[0],
                 "listen": [self.address], "tls": "acme", "acme_server": net.acme_directory, "dkim": True,
-                "relay_tls": "verify", **self.extra}
+                "relay_tls": "verify", "imap": "none", **self.extra}  # smtpd delivers itself: no Dovecot runs here
 
     def start_smtpd(self) -> None:
         self.smtpd = self.node.popen(self.log, TOOLS["smtpd"], "-d", "-f", "/etc/smtpd.conf")

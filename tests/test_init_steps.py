@@ -112,6 +112,7 @@ def test_a_rerun_that_changes_settings_asks_again_and_records_the_new_choice(tmp
     answer(child, r"\(--admin\)", "\x15bob\r")
     answer(child, r"First mail user", "\x15\r")  # none this time
     answer(child, r"Sign outgoing mail with DKIM", "\r")  # keep it on
+    answer(child, r"IMAP server for reading mail", "\r")  # keep none
     answer(child, r"Run the smoke test when done \(--smoke\)", "n")
     answer(child, r"Write these 3 file\(s\)\?", "y")
     code, text = finish(child)

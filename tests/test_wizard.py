@@ -61,6 +61,7 @@ def first_run(root: Path) -> tuple[int, str]:
     answer(child, r"Password for alice", PASSWORD + "\r")
     answer(child, r"Again", PASSWORD + "\r")
     answer(child, r"Sign outgoing mail with DKIM, RSA and Ed25519 \(--dkim\)", "y")
+    answer(child, r"IMAP server for reading mail: dovecot or none \(--imap\)", "\r")  # a sandbox: none
     answer(child, r"Run the smoke test", "y")
     answer(child, r"Write these \d+ file\(s\)\?", "y")
     return finish(child)
@@ -152,6 +153,7 @@ def test_ctrl_c_at_the_final_confirmation_writes_nothing(tmp_path: Path):
                   "--hostname", "mail.example.test",
                   "--tls", "self-signed", "--key-type", "rsa-2048", "--queue-compression", "--queue-encryption",
                   "--user", "alice", "--dkim", "--no-smoke")
+    answer(child, r"\(--imap\)", "\r")  # a sandbox: none
     answer(child, r"Password for alice", PASSWORD + "\r")
     answer(child, r"Again", PASSWORD + "\r")
     answer(child, r"Write these \d+ file\(s\)\?", "\x03")
@@ -166,6 +168,7 @@ def test_mismatched_passwords_are_asked_again(tmp_path: Path):
                   "--hostname", "mail.example.test",
                   "--tls", "self-signed", "--key-type", "rsa-2048", "--queue-compression", "--queue-encryption",
                   "--user", "bob", "--dkim", "--no-smoke")
+    answer(child, r"\(--imap\)", "\r")  # a sandbox: none
     answer(child, r"Password for bob", PASSWORD + "\r")
     answer(child, r"Again", "something else\r")
     answer(child, r"Password for bob", PASSWORD + "\r")

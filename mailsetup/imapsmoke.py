@@ -1,0 +1,131 @@
+"""The smoke test's IMAP step (--imap dovecot): a Dovecot of its own on a loopback port, rendered from
+the same template as dovecot.conf, reads the Maildir the test message went to over IMAPS with a
+throw-away password; a wrong password is refused. Stopped and removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from mailsetup.errors import MailsetupError
+from mailsetup.model import MailSetup
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopbackDovecot:
+    """`dovecot -F -c FILE` on 127.0.0.1:PORT, its base_dir a private temp dir; one login: `user`
+    with `hashed` (bcrypt), reading `maildir` as the uid and gid that own it."""
+
+    def __init__(self, setup: MailSetup, user: str, hashed: str, maildir: Path):
+        from mailsetup.opensmtpd import find_binary
+
+        self.binary = find_binary("dovecot")
+        if not self.binary:
+            raise MailsetupError("Dovecot is not installed here (dovecot not found)", exit_code=1)
+        self.setup, self.user, self.hashed, self.maildir = setup, user, hashed, maildir
+        self.work = Path(tempfile.mkdtemp(prefix="mailsetup-dovecot-"))
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> LoopbackDovecot:
+        from mailsetup.dovecot import render_imap_users
+        from mailsetup.render import render_dovecot_conf
+
+        st = self.maildir.stat()
+        self.work.chmod(0o755)  # Dovecot's login processes run unprivileged under base_dir
+        users = self.work / "users"
+        users.write_bytes(render_imap_users([_Cred(self.user, self.hashed)]))
+        users.chmod(0o644)  # a throw-away hash of a throw-away password, gone with the dir
+        conf = self.work / "dovecot.conf"  # outside base_dir, where Dovecot links dovecot.conf to it
+        self.base = self.work / "run"
+        self.base.mkdir(mode=0o755)
+        conf.write_text(render_dovecot_conf(self.setup, self.port, loopback={
+            "base_dir": self.base, "users": users, "uid": st.st_uid, "gid": st.st_gid, "home": self.maildir.parent}))
+        self.proc = subprocess.Popen([self.binary, "-F", "-c", str(conf)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        end = time.monotonic() + 15
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise MailsetupError(f"dovecot -F exited {self.proc.returncode}: {self.log_tail()}", exit_code=1)
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise MailsetupError(f"Dovecot did not listen on 127.0.0.1:{self.port} within 15 s: {self.log_tail()}",
+                             exit_code=1)
+
+    def log_tail(self) -> str:
+        try:
+            return (self.base / "dovecot.log").read_text(errors="replace")[-300:].strip().replace("\n", " | ")
+        except OSError:
+            return (self.proc.stderr.read()[-300:] if self.proc and self.proc.stderr else "").strip()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+class _Cred:
+    def __init__(self, user: str, hashed: str):
+        self.user, self.hash = user, hashed
+
+
+class _Imaps(imaplib.IMAP4_SSL):
+    """IMAPS to a loopback port that checks the certificate for the mail host's name, as a client
+    that connects to that name would (the smoke test's SMTP client does the same)."""
+
+    def __init__(self, port: int, tls: ssl.SSLContext, server_name: str):
+        self.server_name = server_name
+        super().__init__("127.0.0.1", port, ssl_context=tls, timeout=15)
+
+    def _create_socket(self, timeout):
+        plain = imaplib.IMAP4._create_socket(self, timeout)
+        return self.ssl_context.wrap_socket(plain, server_hostname=self.server_name)
+
+
+def _fetch_all(port: int, tls: ssl.SSLContext, user: str, password: str, server_name: str) -> list[bytes]:
+    with _Imaps(port, tls, server_name) as imap:
+        imap.login(user, password)
+        imap.select("INBOX", readonly=True)
+        _, found = imap.search(None, "ALL")
+        bodies = [imap.fetch(n, "(BODY.PEEK[])")[1][0][1] for n in found[0].split()]
+        imap.logout()
+        return bodies
+
+
+def read_back(setup: MailSetup, tls: ssl.SSLContext, user: str, maildir: Path, token: str,
+              password: str, hashed: str) -> str:
+    """The message with `token` read back from `user`'s Maildir over IMAPS; a wrong password refused."""
+    dovecot = LoopbackDovecot(setup, user, hashed, maildir).start()
+    try:
+        bodies = _fetch_all(dovecot.port, tls, user, password, setup.hostname)
+        assert any(token.encode() in b for b in bodies), f"IMAP shows {len(bodies)} message(s), not the test message"
+        try:
+            _fetch_all(dovecot.port, tls, user, password + "-wrong", setup.hostname)
+        except imaplib.IMAP4.error:
+            pass
+        else:
+            raise AssertionError("Dovecot accepted a wrong password")
+    finally:
+        dovecot.stop()
+    return (f"Dovecot on 127.0.0.1:{dovecot.port} (IMAPS, {Path(setup.tls.cert).name}) shows it in {user}'s INBOX; "
+            "a wrong password is refused")
