@@ -454,6 +454,7 @@ def test_the_wizard_explains_the_tls_choice_and_asks_for_the_acme_address(tmp_pa
     answer(child, r"Compress the queue", "y")
     answer(child, r"Encrypt the queue", "y")
     answer(child, r"Sign outgoing mail with DKIM", "y")
+    answer(child, r"\(--imap\)", "\r")  # a sandbox: none
     answer(child, r"Run the smoke test", "n")
     code, text = finish(child)
     assert code == 0, text
