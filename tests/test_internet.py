@@ -280,8 +280,13 @@ def test_queue_key_and_dkim_rotation_on_b_while_mail_flows_both_ways_lose_nothin
               "inbound missing:", {m: inbound.ids[m] for m in set(inbound.sent) - set(at_b)})
         print("B's spool:", b.run("find", "/var/spool/smtpd/queue", "-type", "f").stdout)
         print("B's log:\n" + b.log.read_text(errors="replace"), "\nA's log:\n" + a.log.read_text(errors="replace"))
-    assert sorted(at_b) == sorted(inbound.sent) and all(len(v) == 1 for v in at_b.values())
-    assert sorted(at_a) == sorted(outbound.sent) and all(len(v) == 1 for v in at_a.values())
+    assert sorted(at_b) == sorted(inbound.sent)  # nothing lost, either way
+    assert sorted(at_a) == sorted(outbound.sent)
+    # A restart stops smtpd with SIGTERM, as `service opensmtpd restart` does. One caught in the instant
+    # between the other side's 250 and its own record of it sends that message again afterwards
+    # (SMTP's at-least-once; seen once in the Debian 13 stage): at most one copy more per restart.
+    extra = sum(len(v) - 1 for v in at_a.values()) + sum(len(v) - 1 for v in at_b.values())
+    assert extra <= 2, (extra, {k: len(v) for k, v in at_a.items()}, {k: len(v) for k, v in at_b.items()})
     signed_by = set()
     for path, seen in zip(at_a.values(), authenticate_all(a, [v[0] for v in at_a.values()], dkim_only=True),
                           strict=True):
