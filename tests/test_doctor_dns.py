@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from conftest import IS_ROOT, SMTPD, run_cli
-from mta_kit import free_port, provision
+from mta_kit import DNSMASQ, free_port, provision, start_dnsmasq
 
 
 @pytest.fixture
@@ -171,7 +169,6 @@ def test_doctor_without_a_setup_is_one_line(tmp_path: Path):
 
 # --- dns ----------------------------------------------------------------------------------------
 
-DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
 
 
 def test_dns_prints_the_records_to_publish(root: Path):
@@ -192,25 +189,14 @@ def test_dns_prints_the_records_to_publish(root: Path):
 @pytest.mark.skipif(DNSMASQ is None, reason="needs dnsmasq (apt-get install dnsmasq-base)")
 def test_dns_check_against_a_real_dns_server(root: Path):
     port = free_port()
-    proc = subprocess.Popen(
-        [DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll", "--conf-file=/dev/null",
-         f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces", "--user=root",
-         "--local=/example.test/",  # answer NXDOMAIN for the rest of the zone, as its authority would
-         "--mx-host=example.test,mail.example.test,10",  # right
-         "--host-record=mail.example.test,192.0.2.99",  # wrong address
-         "--txt-record=example.test,v=spf1 mx -all",  # right (no shell here, so no quotes)
-         ],  # no DMARC record at all
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    proc = start_dnsmasq(
+        port,
+        "--local=/example.test/",  # answer NXDOMAIN for the rest of the zone, as its authority would
+        "--mx-host=example.test,mail.example.test,10",  # right
+        "--host-record=mail.example.test,192.0.2.99",  # wrong address
+        "--txt-record=example.test,v=spf1 mx -all",  # right (no shell here, so no quotes)
+    )  # no DMARC record at all
     try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-                try:
-                    probe.bind(("127.0.0.1", port))
-                except OSError:
-                    break  # dnsmasq holds it
-            time.sleep(0.05)
         r = run_cli("dns", "--root", root, "--ip", "192.0.2.10", "--check", "--nameserver", f"127.0.0.1:{port}",
                     "--json")
     finally:
