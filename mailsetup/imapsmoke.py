@@ -6,6 +6,7 @@ throw-away password; a wrong password is refused. Stopped and removed whatever h
 from __future__ import annotations
 
 import imaplib
+import os
 import shutil
 import socket
 import ssl
@@ -24,9 +25,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+NOBODY = 65534  # Debian's nobody and nogroup
+
+
+def serving_plan(maildir: Path) -> tuple[list[str], int, int, dict | None] | str:
+    """How a Dovecot of our own can read `maildir` as the account that owns it: (command prefix, uid,
+    gid, rootless names), or why it cannot.
+    - Root, and the Maildir a person's (a host; the real smtpd's in a sandbox): Dovecot starts as root
+      and drops to that uid, as the packaged one does.
+    - The Maildir ours (a sandbox with the embedded MTA delivers as whoever runs mailsetup): Dovecot
+      runs rootless, all of it as us. Dovecot never serves uid 0, so root runs it in a user namespace
+      of its own where root is `nobody` (the files it reads are still root's, and nothing else changes:
+      the embedded MTA on the same loopback runs as root as well)."""
+    import grp
+    import pwd
+
+    st = maildir.stat()
+    me = os.geteuid()
+    if me == 0 and st.st_uid != 0:
+        return [], st.st_uid, st.st_gid, None
+    if st.st_uid != me:
+        return f"it belongs to uid {st.st_uid}, and only root can read another account's mail"
+    if me != 0:
+        return [], me, os.getegid(), {"user": pwd.getpwuid(me).pw_name, "group": grp.getgrgid(os.getegid()).gr_name}
+    try:
+        names = {"user": pwd.getpwuid(NOBODY).pw_name, "group": grp.getgrgid(NOBODY).gr_name}
+    except KeyError:
+        return f"this system has no uid/gid {NOBODY} (nobody) to run it as in a user namespace"
+    prefix = ["unshare", "--user", f"--map-user={NOBODY}", f"--map-group={NOBODY}", "--"]
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"a user namespace could not be made (unshare: {exc})"
+    if probe.returncode != 0:
+        return "a user namespace could not be made (unshare --user refused here)"
+    return prefix, NOBODY, NOBODY, names
+
+
 class LoopbackDovecot:
     """`dovecot -F -c FILE` on 127.0.0.1:PORT, its base_dir a private temp dir; one login: `user`
-    with `hashed` (bcrypt), reading `maildir` as the uid and gid that own it."""
+    with `hashed` (bcrypt), reading `maildir` as the account that owns it (`serving_plan`)."""
 
     def __init__(self, setup: MailSetup, user: str, hashed: str, maildir: Path):
         from mailsetup.opensmtpd import find_binary
@@ -43,7 +81,10 @@ class LoopbackDovecot:
         from mailsetup.dovecot import render_imap_users
         from mailsetup.render import render_dovecot_conf
 
-        st = self.maildir.stat()
+        how = serving_plan(self.maildir)
+        if isinstance(how, str):
+            raise MailsetupError(f"Dovecot cannot serve {self.maildir}: {how}", exit_code=1)
+        prefix, uid, gid, rootless = how
         self.work.chmod(0o755)  # Dovecot's login processes run unprivileged under base_dir
         users = self.work / "users"
         users.write_bytes(render_imap_users([_Cred(self.user, self.hashed)]))
@@ -52,8 +93,9 @@ class LoopbackDovecot:
         self.base = self.work / "run"
         self.base.mkdir(mode=0o755)
         conf.write_text(render_dovecot_conf(self.setup, self.port, loopback={
-            "base_dir": self.base, "users": users, "uid": st.st_uid, "gid": st.st_gid, "home": self.maildir.parent}))
-        self.proc = subprocess.Popen([self.binary, "-F", "-c", str(conf)], stdin=subprocess.DEVNULL,
+            "base_dir": self.base, "users": users, "uid": uid, "gid": gid, "home": self.maildir.parent,
+            "rootless": rootless}))
+        self.proc = subprocess.Popen([*prefix, self.binary, "-F", "-c", str(conf)], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         end = time.monotonic() + 15
         while time.monotonic() < end:

@@ -232,3 +232,51 @@ def test_init_json_reports_the_doveconf_verdict(tmp_path: Path):
     r = run_cli(*init_args(tmp_path / "root", "--imap", "dovecot", "--no-smoke", "--json"))
     assert r.code == 0, r.out + r.err
     assert json.loads(r.out)["dovecot_check"] == {"ran": True, "ok": True, "detail": "doveconf -n: dovecot.conf OK"}
+
+
+def _dovecots_running(conf_dir: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "dovecot" in line and conf_dir in line]
+
+
+@needs_dovecot
+def test_the_sandbox_smoke_on_the_embedded_mta_reads_the_message_back_over_imaps_as_root(tmp_path: Path):
+    """The demo's case: root provisions a sandbox, the embedded MTA writes a root-owned Maildir, and a
+    Dovecot run rootless in a user namespace (root is nobody there) serves that very Maildir."""
+    root = tmp_path / "root"
+    r = run_cli(*init_args(root, "--imap", "dovecot", "--no-smoke"))
+    assert r.code == 0, r.out + r.err
+    r = run_cli("smoke", "--root", root, "--json")
+    checks = {c["name"]: c for c in json.loads(r.out)}
+    assert r.code == 0, ([c for c in checks.values() if not c["ok"]], r.err)
+    detail = checks[IMAP_CHECK]["detail"]
+    assert checks[IMAP_CHECK]["ok"] and "shows it in alice's INBOX; a wrong password is refused" in detail
+    maildir = root / "home/alice/Maildir"
+    assert maildir.stat().st_uid == 0 and (maildir.stat().st_mode & 0o077) == 0  # still root's, private
+    indexes = list(maildir.glob("dovecot*"))
+    assert indexes and all(p.stat().st_uid == 0 for p in indexes)  # Dovecot read it as root, not as nobody
+    assert not _dovecots_running("mailsetup-dovecot-") and not list(Path("/tmp").glob("mailsetup-dovecot-*"))
+
+
+@pytest.mark.skipif(not (DOVECONF and IS_ROOT and shutil.which("runuser")),
+                    reason="needs Dovecot, root and runuser to become nobody")
+def test_a_normal_users_sandbox_smoke_reads_the_message_back_with_a_dovecot_of_their_own():
+    base = Path(tempfile.mkdtemp(prefix="mailsetup-nobody-imap-", dir="/tmp"))
+    base.chmod(0o777)
+    try:
+        proc = subprocess.run(
+            [shutil.which("runuser"), "-u", "nobody", "--", MAILSETUP, *map(str, init_args(base / "root", "--imap",
+                                                                                          "dovecot"))],
+            capture_output=True, text=True, timeout=120, cwd="/tmp", env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1"})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        line = next(x for x in proc.stdout.splitlines() if IMAP_CHECK in x)
+        assert line.lstrip().startswith("✓") and "shows it in alice's INBOX" in line, line
+        assert (base / "root/home/alice/Maildir").stat().st_uid == pwd_uid("nobody")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def pwd_uid(name: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(name).pw_uid
