@@ -333,6 +333,7 @@ def imap_users_change(setup: MailSetup, users: list) -> FileChange:
 def _plan_dovecot(setup: MailSetup, prov: Provisioning) -> None:
     """--imap dovecot: dovecot.conf from the same model (doveconf -n judges it once written)."""
     if setup.imap != "dovecot":
+        _plan_imap_off(setup, prov)
         return
     from mailsetup.render import render_dovecot_conf
 
@@ -340,6 +341,25 @@ def _plan_dovecot(setup: MailSetup, prov: Provisioning) -> None:
                              f"dovecot.conf (Dovecot {setup.dovecot_version[0]}.{setup.dovecot_version[1]}: "
                              "IMAPS on 993, LMTP for smtpd)"))
     _plan_autoconfig(setup, prov)
+
+
+def _plan_imap_off(setup: MailSetup, prov: Provisioning) -> None:
+    """IMAP turned off on a set-up whose last run served it: Dovecot's logins are emptied, so no one
+    keeps logging in with a password `mailsetup user remove` no longer reaches. dovecot.conf and the
+    autoconfig file are the admin's to retire with the service (named in a warning)."""
+    from mailsetup.answers import load_answers
+
+    users = Path(setup.layout.imap_users)
+    try:
+        if load_answers(Path(setup.layout.answers), ours=True).get("imap") != "dovecot" or not users.exists():
+            return
+    except MailsetupError:
+        return  # no last run (or one gather() already refused)
+    prov.plan.add(imap_users_change(setup, []))
+    prov.warnings.append(
+        f"IMAP is off: {users} is emptied, so no IMAP login works any more; stop Dovecot "
+        f"(systemctl disable --now dovecot) and remove {setup.layout.dovecot_conf} and "
+        f"{setup.layout.autoconfig_file} (which still offers IMAPS to mail clients)")
 
 
 def _plan_autoconfig(setup: MailSetup, prov: Provisioning) -> None:

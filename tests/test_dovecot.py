@@ -81,6 +81,27 @@ def test_a_sandbox_serves_no_imap_unless_asked(tmp_path: Path):
     assert 'imap = "none"' in (root / "etc/mailsetup/answers.toml").read_text()
 
 
+@needs_dovecot
+def test_turning_imap_off_empties_dovecots_logins_and_says_what_is_left(tmp_path: Path):
+    """A login removed later with `user remove` must not keep reading mail through a Dovecot that
+    mailsetup no longer feeds: switching to --imap none empties its logins at once."""
+    root = tmp_path / "root"
+    r = run_cli(*init_args(root, "--imap", "dovecot", "--user", "alice", "--password-stdin", "--no-smoke"),
+                input=PASSWORD + "\n")
+    assert r.code == 0, r.out + r.err
+    users = root / "etc/dovecot/users"
+    assert "\nalice:{BLF-CRYPT}$2" in users.read_text()
+    r = run_cli(*init_args(root, "--imap", "none", "--no-smoke"))
+    assert r.code == 0, r.out + r.err
+    assert "alice" not in users.read_text() and (users.stat().st_mode & 0o777) == 0o640
+    assert "\nalice:" in next(users.parent.glob("users.*.bak")).read_text()  # a backup, as always
+    [warning] = [x for x in r.err.splitlines() if "IMAP is off" in x]
+    assert str(users) in warning and "autoconfig/mail/config-v1.1.xml" in warning and "dovecot.conf" in warning
+    assert "\nalice $2" in (root / "etc/mailsetup/credentials").read_text()  # submission keeps its logins
+    again = run_cli(*init_args(root, "--imap", "none", "--no-smoke"))
+    assert again.code == 0 and "IMAP is off" not in again.err
+
+
 def test_a_bad_imap_value_is_one_line_naming_the_flag(tmp_path: Path):
     r = run_cli(*init_args(tmp_path / "root", "--imap", "courier", "--no-smoke"))
     assert r.code == 2
