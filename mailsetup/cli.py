@@ -55,13 +55,34 @@ def init(domain: o.Domain = None, hostname: o.Hostname = None, os_name: o.OsName
          acme_server: o.AcmeServer = None, acme_email: o.AcmeEmail = None, webroot: o.Webroot = None,
          http_01_port: o.Http01Port = None, reload_command: o.ReloadCommand = None, relay_tls: o.RelayTls = None,
          backup_mx: o.BackupMx = None, backup_for: o.BackupFor = None, imap: o.Imap = None,
-         dovecot_version: o.DovecotVersion = None, debug: o.Debug = False) -> None:
+         dovecot_version: o.DovecotVersion = None, import_conf: o.ImportConf = None, debug: o.Debug = False) -> None:
     """Provision everything (certificate, queue key, aliases, smtpd.conf), check it, smoke-test it.
 
     On a terminal it asks what no flag gave; a re-run shows the state and offers rotation."""
     from mailsetup.initflow import run_from_options
 
     code = run_from_options(dict(locals()))  # every option by its name: initflow sorts answers from the rest
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("import")
+def import_cmd(conf: o.ImportFile = None, root: o.Root = None, os_name: o.OsName = None, domain: o.Domain = None,
+               hostname: o.Hostname = None, admin: o.Admin = None, user: o.FirstUser = None,
+               password_stdin: o.PasswordStdin = False, yes: o.Yes = False, dry_run: o.DryRun = False,
+               diff: o.Diff = False, smoke_flag: o.Smoke = None, quiet: o.Quiet = False, as_json: o.InitJson = False,
+               no_preflight: o.NoPreflight = False, debug: o.Debug = False) -> None:
+    """Adopt an existing smtpd.conf (6.3's grammar, the tutorial's, or 6.4's and later): what it means
+    becomes the answers of `init`, which plans, diffs, checks with smtpd -n, writes with backups, smoke-tests."""
+    import inspect
+
+    from mailsetup.initflow import default_conf, run_from_options
+
+    given = dict(locals())
+    options = {name: p.default for name, p in inspect.signature(init).parameters.items()}
+    options.update({k: v for k, v in given.items() if k in options})
+    options["import_conf"] = conf or default_conf(root, os_name)
+    code = run_from_options(options)
     if code:
         raise typer.Exit(code)
 

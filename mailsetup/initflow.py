@@ -34,6 +34,7 @@ class InitOptions:
     quiet: bool = False
     as_json: bool = False
     answers_file: Path | None = None
+    import_conf: Path | None = None  # `mailsetup import` / --import: an smtpd.conf read as the answers file layer
     password_stdin: bool = False
     preflight: bool = True  # on a real host, before writing: what the internet will make of it
     preflight_with: Any = None  # preflight.PreflightOptions (--ip, --nameserver, --probe, --dnsbl); None: defaults
@@ -87,6 +88,7 @@ class Run:
     rotate_qk: bool = False
     new_user: tuple[str, str] | None = None  # (name, bcrypt hash): beside the model, never recorded
     version_note: str | None = None
+    imported: Any = None  # importconf.Imported, for `mailsetup import`
     drain_first: bool = False
     stranded: list = field(default_factory=list)
     prov: Any = None
@@ -105,6 +107,12 @@ def gather(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]) -
     if opts.answers_file and not opts.answers_file.is_file():
         raise MailsetupError(f"--answers: {opts.answers_file}: no such file")
     from_file = answers_mod.load_answers(opts.answers_file) if opts.answers_file else {}
+    if previous is None and opts.import_conf is None:
+        _offer_import(root, flags.get("os"), opts)
+    if opts.import_conf is not None:
+        if opts.answers_file:
+            raise MailsetupError("--answers: import reads its answers from the smtpd.conf; give the rest as flags")
+        from_file = imported_config(opts.import_conf, root, flags.get("os")).answers
     answers = Answers(flags=flags, file=from_file, last_run=previous, detected=detected)
     if previous is None:  # a new set-up signs with DKIM when it can; an existing one keeps its choice
         answers.layers["detected"]["dkim"] = can_sign(answers)
@@ -112,6 +120,47 @@ def gather(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any]) -
     if "dovecot_version" in answers.layers["detected"]:  # the installed Dovecot's grammar beats a recorded one
         answers.layers["last run"].pop("dovecot_version", None)
     return answers, bool(previous)
+
+
+def imported_config(path: Path, root: Path | None, os_name: str | None) -> Any:
+    """The smtpd.conf `mailsetup import` reads (read once per run: its queue key rides beside the answers)."""
+    from mailsetup import importconf
+    from mailsetup.platforms import detect_os, get_layout
+
+    layout = get_layout(os_name or detect_os() or "debian")
+    key = (str(path), str(root), os_name)
+    if key not in _IMPORTED:
+        _IMPORTED[key] = importconf.read_config(path, layout.name, layout.default_listen)
+    return _IMPORTED[key]
+
+
+_IMPORTED: dict[tuple, Any] = {}
+
+
+def _offer_import(root: Path | None, os_name: str | None, opts: InitOptions) -> None:
+    """A first run where an smtpd.conf mailsetup did not write already is: on a terminal, offer to
+    import it (its meaning carried over) rather than replace it; unattended, stop and say how."""
+    from mailsetup.importconf import foreign_conf
+
+    found = foreign_conf(default_conf(root, os_name), sandbox=root is not None)
+    if found is None:
+        return
+    if opts.interactive and not opts.yes and not opts.as_json:
+        from mailsetup import wizard
+
+        if wizard.confirm(f"{found} was not written by mailsetup. Import it (its domain, listeners, certificate, "
+                          "queue and aliases carried over) instead of replacing it?", default=True):
+            opts.import_conf = found
+        return
+    raise MailsetupError(f"{found}: an smtpd.conf mailsetup did not write is here; `mailsetup import` adopts it",
+                         hint="or move it aside to start afresh (replacing it would not carry its meaning over)")
+
+
+def default_conf(root: Path | None, os_name: str | None) -> Path:
+    """The smtpd.conf of the OS layout (under --root in a sandbox): what `mailsetup import` adopts by default."""
+    from mailsetup.platforms import detect_os, get_layout, sandboxed
+
+    return Path(sandboxed(get_layout(os_name or detect_os() or "debian"), root and root.absolute()).smtpd_conf)
 
 
 def run_from_options(options: dict[str, Any]) -> int:
@@ -127,7 +176,8 @@ def run_from_options(options: dict[str, Any]) -> int:
         force_rotate=p.pop("force_rotate"), quiet=p.pop("quiet"), as_json=p.pop("as_json"),
         rotate_dkim=p.pop("rotate_dkim"), force_dkim_switch=p.pop("force_dkim_switch"),
         nameserver=p.get("nameserver"),  # also the preflight's, taken next
-        answers_file=p.pop("answers"), password_stdin=p.pop("password_stdin"), preflight=not p.pop("no_preflight"),
+        answers_file=p.pop("answers"), import_conf=p.pop("import_conf", None),
+        password_stdin=p.pop("password_stdin"), preflight=not p.pop("no_preflight"),
         preflight_with=_preflight_options(p),
     )
     p["os"], p["smoke"] = p.pop("os_name"), p.pop("smoke_flag")
@@ -201,6 +251,11 @@ def resolve(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any], 
     from mailsetup.model import build_setup
 
     answers, rerun = gather(flags, opts, detected)
+    imported = None
+    if opts.import_conf is not None:
+        root = Path(flags["root"]) if flags.get("root") else None
+        imported = imported_config(opts.import_conf, root, flags.get("os"))
+        _say_imported(imported, out)
     version_note = answers.installed_version_wins()
     check_given(answers)  # before anything is asked: a bad flag or file value is not asked around
     interactive = opts.interactive and not opts.yes and not opts.as_json
@@ -218,9 +273,21 @@ def resolve(flags: dict[str, Any], opts: InitOptions, detected: dict[str, Any], 
     else:
         require_answers(answers)
     run = Run(setup=setup or build_setup(answers, answers.where), interactive=interactive, rotate_cert=rotate[0],
-              rotate_qk=rotate[1], version_note=version_note)
+              rotate_qk=rotate[1], version_note=version_note, imported=imported)
     run.new_user = _first_user(run, password, opts, out)
     return run
+
+
+def _say_imported(imported: Any, out: Out) -> None:
+    """What import understood, what it leaves behind (file:line each), and any open relay it refused."""
+    out.report["import"] = imported.as_dict()
+    out.say(f"Imported {imported.path} (OpenSMTPD {imported.grammar} grammar):")
+    for f in imported.understood:
+        out.say(f"  ✓ {f}")
+    for f in imported.dropped:
+        out.say(f"  - {f}")
+    for f in imported.open_relays:
+        out.warn(f"{f}")
 
 
 def _ask_rerun(setup: MailSetup, answers: Answers, rotate: tuple[bool, bool],
@@ -268,7 +335,8 @@ def plan(run: Run, opts: InitOptions, out: Out) -> None:
     switch = _dkim_switch(setup, opts, out)
     with out.working("generating keys…"):
         prov = provision.build_plan(setup, rotate_cert=run.rotate_cert, rotate_queue_key=run.rotate_qk,
-                                    new_user=run.new_user, rotate_dkim=opts.rotate_dkim, dkim_switch=switch)
+                                    new_user=run.new_user, rotate_dkim=opts.rotate_dkim, dkim_switch=switch,
+                                    queue_key=run.imported.queue_key if run.imported else None)
     if run.version_note:
         prov.notes.insert(0, run.version_note)
     out.report["files"] = prov.files_report()

@@ -100,6 +100,10 @@ Smoke = Annotated[bool | None, _opt("--smoke/--no-smoke", help="Run the smoke te
 # --- how init runs ------------------------------------------------------------------------------------
 PasswordStdin = Annotated[bool, _opt("--password-stdin", help="--user's password on stdin")]
 AnswersPath = Annotated[Path | None, _opt("--answers", help="A TOML answers file (keys = flag names).")]
+ImportConf = Annotated[Path | None, _opt("--import", metavar="SMTPD_CONF",
+                                         help="Start from an existing smtpd.conf (any grammar): `mailsetup import`.")]
+ImportFile = Annotated[Path | None, typer.Argument(help="The smtpd.conf to adopt (default: the OS layout's).",
+                                                   show_default=False)]
 Rotate = Annotated[bool, _opt("--rotate", help="Rotate the certificate and the queue key.")]
 RotateCert = Annotated[bool, _opt("--rotate-cert", help="New key and certificate.")]
 RotateQueueKey = Annotated[bool, _opt("--rotate-queue-key", help="New queue encryption key.")]

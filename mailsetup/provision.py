@@ -150,7 +150,7 @@ def _plan_acme(setup: MailSetup, prov: Provisioning, rotate: bool) -> None:
                       "certbot renews it")
 
 
-def _plan_queue_key(setup: MailSetup, prov: Provisioning, rotate: bool) -> str | None:
+def _plan_queue_key(setup: MailSetup, prov: Provisioning, rotate: bool, imported: str | None = None) -> str | None:
     if not setup.queue.encryption:
         return None
     path = Path(setup.queue.key_file)
@@ -158,7 +158,9 @@ def _plan_queue_key(setup: MailSetup, prov: Provisioning, rotate: bool) -> str |
         key = queuekey.read_queue_key(path)
         prov.notes.append(f"kept the existing queue key {path}")
         return key
-    key = queuekey.generate_queue_key()
+    key = imported if imported and not rotate else queuekey.generate_queue_key()
+    if key == imported:
+        prov.notes.append(f"kept the imported smtpd.conf's queue key (now in {path})")
     prov.plan.add(
         FileChange(path, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE,
                    "queue encryption key (AES-256-GCM)" + (", rotated" if rotate and path.exists() else ""),
@@ -416,16 +418,17 @@ def _acme_answers(setup: MailSetup) -> dict:
 
 def build_plan(setup: MailSetup, rotate_cert: bool = False, rotate_queue_key: bool = False,
                new_user: tuple[str, str] | None = None, rotate_dkim: bool = False,
-               dkim_switch: bool = False) -> Provisioning:
+               dkim_switch: bool = False, queue_key: str | None = None) -> Provisioning:
     """Every file init would write, in memory. Nothing on disk changes.
 
-    `new_user` is (name, bcrypt hash) of a login to add.
+    `new_user` is (name, bcrypt hash) of a login to add; `queue_key` the key an imported smtpd.conf
+    used, kept where there is no queue key file yet (mail queued under it stays readable).
     """
     if setup.admin is not None and setup.root is None:  # before anything is generated or written
         validate_admin(setup.admin, real_host=True)  # smtpd delivers to a person's account only
     prov = Provisioning(setup=setup, plan=Plan(), aliases_format="db")
     _plan_tls(setup, prov, rotate_cert, key_type_chosen="key_type" in setup.answered)
-    queue_key = _plan_queue_key(setup, prov, rotate_queue_key)
+    queue_key = _plan_queue_key(setup, prov, rotate_queue_key, queue_key)
     _plan_aliases(setup, prov, setup.admin)
     _plan_credentials(setup, prov, new_user)
     _plan_dkim(setup, prov, rotate_dkim, dkim_switch)
