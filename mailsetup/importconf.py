@@ -80,7 +80,7 @@ def lex(text: str, name: str) -> list[list[Word]]:
     quotes taken off. A quote left open, a stray brace or an over-long word is one error naming the line."""
     statements: list[list[Word]] = []
     words: list[Word] = []
-    depth, i, n, line = 0, 0, len(text), 1
+    depth, i, n, line, opened = 0, 0, len(text), 1, 1
     while i < n:
         c = text[i]
         if c == "\\" and text.startswith("\n", i + 1):
@@ -100,6 +100,7 @@ def lex(text: str, name: str) -> list[list[Word]]:
             words.append(word)
         elif c in "{}=,":
             depth += {"{": 1, "}": -1}.get(c, 0)
+            opened = line if c == "{" and depth == 1 else opened
             if depth < 0:
                 raise MailsetupError(f"{name}:{line}: a '}}' closes nothing")
             words.append(Word(c, line))
@@ -112,7 +113,7 @@ def lex(text: str, name: str) -> list[list[Word]]:
             words.append(Word(text[i:j], line))
             i = j
     if depth:
-        raise MailsetupError(f"{name}:{line}: a '{{' is never closed")
+        raise MailsetupError(f"{name}:{opened}: a '{{' is never closed")
     if words:
         statements.append(words)
     return statements
@@ -409,6 +410,8 @@ class _Reader:
     # what it all means ---------------------------------------------------------------------------
 
     def settle(self) -> None:
+        for key in ("queue_compression", "queue_encryption"):  # absent: off, as smtpd had it
+            self.result.answers.setdefault(key, False)
         self.settle_rules()
         self.settle_listeners()
         self.settle_tls()

@@ -1,0 +1,222 @@
+"""`mailsetup import`: an smtpd.conf mailsetup did not write — the tutorial's own (6.3's grammar), the
+examples OpenSMTPD shipped from 5.4 to 7.x, hostile files — read into init's answers, re-rendered in
+today's grammar and judged by the real smtpd, or refused in one line naming file:line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import IS_ROOT, SMTPD, run_cli, tree
+
+DATA = Path(__file__).parent / "data"
+TUTORIAL = DATA / "tutorial-smtpd.conf"  # verbatim from the tutorial (basic-smtp-email-server.md)
+EXAMPLES = DATA / "opensmtpd-examples"
+needs_smtpd = pytest.mark.skipif(not (SMTPD and IS_ROOT), reason="needs OpenSMTPD and root")
+
+
+def import_args(conf: Path, root: Path, *extra: object) -> list[object]:
+    return ["import", conf, "--root", root, "--os", "debian", "--yes", *extra]
+
+
+def imported(conf: Path, root: Path, *extra: object) -> tuple[dict, object]:
+    r = run_cli(*import_args(conf, root, "--json", *extra))
+    assert r.code == 0, r.out + r.err
+    return json.loads(r.out), r
+
+
+def conf_lines(root: Path) -> list[str]:
+    return [x for x in (root / "etc/smtpd.conf").read_text().splitlines() if x and not x.startswith("#")]
+
+
+def smtpd_accepts(conf: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([SMTPD, "-n", "-f", str(conf)], capture_output=True, text=True, timeout=30)
+
+
+def test_the_tutorials_config_comes_out_in_todays_grammar_with_the_same_meaning(tmp_path: Path):
+    root = tmp_path / "root"
+    report, _ = imported(TUTORIAL, root, "--admin", "alice")
+    imp = report["import"]
+    assert imp["grammar"] == "6.3 and older"
+    where = str(TUTORIAL)
+    assert [f.split(": ", 1)[0] for f in imp["understood"]] == [f"{where}:{n}" for n in (3, 6, 7, 8, 12, 13)]
+    # What cannot come over says so, with its line: the certificate files are not on this machine, the
+    # key is the tutorial's placeholder, and /etc/mail/aliases is not Debian's.
+    assert [f.split(": ", 1)[0] for f in imp["not_carried_over"]] == [f"{where}:{n}" for n in (1, 4, 10)]
+    assert "YourKeyHere" not in json.dumps(report)  # a queue key is never printed, even a placeholder
+    assert imp["open_relays"] == []  # `accept for any relay` is from local (and authenticated) senders only
+    lines = conf_lines(root)
+    assert "queue compression" in lines and any(re.fullmatch(r"queue encryption [0-9a-f]{32}", x) for x in lines)
+    assert any(x.startswith("listen on 0.0.0.0 port 25 tls pki ehouse.io auth-optional <creds>") for x in lines)
+    assert any(x.startswith("listen on 0.0.0.0 port 587 tls-require pki ehouse.io auth <creds>") for x in lines)
+    assert 'match from any for domain "ehouse.io" action "local_mail"' in lines
+    assert 'match from local for any action "outbound"' in lines
+    assert 'match auth from any for any action "outbound"' in lines
+    assert not any(x.startswith(("accept", "deliver")) or " certificate " in x for x in lines)
+    if SMTPD and IS_ROOT:
+        assert report["smtpd_check"] == {"ran": True, "ok": True, "detail": "configuration OK"}
+    assert report["smoke"] and all(c["ok"] for c in report["smoke"]), report["smoke"]
+
+
+@needs_smtpd
+def test_the_tutorials_config_imported_passes_the_smoke_test_on_the_real_smtpd():
+    base = Path(tempfile.mkdtemp(prefix="mailsetup-import-", dir="/tmp"))
+    base.chmod(0o755)  # smtpd's unprivileged processes must reach aliases.db
+    try:
+        root = base / "root"
+        r = run_cli(*import_args(TUTORIAL, root, "--admin", "alice", "--no-smoke"))
+        assert r.code == 0, r.out + r.err
+        assert smtpd_accepts(root / "etc/smtpd.conf").returncode == 0
+        r = run_cli("smoke", "--root", root, "--engine", "opensmtpd", "--json")
+        checks = json.loads(r.out)
+        assert r.code == 0 and all(c["ok"] for c in checks), ([c for c in checks if not c["ok"]], r.err)
+        # smtpd itself refuses the tutorial's file as it was: that is why import exists.
+        assert smtpd_accepts(TUTORIAL).returncode != 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_legacy_config_whose_files_exist_keeps_its_certificate_aliases_and_queue_key(tmp_path: Path):
+    old = tmp_path / "old"
+    old.mkdir()
+    assert run_cli("cert", "--hostname", "mail.example.org", "--out-cert", old / "mail.crt",
+                   "--out-key", old / "mail.key").code == 0
+    (old / "aliases").write_text("postmaster: root\nroot: carol\nsales: carol, dave\n")
+    key = "0123456789abcdef0123456789abcdef"
+    conf = old / "smtpd.conf"
+    conf.write_text(f"""# hand-written, 2016
+nic = "eth0"
+pki mail.example.org certificate "{old}/mail.crt"
+pki mail.example.org key "{old}/mail.key"
+queue encryption key {key}
+max-message-size 50M
+listen on $nic port 25 tls pki mail.example.org hostname mail.example.org
+listen on $nic port 587 tls-require pki mail.example.org auth
+table aliases db:{old}/aliases.db
+accept from any for domain "example.org" alias <aliases> deliver to maildir
+accept for any relay tls verify
+""")
+    root = tmp_path / "root"
+    report, _ = imported(conf, root, "--no-smoke")
+    assert report["import"]["not_carried_over"] == [] and report["import"]["queue_key_kept"] is True
+    answers = (root / "etc/mailsetup/answers.toml").read_text()
+    for line in ('domain = "example.org"', 'hostname = "mail.example.org"', 'tls = "existing"',
+                 f'cert = "{old}/mail.crt"', 'listen = ["eth0"]', "max_message_size = 52428800",
+                 'relay_tls = "verify"', "queue_compression = false"):
+        assert line in answers, (line, answers)
+    lines = conf_lines(root)
+    assert f"queue encryption {key}" in lines  # mail queued under the old key stays readable
+    assert f'pki mail.example.org cert "{old}/mail.crt"' in lines
+    assert "sales: carol, dave" in (root / "etc/aliases").read_text()
+    assert any(x.startswith('action "outbound" relay tls') for x in lines)
+
+
+@pytest.mark.parametrize("rule", [
+    "accept from any for any relay",  # 6.3 and older
+    'action "out" relay\nmatch from any for any action "out"',  # 6.4+
+])
+def test_an_open_relay_is_reported_with_its_line_and_never_carried_over(tmp_path: Path, rule: str):
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text(f"listen on 0.0.0.0\n{rule}\n")
+    report, r = imported(conf, tmp_path / "root", "--domain", "example.test", "--admin", "alice")
+    [relay] = report["import"]["open_relays"]
+    line = rule.count("\n") + 2
+    assert relay.startswith(f"{conf}:{line}: ") and "open relay" in relay
+    assert any(relay in w for w in report["warnings"])
+    assert "match from any for any" not in (tmp_path / "root/etc/smtpd.conf").read_text()
+    refused = next(c for c in report["smoke"] if c["name"] == "unauthenticated relay refused")
+    assert refused["ok"], refused
+
+
+# The example configurations OpenSMTPD shipped (tests/data/opensmtpd-examples/README.md says where each
+# came from). The table-backend settings files (ldap, sqlite, redis) are not smtpd.conf at all.
+SMTPD_CONFIGS = ["5.4.1p1-smtpd.conf", "6.4.0p1-smtpd.conf", "6.6.0p1-certificate_test-smtpd.conf",
+                 "6.6.3p1-smtpd.conf", "7.3.0p0-smtpd.conf"]
+NOT_SMTPD_CONF = ["5.4-ldap.conf", "5.4-sqlite.conf", "5.4.1-sqlite.conf", "5.4.2-redis.conf"]
+
+
+def test_the_corpus_is_what_the_lists_below_say():
+    assert sorted(p.name for p in EXAMPLES.glob("*.conf")) == sorted(SMTPD_CONFIGS + NOT_SMTPD_CONF)
+
+
+@pytest.mark.parametrize("name", SMTPD_CONFIGS)
+def test_each_example_smtpd_conf_opensmtpd_shipped_imports_to_one_smtpd_accepts(tmp_path: Path, name: str):
+    root = tmp_path / "root"
+    report, _ = imported(EXAMPLES / name, root, "--domain", "example.test", "--admin", "alice", "--no-smoke")
+    assert report["import"]["understood"], report["import"]
+    if SMTPD and IS_ROOT:
+        assert report["smtpd_check"]["ok"], report["smtpd_check"]
+        assert smtpd_accepts(root / "etc/smtpd.conf").returncode == 0
+
+
+@pytest.mark.parametrize("name", NOT_SMTPD_CONF)
+def test_a_table_backends_settings_file_is_refused_in_one_line(tmp_path: Path, name: str):
+    root = tmp_path / "root"
+    r = run_cli(*import_args(EXAMPLES / name, root, "--domain", "example.test", "--admin", "alice"))
+    assert r.code != 0
+    first = r.err.splitlines()[0]
+    assert re.fullmatch(rf"mailsetup: error: {re.escape(str(EXAMPLES / name))}:\d+: not an smtpd.conf statement .*",
+                        first), first
+    assert not root.exists() or not any(p.is_file() for p in root.rglob("*")), tree(root)
+    if SMTPD and IS_ROOT:
+        assert smtpd_accepts(EXAMPLES / name).returncode != 0  # smtpd says no too
+
+
+HOSTILE = [
+    # (name, bytes, the error after FILE:, smtpd refuses it as well)
+    ("unterminated quote", b'pki mail.example.test cert "/etc/ssl/a.crt\nlisten on lo\n',
+     r"1: a quoted string is not closed on its line", True),
+    ("include", b'listen on lo\ninclude "/etc/shadow"\n', r"2: include: import reads one file; .*", False),
+    ("undefined macro", b"listen on $nic\n", r"1: a \$macro that is not defined above .*", True),
+    ("a 1 MB line", b"listen on " + b"a" * 1_000_000 + b"\n", r"1: a word of more than 8,000 characters .*", True),
+    ("a NUL byte", b"listen on lo\nlisten on lo\0\n", r"2: a NUL byte: not a config file", True),
+    ("not UTF-8", b"listen on lo\n# caf\xe9\n", r"2: not UTF-8 text", False),
+    ("a stray brace", b"listen on lo\n}\n", r"2: a '}' closes nothing", True),
+    ("an unclosed brace", b"table t {\n", r"1: a '\{' is never closed", True),
+    ("a line injected through a quoted domain",
+     b'accept from any for domain "evil.test\nmatch from any for any action relay" deliver to maildir\n',
+     r"1: a quoted string is not closed on its line", True),
+    ("a domain with a space", b'accept from any for domain "a b.test" deliver to maildir\n',
+     r"1: --domain: .*", False),
+    ("someone else's secrets", b"root:$6$c2VjcmV0c2FsdA$hashhashhash:19000:0:99999:7:::\n",
+     r"1: not an smtpd.conf statement .*", True),
+]
+
+
+@pytest.mark.parametrize("name,data,error,smtpd_too", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_a_hostile_file_is_refused_in_one_line_naming_file_and_line(tmp_path: Path, name, data, error, smtpd_too):
+    conf = tmp_path / "smtpd.conf"
+    conf.write_bytes(data)
+    root = tmp_path / "root"
+    r = run_cli(*import_args(conf, root, "--admin", "alice"))
+    assert r.code != 0 and "Traceback" not in r.err
+    first = r.err.splitlines()[0]
+    assert re.fullmatch(rf"mailsetup: error: {re.escape(str(conf))}:{error}", first), first
+    assert "hashhashhash" not in r.out + r.err and "aaaaaaaaaa" not in r.err  # nothing of the file echoed
+    assert not root.exists() or not any(p.is_file() for p in root.rglob("*")), tree(root)
+    if smtpd_too and SMTPD and IS_ROOT:
+        assert smtpd_accepts(conf).returncode != 0
+
+
+def test_a_first_init_over_a_config_mailsetup_did_not_write_offers_import_and_changes_nothing(tmp_path: Path):
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    foreign = root / "etc/smtpd.conf"
+    shutil.copy(TUTORIAL, foreign)
+    r = run_cli("init", "--yes", "--domain", "example.test", "--os", "debian", "--root", root, "--admin", "alice")
+    assert r.code == 2
+    assert r.err.splitlines()[0] == (f"mailsetup: error: {foreign}: an smtpd.conf mailsetup did not write is here; "
+                                     "`mailsetup import` adopts it")
+    assert foreign.read_bytes() == TUTORIAL.read_bytes() and [p.name for p in root.rglob("*") if p.is_file()] == [
+        "smtpd.conf"]
+    # `import` with no file adopts that one
+    r = run_cli("import", "--root", root, "--os", "debian", "--yes", "--admin", "alice", "--no-smoke")
+    assert r.code == 0, r.out + r.err
+    assert f"Imported {foreign} (OpenSMTPD 6.3 and older grammar):" in r.out
+    assert next((root / "etc").glob("smtpd.conf.*.bak")).read_bytes() == TUTORIAL.read_bytes()  # the old one kept
+    assert run_cli("init", "--yes", "--root", root, "--os", "debian", "--no-smoke").code == 0  # ours now
