@@ -76,7 +76,8 @@ def import_cmd(conf: o.ImportFile = None, root: o.Root = None, os_name: o.OsName
     becomes the answers of `init`, which plans, diffs, checks with smtpd -n, writes with backups, smoke-tests."""
     import inspect
 
-    from mailsetup.initflow import default_conf, run_from_options
+    from mailsetup.importconf import default_conf
+    from mailsetup.initflow import run_from_options
 
     given = dict(locals())
     options = {name: p.default for name, p in inspect.signature(init).parameters.items()}

@@ -66,11 +66,13 @@ class Imported:
     dropped: list[Found] = field(default_factory=list)  # not carried over, each with why
     open_relays: list[Found] = field(default_factory=list)
     queue_key: str | None = None  # a secret: never printed, never in the answers
+    logins: list = field(default_factory=list)  # credentials.Credential of the auth table (hashes: secret)
 
     def as_dict(self) -> dict:
         return {"file": str(self.path), "grammar": self.grammar, "answers": dict(self.answers),
                 "understood": [str(f) for f in self.understood], "not_carried_over": [str(f) for f in self.dropped],
-                "open_relays": [str(f) for f in self.open_relays], "queue_key_kept": self.queue_key is not None}
+                "open_relays": [str(f) for f in self.open_relays], "queue_key_kept": self.queue_key is not None,
+                "logins": [c.user for c in self.logins]}
 
 
 # --- words and statements, as smtpd's lexer makes them ------------------------------------------------
@@ -204,6 +206,7 @@ class _Reader:
         self.result = Imported(path, "", ImportedAnswers(path))
         self.pki: dict[str, dict[str, tuple[str, int]]] = {}
         self.tables: dict[str, tuple[list[str], int]] = {}
+        self.inline: set[str] = set()
         self.listeners: list[list[Word]] = []
         self.actions: dict[str, list[Word]] = {}
         self.rules: list[_Rule] = []
@@ -291,6 +294,8 @@ class _Reader:
             return
         values = [w.text for w in words[2:] if w.text not in ("{", "}", ",", "=")]
         self.tables[words[1].text] = (values, words[0].line)
+        if words[2].text == "{":
+            self.inline.add(words[1].text)
 
     def listen_stmt(self, words: list[Word]) -> None:
         self.listeners.append(words)
@@ -415,6 +420,28 @@ class _Reader:
         self.settle_rules()
         self.settle_listeners()
         self.settle_tls()
+        self.settle_logins()
+
+    def settle_logins(self) -> None:
+        """The listeners' auth table: its logins (user and crypt hash) carried over as they are."""
+        names = []
+        for words in self.listeners:
+            t = [w.text for w in words]
+            for i, word in enumerate(t[:-1]):
+                if word in ("auth", "auth-optional") and _table_name(t[i + 1]):
+                    names.append(_table_name(t[i + 1]))
+        for name in dict.fromkeys(names):
+            values, line = self.tables.get(name, ([], 0))
+            if not line:
+                self.drop(self.listeners[0][0].line, f"auth <{name}>: no such table above; no logins carried over")
+                continue
+            try:
+                logins = self._logins(name, values)
+            except MailsetupError as exc:
+                self.drop(line, f"table {name}: logins not carried over ({exc.message})")
+                continue
+            self.result.logins.extend(c for c in logins if c.user not in {x.user for x in self.result.logins})
+            self.ok(line, f"table {name}: {len(logins)} login(s) carried over with their password hashes")
 
     def settle_rules(self) -> None:
         ans, domains = self.result.answers, []
@@ -511,6 +538,20 @@ class _Reader:
                 self.drop(rule.line, "relay tls without verifying: becomes opportunistic TLS "
                                      "(--relay-tls opportunistic)")
 
+    def _logins(self, name: str, values: list[str]) -> list:
+        from mailsetup import credentials
+
+        if name in self.inline:  # { "user" = "hash", … }
+            text = "".join(f"{u} {h}\n" for u, h in zip(values[::2], values[1::2], strict=False))
+            return credentials.parse_credentials(text, f"table {name}")
+        kind, sep, rest = values[0].partition(":") if len(values) == 1 else ("", "", "")
+        path = rest if kind == "file" else (values[0] if values and not sep else "")
+        if not path.startswith("/"):
+            raise MailsetupError("not a file mailsetup can read logins from")
+        if not Path(path).exists():
+            raise MailsetupError(f"{path} is not there")
+        return credentials.read_credentials(Path(path))
+
     def settle_listeners(self) -> None:
         ans = self.result.answers
         addresses: list[str] = []
@@ -572,6 +613,7 @@ class _Reader:
         else:
             missing = next((p for p, _ in (cert or ("", 0), key or ("", 0)) if not p or not Path(p).is_file()), "")
             line = (cert or key or ("", 1))[1]
+            ans.set("tls", "self-signed", line)
             self.drop(line, f"pki {name}: {missing or 'a file'} is not there; a new self-signed certificate is made")
         for extra in names[1:]:
             line = self.pki.get(extra, {}).get("cert", ("", 1))[1]
@@ -633,3 +675,10 @@ def _packaged_sums(path: Path) -> set[str]:
         return set()
     return {parts[1] for parts in (line.split() for line in out.splitlines())
             if len(parts) >= 2 and parts[0] == str(path)}
+
+
+def default_conf(root: Path | None, os_name: str | None) -> Path:
+    """The smtpd.conf of the OS layout (under --root in a sandbox): what `mailsetup import` adopts by default."""
+    from mailsetup.platforms import detect_os, get_layout, sandboxed
+
+    return Path(sandboxed(get_layout(os_name or detect_os() or "debian"), root and root.absolute()).smtpd_conf)

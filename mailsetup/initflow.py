@@ -140,7 +140,7 @@ _IMPORTED: dict[tuple, Any] = {}
 def _offer_import(root: Path | None, os_name: str | None, opts: InitOptions) -> None:
     """A first run where an smtpd.conf mailsetup did not write already is: on a terminal, offer to
     import it (its meaning carried over) rather than replace it; unattended, stop and say how."""
-    from mailsetup.importconf import foreign_conf
+    from mailsetup.importconf import default_conf, foreign_conf
 
     found = foreign_conf(default_conf(root, os_name), sandbox=root is not None)
     if found is None:
@@ -154,13 +154,6 @@ def _offer_import(root: Path | None, os_name: str | None, opts: InitOptions) -> 
         return
     raise MailsetupError(f"{found}: an smtpd.conf mailsetup did not write is here; `mailsetup import` adopts it",
                          hint="or move it aside to start afresh (replacing it would not carry its meaning over)")
-
-
-def default_conf(root: Path | None, os_name: str | None) -> Path:
-    """The smtpd.conf of the OS layout (under --root in a sandbox): what `mailsetup import` adopts by default."""
-    from mailsetup.platforms import detect_os, get_layout, sandboxed
-
-    return Path(sandboxed(get_layout(os_name or detect_os() or "debian"), root and root.absolute()).smtpd_conf)
 
 
 def run_from_options(options: dict[str, Any]) -> int:
@@ -336,7 +329,8 @@ def plan(run: Run, opts: InitOptions, out: Out) -> None:
     with out.working("generating keys…"):
         prov = provision.build_plan(setup, rotate_cert=run.rotate_cert, rotate_queue_key=run.rotate_qk,
                                     new_user=run.new_user, rotate_dkim=opts.rotate_dkim, dkim_switch=switch,
-                                    queue_key=run.imported.queue_key if run.imported else None)
+                                    queue_key=run.imported.queue_key if run.imported else None,
+                                    logins=run.imported.logins if run.imported else None)
     if run.version_note:
         prov.notes.insert(0, run.version_note)
     out.report["files"] = prov.files_report()

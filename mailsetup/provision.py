@@ -302,17 +302,24 @@ def _plan_aliases(setup: MailSetup, prov: Provisioning, admin: str | None) -> No
                              same_meaning=lambda path: aliases_mod.read_aliases_db(path) == wanted))
 
 
-def _plan_credentials(setup: MailSetup, prov: Provisioning, new_user: tuple[str, str] | None) -> None:
+def _plan_credentials(setup: MailSetup, prov: Provisioning, new_user: tuple[str, str] | None,
+                      imported: list | None = None) -> None:
     """The credentials table: created empty on first run (smtpd -n needs the file), plus a first user.
-    A re-run keeps its users and gives it the owner and mode smtpd needs to re-read it."""
+    A re-run keeps its users and gives it the owner and mode smtpd needs to re-read it. `imported`:
+    the logins of an imported smtpd.conf's auth table, added with their hashes where the name is new."""
     path = Path(setup.layout.credentials)
     users = credentials.read_credentials(path)
     content = credentials.render_credentials(users)
-    if new_user is None:
+    added = [c for c in imported or [] if c.user not in {u.user for u in users}]
+    if added:
+        users = users + added
+        content = credentials.render_credentials(users)
+        prov.notes.append(f"carried over {len(added)} login(s) from the imported auth table")
+    if new_user is None and not added:
         if path.exists():
             prov.notes.append(f"{len(users)} mail user(s) in {path}")
             content = path.read_bytes()  # as it is, comments and all: only its owner and mode may change
-    else:
+    elif new_user is not None:
         users = credentials.with_user(users, *new_user)
         content = credentials.render_credentials(users)
     mode, owner = credentials.table_access(setup.layout.smtpd_user)
@@ -418,7 +425,8 @@ def _acme_answers(setup: MailSetup) -> dict:
 
 def build_plan(setup: MailSetup, rotate_cert: bool = False, rotate_queue_key: bool = False,
                new_user: tuple[str, str] | None = None, rotate_dkim: bool = False,
-               dkim_switch: bool = False, queue_key: str | None = None) -> Provisioning:
+               dkim_switch: bool = False, queue_key: str | None = None,
+               logins: list | None = None) -> Provisioning:
     """Every file init would write, in memory. Nothing on disk changes.
 
     `new_user` is (name, bcrypt hash) of a login to add; `queue_key` the key an imported smtpd.conf
@@ -430,7 +438,7 @@ def build_plan(setup: MailSetup, rotate_cert: bool = False, rotate_queue_key: bo
     _plan_tls(setup, prov, rotate_cert, key_type_chosen="key_type" in setup.answered)
     queue_key = _plan_queue_key(setup, prov, rotate_queue_key, queue_key)
     _plan_aliases(setup, prov, setup.admin)
-    _plan_credentials(setup, prov, new_user)
+    _plan_credentials(setup, prov, new_user, logins)
     _plan_dkim(setup, prov, rotate_dkim, dkim_switch)
     _plan_mta_sts(setup, prov)
     _plan_dovecot(setup, prov)

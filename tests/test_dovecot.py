@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -276,7 +277,11 @@ def test_the_sandbox_smoke_on_the_embedded_mta_reads_the_message_back_over_imaps
     assert maildir.stat().st_uid == 0 and (maildir.stat().st_mode & 0o077) == 0  # still root's, private
     indexes = list(maildir.glob("dovecot*"))
     assert indexes and all(p.stat().st_uid == 0 for p in indexes)  # Dovecot read it as root, not as nobody
-    assert not _dovecots_running("mailsetup-dovecot-") and not list(Path("/tmp").glob("mailsetup-dovecot-*"))
+    port = int(re.search(r"Dovecot on 127\.0\.0\.1:(\d+)", detail).group(1))
+    with pytest.raises(OSError):  # its Dovecot is stopped (other tests may run their own meanwhile)
+        socket.create_connection(("127.0.0.1", port), 2).close()
+    conf_dirs = [re.search(r"-c (\S+)/dovecot\.conf", x) for x in _dovecots_running("mailsetup-dovecot-")]
+    assert all(m and Path(m.group(1)).is_dir() for m in conf_dirs)  # none left behind without its folder
 
 
 @pytest.mark.skipif(not (DOVECONF and IS_ROOT and shutil.which("runuser")),

@@ -220,3 +220,30 @@ def test_a_first_init_over_a_config_mailsetup_did_not_write_offers_import_and_ch
     assert f"Imported {foreign} (OpenSMTPD 6.3 and older grammar):" in r.out
     assert next((root / "etc").glob("smtpd.conf.*.bak")).read_bytes() == TUTORIAL.read_bytes()  # the old one kept
     assert run_cli("init", "--yes", "--root", root, "--os", "debian", "--no-smoke").code == 0  # ours now
+
+
+def test_the_logins_of_the_auth_table_come_over_with_their_hashes(tmp_path: Path):
+    donor = tmp_path / "donor"
+    r = run_cli("init", "--yes", "--domain", "example.org", "--os", "debian", "--root", donor, "--admin", "carol",
+                "--user", "carol", "--password-stdin", "--no-smoke", input="Secr3t-pass-x\n")
+    assert r.code == 0, r.out + r.err
+    creds = tmp_path / "creds"
+    shutil.copy(donor / "etc/mailsetup/credentials", creds)
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text(f"""table creds file:{creds}
+table aliases file:/nonexistent/aliases
+listen on 0.0.0.0 port 587 tls-require auth <creds>
+accept from any for domain "example.org" alias <aliases> deliver to maildir
+accept for any relay
+""")
+    root = tmp_path / "root"
+    report, _ = imported(conf, root, "--admin", "alice", "--no-smoke")
+    assert report["import"]["logins"] == ["carol"]
+    carried_line = f"{conf}:1: table creds: 1 login(s) carried over with their password hashes"
+    assert carried_line in report["import"]["understood"]
+    carried = (root / "etc/mailsetup/credentials").read_text()
+    assert [x for x in carried.splitlines() if x.startswith("carol ")] == [
+        x for x in creds.read_text().splitlines() if x.startswith("carol ")]
+    assert "$2b$" not in json.dumps(report)  # the hashes are never printed
+    listed = run_cli("user", "list", "--root", root)
+    assert listed.code == 0 and "carol" in listed.out

@@ -155,10 +155,12 @@ def _trace_init(flags: dict, monkeypatch, stdin: str = "") -> list[str]:
 def test_following_init_from_its_flags_to_the_files_no_step_goes_back(sandbox: Path, monkeypatch, capsys):
     """resolve → plan → confirm → apply → prove → report: each module is entered once, in the order
     of the steps. `report` is the one output object, which every step talks through (a person must
-    see the plan before saying yes), so it is left out of the count."""
+    see the plan before saying yes), so it is left out of the count. A first run looks for an
+    smtpd.conf mailsetup did not write (importconf) right after reading the last run's answers."""
     flags = {"domain": "example.test", "admin": "alice", "root": str(sandbox), "os": "debian", "user": "dave"}
     first = [m for m in _trace_init(flags, monkeypatch, stdin="Secr3t-pass\n") if m != "report"]
-    assert first == ["answers", "questions", "model", "credentials", "dns", "provision", "files", "apply", "smoke"]
+    assert first == ["answers", "importconf", "questions", "model", "credentials", "dns", "provision", "files", "apply",
+                     "smoke"]
     again = [m for m in _trace_init({**flags, "rotate": True}, monkeypatch, stdin="Secr3t-pass\n") if m != "report"]
     assert len(again) == len(set(again)), again
     assert again[:3] == ["answers", "questions", "model"] and again[-2:] == ["apply", "smoke"], again

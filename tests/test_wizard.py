@@ -335,3 +335,33 @@ def test_relative_cert_paths_are_recorded_absolute(tmp_path: Path):
                   cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert f'cert = "{own / "c.crt"}"' in proc.stdout
+
+
+def test_a_first_run_over_a_hand_written_config_offers_to_import_it_and_asks_only_what_it_lacks(tmp_path: Path):
+    import shutil
+
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    tutorial = Path(__file__).parent / "data/tutorial-smtpd.conf"
+    shutil.copy(tutorial, root / "etc/smtpd.conf")
+    child = spawn("init", "--root", root, "--os", "debian")
+    answer(child, r"was not written by mailsetup\. Import it", "y")
+    child.expect(r"OpenSMTPD 6\.3 and older grammar")
+    # the domain, host name, TLS choice and queue settings came from the file: not asked
+    answer(child, r"Key type \(--key-type\)", "\r")
+    answer(child, r"Import an existing aliases file", "n")
+    answer(child, r"\(--admin\)", "alice\r")
+    answer(child, r"First mail user .*\(--user\)", "\r")
+    answer(child, r"Password for alice", PASSWORD + "\r")
+    answer(child, r"Again", PASSWORD + "\r")
+    answer(child, r"Sign outgoing mail with DKIM", "y")
+    answer(child, r"\(--imap\)", "\r")
+    answer(child, r"Run the smoke test", "y")
+    answer(child, r"Write these \d+ file\(s\)\?", "y")
+    code, text = finish(child)
+    assert code == 0, text
+    for not_asked in ("(--domain)", "(--hostname)", "(--tls)", "Compress the queue", "Encrypt the queue"):
+        assert not_asked not in text
+    assert "-accept from any for domain \"ehouse.io\" alias <aliases> deliver to maildir" in text  # the diff
+    assert "12/12 passed" in text
+    assert next((root / "etc").glob("smtpd.conf.*.bak")).read_bytes() == tutorial.read_bytes()
