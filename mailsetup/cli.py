@@ -71,9 +71,11 @@ def import_cmd(conf: o.ImportFile = None, root: o.Root = None, os_name: o.OsName
                hostname: o.Hostname = None, admin: o.Admin = None, user: o.FirstUser = None,
                password_stdin: o.PasswordStdin = False, yes: o.Yes = False, dry_run: o.DryRun = False,
                diff: o.Diff = False, smoke_flag: o.Smoke = None, quiet: o.Quiet = False, as_json: o.InitJson = False,
-               no_preflight: o.NoPreflight = False, debug: o.Debug = False) -> None:
+               no_preflight: o.NoPreflight = False, dkim: o.Dkim = None, imap: o.Imap = None,
+               debug: o.Debug = False) -> None:
     """Adopt an existing smtpd.conf (6.3's grammar, the tutorial's, or 6.4's and later): what it means
-    becomes the answers of `init`, which plans, diffs, checks with smtpd -n, writes with backups, smoke-tests."""
+    becomes the answers of `init`, which plans, diffs, checks with smtpd -n, writes with backups, smoke-tests.
+    DKIM and IMAP stay off unless the old file had them or a flag turns them on."""
     import inspect
 
     from mailsetup.importconf import default_conf

@@ -415,9 +415,10 @@ class _Reader:
     # what it all means ---------------------------------------------------------------------------
 
     def settle(self) -> None:
-        for key in ("queue_compression", "queue_encryption"):  # absent: off, as smtpd had it
+        for key in ("queue_compression", "queue_encryption", "dkim"):  # absent: off, as smtpd had it
             self.result.answers.setdefault(key, False)
         self.settle_rules()
+        self.result.answers.setdefault("imap", "none")  # delivery stays as it was unless it went to Dovecot
         self.settle_listeners()
         self.settle_tls()
         self.settle_logins()

@@ -247,3 +247,45 @@ accept for any relay
     assert "$2b$" not in json.dumps(report)  # the hashes are never printed
     listed = run_cli("user", "list", "--root", root)
     assert listed.code == 0 and "carol" in listed.out
+
+
+@pytest.mark.skipif(not (SMTPD and IS_ROOT and shutil.which("unshare") and shutil.which("useradd")),
+                    reason="needs OpenSMTPD, root, unshare and useradd for a private host")
+def test_on_a_real_host_the_tutorials_config_is_adopted_in_place_and_the_real_smtpd_passes_the_smoke_test(
+        tmp_path: Path):
+    """The tutorial's host, as it stands after a Debian upgrade: its smtpd.conf in /etc (6.3's grammar,
+    refused by the smtpd installed), its certificate and aliases where the tutorial put them."""
+    from test_answers_truth import Host
+
+    host = Host(tmp_path)
+    made = host.run("sh", "-c", "id -u alice >/dev/null 2>&1 || useradd alice; "
+                                "install -d -o alice -g \"$(id -g alice)\" -m 700 /home/alice")
+    assert made.code == 0, made.err
+    (host.etc / "mail").mkdir(exist_ok=True)
+    (host.etc / "mail/aliases").write_text("postmaster: root\nabuse: root\nroot: alice\n")
+    made = host.run(MAILSETUP_BIN(), "cert", "--hostname", "ehouse.io", "--out-cert", "/etc/ssl/certs/mail.crt",
+                    "--out-key", "/etc/ssl/private/mail.key")
+    assert made.code == 0, made.err
+    shutil.copy(TUTORIAL, host.etc / "smtpd.conf")
+    r = host.init("--admin", "alice")
+    assert r.code == 2 and "/etc/smtpd.conf: an smtpd.conf mailsetup did not write is here" in r.err, r.err
+    r = host.run(MAILSETUP_BIN(), "import", "--yes", "--no-preflight", "--no-smoke", "--json")
+    assert r.code == 0, r.out + r.err
+    report = json.loads(r.out)
+    assert report["import"]["file"] == "/etc/smtpd.conf"
+    assert report["smtpd_check"] == {"ran": True, "ok": True, "detail": "configuration OK"}
+    assert [f.split(": ", 1)[0] for f in report["import"]["not_carried_over"]] == ["/etc/smtpd.conf:4"]  # the key
+    lines = [x for x in (host.etc / "smtpd.conf").read_text().splitlines() if x and not x.startswith("#")]
+    assert 'pki ehouse.io cert "/etc/ssl/certs/mail.crt"' in lines  # the tutorial's own pair, kept in place
+    assert 'match from any for domain "ehouse.io" action "local_mail"' in lines
+    assert "root: alice" in (host.etc / "aliases").read_text()  # Debian's path now, from /etc/mail/aliases
+    assert next(host.etc.glob("smtpd.conf.*.bak")).read_bytes() == TUTORIAL.read_bytes()
+    smoke = host.run(MAILSETUP_BIN(), "smoke", "--engine", "opensmtpd", "--json")
+    checks = json.loads(smoke.out)
+    assert smoke.code == 0 and all(c["ok"] for c in checks), ([c for c in checks if not c["ok"]], smoke.err)
+
+
+def MAILSETUP_BIN() -> str:  # noqa: N802 - the installed command, as the other tests name it
+    from conftest import MAILSETUP
+
+    return MAILSETUP
