@@ -17,7 +17,7 @@ MAX_WORD = 8000  # smtpd's own lexer refuses a word longer than its 8,096-byte b
 MAX_FILE = 4 << 20  # a hand-written smtpd.conf is a few KiB
 LOOPBACK = {"localhost", "lo", "lo0", "127.0.0.1", "::1"}
 PORT_NAMES = {"smtp": 25, "submission": 587, "smtps": 465}
-_SEPARATORS = " \t\r\n#{}=,\"'"
+_SEPARATORS = " \t\r\n#{}=,!\"'"  # smtpd's lexer makes `!` a word of its own: `!from` is `! from`
 # Statements smtpd knows that mailsetup does not set (dropped with a note, not refused).
 KNOWN = {"admd", "bounce", "bounce-warn", "ca", "expire", "filter", "limit", "mda", "mta", "proc", "srs", "hostname"}
 
@@ -98,7 +98,7 @@ def lex(text: str, name: str) -> list[list[Word]]:
         elif c in "\"'":
             word, i = _quoted(text, i, line, name)
             words.append(word)
-        elif c in "{}=,":
+        elif c in "{}=,!":
             depth += {"{": 1, "}": -1}.get(c, 0)
             opened = line if c == "{" and depth == 1 else opened
             if depth < 0:
@@ -179,6 +179,18 @@ def _port(text: str) -> int | None:
     return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
 
 
+def _is_file(path: str, world_readable: bool = False) -> bool:
+    """Whether a path the config names is a regular file there (a name too long to be one is not);
+    with world_readable, one every user may read already (republishing it gives away nothing)."""
+    import stat
+
+    try:
+        st = Path(path).stat()
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(st.st_mode) and (not world_readable or bool(st.st_mode & stat.S_IROTH))
+
+
 def _table_name(text: str) -> str | None:
     m = re.fullmatch(r"<([^<>]+)>", text)
     return m.group(1) if m else None
@@ -193,8 +205,30 @@ class _Rule:
     for_: str = "local"  # any, local, domain
     domains: list[str] = field(default_factory=list)
     auth: bool = False
+    sources: list[str] = field(default_factory=list)  # `from src` networks, as far as they can be read
+    restricted: bool = False  # `from KIND <table>`: only what the table names
     method: str = ""  # maildir, mbox, lmtp, mda, relay, expand-only, forward-only
     opts: list[str] = field(default_factory=list)
+
+
+def _anyone(rule: _Rule) -> bool:
+    """Whether a rule's `from` lets any host on the Internet in: any, any negation (`!from local` is
+    everyone else), rDNS or MAIL FROM (the client says what they are), a source network of /0."""
+    kind = rule.from_.lstrip("!")
+    if rule.from_.startswith("!"):
+        return kind != "any"
+    if kind in ("src", "source"):
+        return any(s.split("/")[-1] == "0" for s in rule.sources)
+    return kind == "any" or kind == "mail-from" or (kind == "rdns" and not rule.restricted)
+
+
+def _anywhere(rule: _Rule) -> bool:
+    """Whether a rule's `for` reaches any domain: any, any negation, a domain `*` (or `*.tld`)."""
+    if rule.for_.startswith("!"):
+        return rule.for_ != "!any"
+    if rule.for_ == "domain":
+        return any(d.startswith("*") and "." not in d.lstrip("*.") for d in rule.domains)
+    return rule.for_ == "any"
 
 
 class _Reader:
@@ -342,16 +376,21 @@ class _Reader:
         negate = t[i] == "!"
         i += negate
         kind = t[i] if i < len(t) else "local"
-        rule.from_ = ("!" if negate else "") + kind
+        rule.from_ = ("!" if negate or rule.from_.startswith("!") else "") + kind
         if kind in ("source", "src", "rdns", "mail-from", "auth") and i + 1 < len(t) and t[i + 1].startswith("<"):
             i += 1
+            rule.sources = list(self.tables.get(_table_name(t[i]) or "", ([], 0))[0])
+            rule.restricted = True
+        elif kind in ("source", "src") and i + 1 < len(t):
+            i += 1  # a literal network (or an inline table: its words are read as the rule's options)
+            rule.sources, rule.restricted = [t[i]], True
         return i + 1
 
     def _for(self, rule: _Rule, t: list[str], i: int) -> int:
         negate = t[i] == "!"
         i += negate
         kind = t[i] if i < len(t) else "local"
-        rule.for_ = ("!" if negate else "") + kind
+        rule.for_ = ("!" if negate or rule.for_.startswith("!") else "") + kind
         if kind == "domain" and i + 1 < len(t):
             i += 1
             if t[i] == "{":
@@ -382,10 +421,15 @@ class _Reader:
         rule = _Rule(words[0].line, " ".join(t))
         i = 1
         while i < len(t):
-            if t[i] == "from":
+            if t[i] == "!" and i + 1 < len(t) and t[i + 1] in ("from", "for"):  # 6.4's `!from`, `!for`
+                setattr(rule, "from_" if t[i + 1] == "from" else "for_", "!")
+                i += 1
+            elif t[i] == "from":
                 i = self._from(rule, t, i + 1)
             elif t[i] == "for":
                 i = self._for(rule, t, i + 1)
+            elif t[i] == "!" and i + 1 < len(t) and t[i + 1] == "auth":  # `!auth`: unauthenticated only
+                i += 3 if i + 2 < len(t) and t[i + 2].startswith("<") else 2
             elif t[i] == "auth":
                 rule.auth = True
                 i += 2 if i + 1 < len(t) and t[i + 1].startswith("<") else 1
@@ -475,8 +519,13 @@ class _Reader:
         source = path[:-3] if kind == "db" and path.endswith(".db") else path
         if kind not in ("file", "db") or not source.startswith("/"):
             self.drop(where, f"table {table}: not a file mailsetup can read its aliases from; its own are made")
-        elif not Path(source).is_file():
+        elif not _is_file(source):
             self.drop(where, f"table {table}: {source} is not there to import; mailsetup makes its own aliases")
+        elif not _is_file(source, world_readable=True):
+            # The config's author chose this path, and /etc/aliases is readable by everyone: a file only
+            # root may read (a key, a credentials table) must not come out as the aliases.
+            self.drop(where, f"table {table}: {source} is not readable by everyone, and the aliases are; not "
+                             "imported (give it with --aliases if it really is your aliases file)")
         else:
             self.result.answers.set("aliases", source, where)
             self.ok(where, f"aliases from {source}")
@@ -490,7 +539,7 @@ class _Reader:
             else:
                 self.drop(rule.line, "a backup relay without its domains: not carried over")
             return
-        open_relay = rule.from_ == "any" and not rule.auth and rule.for_ in ("any", "!local")
+        open_relay = not rule.auth and _anyone(rule) and _anywhere(rule)
         if open_relay:
             self.result.open_relays.append(Found(self.at(rule.line), f"`{rule.text[:120]}` relays anyone's mail to "
                                                  "anywhere (an open relay): not carried over"))
@@ -564,13 +613,13 @@ class _Reader:
         if "hostname" not in ans and "." in name:
             ans.set("hostname", name, pair.get("cert", ("", self.listeners[0][0].line if self.listeners else 1))[1])
         cert, key = pair.get("cert"), pair.get("key")
-        if cert and key and Path(cert[0]).is_file() and Path(key[0]).is_file():
+        if cert and key and _is_file(cert[0]) and _is_file(key[0]):
             ans.set("tls", "existing", cert[1])
             ans.set("cert", cert[0], cert[1])
             ans.set("key", key[0], key[1])
             self.ok(cert[1], f"certificate {cert[0]} and key {key[0]} (kept as they are)")
         else:
-            missing = next((p for p, _ in (cert or ("", 0), key or ("", 0)) if not p or not Path(p).is_file()), "")
+            missing = next((p for p, _ in (cert or ("", 0), key or ("", 0)) if not p or not _is_file(p)), "")
             line = (cert or key or ("", 1))[1]
             self.drop(line, f"pki {name}: {missing or 'a file'} is not there; a new self-signed certificate is made")
         for extra in names[1:]:

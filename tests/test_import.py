@@ -220,3 +220,61 @@ def test_a_first_init_over_a_config_mailsetup_did_not_write_offers_import_and_ch
     assert f"Imported {foreign} (OpenSMTPD 6.3 and older grammar):" in r.out
     assert next((root / "etc").glob("smtpd.conf.*.bak")).read_bytes() == TUTORIAL.read_bytes()  # the old one kept
     assert run_cli("init", "--yes", "--root", root, "--os", "debian", "--no-smoke").code == 0  # ours now
+
+
+# Open relays written other ways than `from any for any`: each one smtpd accepts, each relays anyone's
+# mail to anywhere, each must be reported (found by attacking the importer; all but the first two
+# slipped through before).
+OTHER_OPEN_RELAYS = [
+    "accept from any for ! local relay",
+    'action "out" relay helo mx.example.test\nmatch from any for any action "out"',
+    'action "out" relay\nmatch !from local for any action "out"',
+    'action "out" relay\nmatch from any !for local action "out"',
+    'action "out" relay\nmatch from any ! for domain "example.test" action "out"',
+    'table nets { 0.0.0.0/0 }\naction "out" relay\nmatch from src <nets> for any action "out"',
+    'action "out" relay\nmatch from src 0.0.0.0/0 for any action "out"',
+    'table doms { "*" }\naction "out" relay\nmatch from any for domain <doms> action "out"',
+    'action "out" relay\nmatch from rdns for any action "out"',
+    'action "out" relay\nmatch from mail-from "a@example.test" for any action "out"',
+    'action "out" relay\nmatch ! auth from any for any action "out"',
+]
+
+
+@pytest.mark.parametrize("rule", OTHER_OPEN_RELAYS)
+def test_an_open_relay_written_another_way_is_reported_too(tmp_path: Path, rule: str):
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text(f"listen on 0.0.0.0\n{rule}\n")
+    if SMTPD and IS_ROOT and not rule.startswith("accept"):  # 7.4 reads 6.4's grammar only
+        assert smtpd_accepts(conf).returncode == 0  # a config smtpd runs, not a made-up one
+    report, _ = imported(conf, tmp_path / "root", "--domain", "example.test", "--admin", "alice", "--no-smoke")
+    [relay] = report["import"]["open_relays"]
+    assert relay.startswith(f"{conf}:{rule.count(chr(10)) + 2}: ") and "open relay" in relay
+    assert not any("relays for authenticated" in f for f in report["import"]["understood"])
+
+
+def test_an_aliases_table_naming_a_file_only_root_may_read_is_not_republished(tmp_path: Path):
+    # The config's author names a private file (a credentials table, a key) as the aliases: its lines
+    # must not come out in /etc/aliases, which everyone may read.
+    secret = tmp_path / "private"
+    secret.write_text("s3cretuser: alice\n")
+    secret.chmod(0o600)
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text(f'table aliases file:{secret}\naction "l" maildir alias <aliases>\n'
+                    'match from any for domain "example.test" action "l"\n')
+    root = tmp_path / "root"
+    report, r = imported(conf, root, "--admin", "alice", "--no-smoke")
+    assert "aliases" not in report["import"]["answers"]
+    assert any(f.startswith(f"{conf}:1: ") and "not readable by everyone" in f
+               for f in report["import"]["not_carried_over"])
+    assert "s3cretuser" not in (root / "etc/aliases").read_text() + r.out + r.err
+
+
+def test_a_certificate_path_too_long_to_be_a_file_is_one_note_not_a_traceback(tmp_path: Path):
+    long = "/" + "a" * 300  # ENAMETOOLONG from stat(2)
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text(f"pki mail.example.test cert {long}.crt\npki mail.example.test key {long}.key\n"
+                    f"table aliases file:{long}\nlisten on 0.0.0.0 tls pki mail.example.test\n"
+                    'action "l" maildir alias <aliases>\nmatch from any for domain "example.test" action "l"\n')
+    report, r = imported(conf, tmp_path / "root", "--admin", "alice", "--no-smoke")
+    assert "Traceback" not in r.err
+    assert report["import"]["answers"].get("tls") != "existing"
