@@ -278,3 +278,16 @@ def test_a_certificate_path_too_long_to_be_a_file_is_one_note_not_a_traceback(tm
     report, r = imported(conf, tmp_path / "root", "--admin", "alice", "--no-smoke")
     assert "Traceback" not in r.err
     assert report["import"]["answers"].get("tls") != "existing"
+
+
+def test_a_message_size_larger_than_smtpd_takes_is_refused_naming_its_line(tmp_path: Path):
+    # Before: carried over, rendered, then refused late by `smtpd -n` (exit 1, files put back).
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text('smtp max-message-size 99999999999G\naction "l" maildir\n'
+                    'match from any for domain "example.test" action "l"\n')
+    root = tmp_path / "root"
+    r = run_cli(*import_args(conf, root, "--admin", "alice", "--no-smoke"))
+    assert r.code == 2 and "Traceback" not in r.err, r.out + r.err
+    assert r.err.splitlines()[0] == (f"mailsetup: error: {conf}:1: --max-message-size: "
+                                     f"{99999999999 << 30} is too large (smtpd takes at most {(1 << 63) - 1})")
+    assert not root.exists() or not any(p.is_file() for p in root.rglob("*")), tree(root)
