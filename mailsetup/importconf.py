@@ -15,6 +15,7 @@ from mailsetup.errors import MailsetupError
 
 MAX_WORD = 8000  # smtpd's own lexer refuses a word longer than its 8,096-byte buffer
 MAX_FILE = 4 << 20  # a hand-written smtpd.conf is a few KiB
+MAX_EXPANDED = 100_000  # words that $macros may add to a file, all told
 LOOPBACK = {"localhost", "lo", "lo0", "127.0.0.1", "::1"}
 PORT_NAMES = {"smtp": 25, "submission": 587, "smtps": 465}
 _SEPARATORS = " \t\r\n#{}=,!\"'"  # smtpd's lexer makes `!` a word of its own: `!from` is `! from`
@@ -146,12 +147,17 @@ def expand_macros(statements: list[list[Word]], name: str) -> list[list[Word]]:
     """`name = value` lines define macros; `$name` outside quotes is replaced by its value."""
     macros: dict[str, list[Word]] = {}
     out = []
+    budget = MAX_EXPANDED  # macros of macros grow tenfold a line: a 400-byte file could ask for 10^9 words
     for words in statements:
         expanded: list[Word] = []
         for w in words:
             if w.text.startswith("$") and not w.quoted and len(w.text) > 1:
                 if w.text[1:] not in macros:
                     raise MailsetupError(f"{name}:{w.line}: a $macro that is not defined above (smtpd refuses it too)")
+                budget -= len(macros[w.text[1:]])
+                if budget < 0:
+                    raise MailsetupError(f"{name}:{w.line}: the $macros expand to more than {MAX_EXPANDED:,} words "
+                                         "(macros of macros, multiplying): not a config to adopt")
                 expanded.extend(Word(x.text, w.line, x.quoted) for x in macros[w.text[1:]])
             else:
                 expanded.append(w)

@@ -183,6 +183,10 @@ HOSTILE = [
      r"1: a quoted string is not closed on its line", True),
     ("a domain with a space", b'accept from any for domain "a b.test" deliver to maildir\n',
      r"1: --domain: .*", False),
+    ("a macro bomb (each macro ten of the one before)",
+     ("a0 = " + ' "x"' * 10 + "\n" + "".join(f"a{i} = {f'$a{i - 1} ' * 10}\n" for i in range(1, 9))
+      + "listen on $a8\n").encode(),
+     r"\d+: the \$macros expand to more than 100,000 words .*", False),
     ("someone else's secrets", b"root:$6$c2VjcmV0c2FsdA$hashhashhash:19000:0:99999:7:::\n",
      r"1: not an smtpd.conf statement .*", True),
 ]
