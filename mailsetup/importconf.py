@@ -329,7 +329,11 @@ class _Reader:
         if len(words) < 3:
             self.drop(words[0].line, "table without a source: not carried over")
             return
-        values = [w.text for w in words[2:] if w.text not in ("{", "}", ",", "=")]
+        # Of a mapping `{ key = value, … }` only the keys: a lookup (a domain, a source) matches keys, and
+        # the values may be secrets (a credentials table's password hashes) never to be printed.
+        rest = words[2:]
+        values = [w.text for i, w in enumerate(rest) if w.text not in ("{", "}", ",", "=")
+                  and not (i and rest[i - 1].text == "=" and not rest[i - 1].quoted)]
         self.tables[words[1].text] = (values, words[0].line)
 
     def listen_stmt(self, words: list[Word]) -> None:

@@ -295,3 +295,15 @@ def test_a_message_size_larger_than_smtpd_takes_is_refused_naming_its_line(tmp_p
     assert r.err.splitlines()[0] == (f"mailsetup: error: {conf}:1: --max-message-size: "
                                      f"{99999999999 << 30} is too large (smtpd takes at most {(1 << 63) - 1})")
     assert not root.exists() or not any(p.is_file() for p in root.rglob("*")), tree(root)
+
+
+def test_a_credentials_tables_password_hashes_are_never_printed_even_when_it_is_used_as_domains(tmp_path: Path):
+    hashed = "$2b$10$Q8rIaVQ8rIaVQ8rIaVQ8rOu0Yz5F8vCq9hAmB7dxE5Fh2Zo3WYXo6"  # no '/': looks like a word
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text(f'table creds {{ a.example.test = "{hashed}", b.example.test = "{hashed}" }}\n'
+                    'action "l" maildir\n'
+                    'match from any for domain <creds> action "l"\n')  # smtpd refuses it; import must not leak
+    for json_too in ([], ["--json"]):
+        r = run_cli(*import_args(conf, tmp_path / "root", "--admin", "alice", "--no-smoke", "--dry-run", *json_too))
+        assert r.code == 0 and "a.example.test" in r.out, r.out + r.err
+        assert "Q8rIaV" not in r.out + r.err
