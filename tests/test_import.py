@@ -307,3 +307,13 @@ def test_a_credentials_tables_password_hashes_are_never_printed_even_when_it_is_
         r = run_cli(*import_args(conf, tmp_path / "root", "--admin", "alice", "--no-smoke", "--dry-run", *json_too))
         assert r.code == 0 and "a.example.test" in r.out, r.out + r.err
         assert "Q8rIaV" not in r.out + r.err
+
+
+def test_a_file_of_many_domains_imports_in_seconds_not_hours(tmp_path: Path):
+    # 100,000 domains in one rule (2 MiB; the limit is 4): each was checked against a list of the
+    # ones before, ~3 minutes here (a 4 MiB file: ~half an hour, as root); now a few seconds.
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text('action "l" maildir\nmatch from any for domain { '
+                    + ", ".join(f"d{i}.example.test" for i in range(100_000)) + ' } action "l"\n')
+    r = run_cli(*import_args(conf, tmp_path / "root", "--admin", "alice", "--no-smoke", "--dry-run"), timeout=45)
+    assert r.code == 0 and "d0.example.test" in r.out, r.err
