@@ -576,7 +576,7 @@ class _Reader:
 
     def settle_listeners(self) -> None:
         ans = self.result.answers
-        addresses: list[str] = []
+        addresses: dict[str, None] = {}  # in order, each once (a dict: a file may have 100,000 listeners)
         for words in self.listeners:
             t = [w.text for w in words]
             line = words[0].line
@@ -599,8 +599,7 @@ class _Reader:
             key = "submission_port" if submission else "smtp_port"
             if port != (587 if submission else 25):
                 ans.set(key, port, line)
-            if where not in addresses:
-                addresses.append(where)
+            addresses.setdefault(where)
             self.ok(line, f"listen on {where} port {port}" + (" (submission: TLS and AUTH required)" if submission
                                                                else " (STARTTLS offered, AUTH after it)"))
             for word in ("tag", "mask-source", "mask-src", "senders", "filter", "hostnames", "proxy-v2"):
@@ -608,8 +607,8 @@ class _Reader:
                     self.drop(line, f"listen … {word}: not carried over")
             if "hostname" in t and t.index("hostname") + 1 < len(t):
                 ans.set("hostname", t[t.index("hostname") + 1], line)
-        if addresses and addresses != [self.default_listen]:
-            ans.set("listen", addresses, self.listeners[0][0].line)
+        if addresses and list(addresses) != [self.default_listen]:
+            ans.set("listen", list(addresses), self.listeners[0][0].line)
 
     def settle_tls(self) -> None:
         """The certificate the listeners named: kept where both files are there, else a new one."""
