@@ -36,7 +36,10 @@ class Found:
     text: str
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.text}"
+        from mailsetup.report import one_line
+
+        # Words of the file are in the text: an escape sequence in them must not reach root's terminal.
+        return one_line(f"{self.where}: {self.text}")
 
 
 class ImportedAnswers(dict):

@@ -327,3 +327,14 @@ def test_a_file_of_many_listeners_imports_in_seconds_not_minutes(tmp_path: Path)
     r = run_cli(*import_args(conf, tmp_path / "root", "--admin", "alice", "--domain", "example.test", "--no-smoke",
                              "--dry-run"), timeout=60)
     assert r.code == 0 and "10.1.212.191" in r.out, r.err[-300:]
+
+
+def test_escape_sequences_in_the_file_never_reach_the_terminal(tmp_path: Path):
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text('smtp \x1b]0;owned\x07x\nqueue \x9b31mred\naction "l" maildir\n'
+                    'match from any for domain "example.test" action "l"\n'
+                    'action "out" relay\nmatch from any for domain "\x1b[2J*" action "out"\n')
+    r = run_cli(*import_args(conf, tmp_path / "root", "--admin", "alice", "--no-smoke", "--dry-run"))
+    assert r.code == 0, r.err
+    assert not any(c in r.out + r.err for c in "\x1b\x07\x9b")
+    assert "smtp \\x1b]0;owned\\x07x: not carried over" in r.out
