@@ -40,8 +40,15 @@ def serving_plan(maildir: Path) -> tuple[list[str], int, int, dict | None] | str
     import grp
     import pwd
 
+    from mailsetup.files import _controllers
+
     st = maildir.stat()
     me = os.geteuid()
+    if me == 0 and _controllers(maildir) - {st.st_uid}:
+        # Root's Dovecot reads (and writes its indexes, moves new/ to cur/) as the Maildir's owner: a
+        # path someone else steers (a link swapped in, another user's folder on the way) could point it
+        # at root's or a third user's mail, which it would then read and change with their rights.
+        return "a user other than its owner controls its path (a link or a folder of theirs on the way)"
     if me == 0 and st.st_uid != 0:
         return [], st.st_uid, st.st_gid, None
     if st.st_uid != me:

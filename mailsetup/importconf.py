@@ -15,9 +15,10 @@ from mailsetup.errors import MailsetupError
 
 MAX_WORD = 8000  # smtpd's own lexer refuses a word longer than its 8,096-byte buffer
 MAX_FILE = 4 << 20  # a hand-written smtpd.conf is a few KiB
+MAX_EXPANDED = 100_000  # words that $macros may add to a file, all told
 LOOPBACK = {"localhost", "lo", "lo0", "127.0.0.1", "::1"}
 PORT_NAMES = {"smtp": 25, "submission": 587, "smtps": 465}
-_SEPARATORS = " \t\r\n#{}=,\"'"
+_SEPARATORS = " \t\r\n#{}=,!\"'"  # smtpd's lexer makes `!` a word of its own: `!from` is `! from`
 # Statements smtpd knows that mailsetup does not set (dropped with a note, not refused).
 KNOWN = {"admd", "bounce", "bounce-warn", "ca", "expire", "filter", "limit", "mda", "mta", "proc", "srs", "hostname"}
 
@@ -35,7 +36,10 @@ class Found:
     text: str
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.text}"
+        from mailsetup.report import one_line
+
+        # Words of the file are in the text: an escape sequence in them must not reach root's terminal.
+        return one_line(f"{self.where}: {self.text}")
 
 
 class ImportedAnswers(dict):
@@ -100,7 +104,7 @@ def lex(text: str, name: str) -> list[list[Word]]:
         elif c in "\"'":
             word, i = _quoted(text, i, line, name)
             words.append(word)
-        elif c in "{}=,":
+        elif c in "{}=,!":
             depth += {"{": 1, "}": -1}.get(c, 0)
             opened = line if c == "{" and depth == 1 else opened
             if depth < 0:
@@ -148,12 +152,17 @@ def expand_macros(statements: list[list[Word]], name: str) -> list[list[Word]]:
     """`name = value` lines define macros; `$name` outside quotes is replaced by its value."""
     macros: dict[str, list[Word]] = {}
     out = []
+    budget = MAX_EXPANDED  # macros of macros grow tenfold a line: a 400-byte file could ask for 10^9 words
     for words in statements:
         expanded: list[Word] = []
         for w in words:
             if w.text.startswith("$") and not w.quoted and len(w.text) > 1:
                 if w.text[1:] not in macros:
                     raise MailsetupError(f"{name}:{w.line}: a $macro that is not defined above (smtpd refuses it too)")
+                budget -= len(macros[w.text[1:]])
+                if budget < 0:
+                    raise MailsetupError(f"{name}:{w.line}: the $macros expand to more than {MAX_EXPANDED:,} words "
+                                         "(macros of macros, multiplying): not a config to adopt")
                 expanded.extend(Word(x.text, w.line, x.quoted) for x in macros[w.text[1:]])
             else:
                 expanded.append(w)
@@ -181,6 +190,18 @@ def _port(text: str) -> int | None:
     return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
 
 
+def _is_file(path: str, world_readable: bool = False) -> bool:
+    """Whether a path the config names is a regular file there (a name too long to be one is not);
+    with world_readable, one every user may read already (republishing it gives away nothing)."""
+    import stat
+
+    try:
+        st = Path(path).stat()
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(st.st_mode) and (not world_readable or bool(st.st_mode & stat.S_IROTH))
+
+
 def _table_name(text: str) -> str | None:
     m = re.fullmatch(r"<([^<>]+)>", text)
     return m.group(1) if m else None
@@ -195,8 +216,30 @@ class _Rule:
     for_: str = "local"  # any, local, domain
     domains: list[str] = field(default_factory=list)
     auth: bool = False
+    sources: list[str] = field(default_factory=list)  # `from src` networks, as far as they can be read
+    restricted: bool = False  # `from KIND <table>`: only what the table names
     method: str = ""  # maildir, mbox, lmtp, mda, relay, expand-only, forward-only
     opts: list[str] = field(default_factory=list)
+
+
+def _anyone(rule: _Rule) -> bool:
+    """Whether a rule's `from` lets any host on the Internet in: any, any negation (`!from local` is
+    everyone else), rDNS or MAIL FROM (the client says what they are), a source network of /0."""
+    kind = rule.from_.lstrip("!")
+    if rule.from_.startswith("!"):
+        return kind != "any"
+    if kind in ("src", "source"):
+        return any(s.split("/")[-1] == "0" for s in rule.sources)
+    return kind == "any" or kind == "mail-from" or (kind == "rdns" and not rule.restricted)
+
+
+def _anywhere(rule: _Rule) -> bool:
+    """Whether a rule's `for` reaches any domain: any, any negation, a domain `*` (or `*.tld`)."""
+    if rule.for_.startswith("!"):
+        return rule.for_ != "!any"
+    if rule.for_ == "domain":
+        return any(d.startswith("*") and "." not in d.lstrip("*.") for d in rule.domains)
+    return rule.for_ == "any"
 
 
 class _Reader:
@@ -211,6 +254,7 @@ class _Reader:
         self.actions: dict[str, list[Word]] = {}
         self.rules: list[_Rule] = []
         self.legacy = self.modern = False
+        self._backup_seen: set[str] = set()
 
     def at(self, line: int) -> str:
         return f"{self.name}:{line}"
@@ -292,7 +336,11 @@ class _Reader:
         if len(words) < 3:
             self.drop(words[0].line, "table without a source: not carried over")
             return
-        values = [w.text for w in words[2:] if w.text not in ("{", "}", ",", "=")]
+        # Of a mapping `{ key = value, … }` only the keys: a lookup (a domain, a source) matches keys, and
+        # the values may be secrets (a credentials table's password hashes) never to be printed.
+        rest = words[2:]
+        values = [w.text for i, w in enumerate(rest) if w.text not in ("{", "}", ",", "=")
+                  and not (i and rest[i - 1].text == "=" and not rest[i - 1].quoted)]
         self.tables[words[1].text] = (values, words[0].line)
         if words[2].text == "{":
             self.inline.add(words[1].text)
@@ -347,16 +395,21 @@ class _Reader:
         negate = t[i] == "!"
         i += negate
         kind = t[i] if i < len(t) else "local"
-        rule.from_ = ("!" if negate else "") + kind
+        rule.from_ = ("!" if negate or rule.from_.startswith("!") else "") + kind
         if kind in ("source", "src", "rdns", "mail-from", "auth") and i + 1 < len(t) and t[i + 1].startswith("<"):
             i += 1
+            rule.sources = list(self.tables.get(_table_name(t[i]) or "", ([], 0))[0])
+            rule.restricted = True
+        elif kind in ("source", "src") and i + 1 < len(t):
+            i += 1  # a literal network (or an inline table: its words are read as the rule's options)
+            rule.sources, rule.restricted = [t[i]], True
         return i + 1
 
     def _for(self, rule: _Rule, t: list[str], i: int) -> int:
         negate = t[i] == "!"
         i += negate
         kind = t[i] if i < len(t) else "local"
-        rule.for_ = ("!" if negate else "") + kind
+        rule.for_ = ("!" if negate or rule.for_.startswith("!") else "") + kind
         if kind == "domain" and i + 1 < len(t):
             i += 1
             if t[i] == "{":
@@ -387,10 +440,15 @@ class _Reader:
         rule = _Rule(words[0].line, " ".join(t))
         i = 1
         while i < len(t):
-            if t[i] == "from":
+            if t[i] == "!" and i + 1 < len(t) and t[i + 1] in ("from", "for"):  # 6.4's `!from`, `!for`
+                setattr(rule, "from_" if t[i + 1] == "from" else "for_", "!")
+                i += 1
+            elif t[i] == "from":
                 i = self._from(rule, t, i + 1)
             elif t[i] == "for":
                 i = self._for(rule, t, i + 1)
+            elif t[i] == "!" and i + 1 < len(t) and t[i + 1] == "auth":  # `!auth`: unauthenticated only
+                i += 3 if i + 2 < len(t) and t[i + 2].startswith("<") else 2
             elif t[i] == "auth":
                 rule.auth = True
                 i += 2 if i + 1 < len(t) and t[i + 1].startswith("<") else 1
@@ -445,7 +503,7 @@ class _Reader:
             self.ok(line, f"table {name}: {len(logins)} login(s) carried over with their password hashes")
 
     def settle_rules(self) -> None:
-        ans, domains = self.result.answers, []
+        ans, domains = self.result.answers, {}  # domain: its line; a dict, as a 4 MiB file lists 300,000
         for rule in self.rules:
             if rule.reject:
                 self.drop(rule.line, "a reject rule: not carried over (mailsetup accepts mail only for its domain "
@@ -457,16 +515,16 @@ class _Reader:
             else:
                 self.drop(rule.line, "a rule without a delivery or relay: not carried over")
         if domains:
-            ans.set("domain", domains[0][0], domains[0][1])
-            for extra, line in domains[1:]:
-                self.drop(line, f"domain {extra[:80]}: a set-up serves one domain; {domains[0][0]} is imported")
+            (first, at), *rest = domains.items()
+            ans.set("domain", first, at)
+            for extra, line in rest:
+                self.drop(line, f"domain {extra[:80]}: a set-up serves one domain; {first} is imported")
 
-    def settle_delivery(self, rule: _Rule, domains: list) -> None:
+    def settle_delivery(self, rule: _Rule, domains: dict[str, int]) -> None:
         ans = self.result.answers
         if rule.for_ == "domain":
             for d in rule.domains:
-                if d not in [x for x, _ in domains]:
-                    domains.append((d, rule.line))
+                domains.setdefault(d, rule.line)
             if rule.domains:
                 self.ok(rule.line, f"mail for {', '.join(rule.domains)[:120]} is delivered ({rule.method})")
             if rule.from_ not in ("any", "local"):
@@ -503,8 +561,13 @@ class _Reader:
         source = path[:-3] if kind == "db" and path.endswith(".db") else path
         if kind not in ("file", "db") or not source.startswith("/"):
             self.drop(where, f"table {table}: not a file mailsetup can read its aliases from; its own are made")
-        elif not Path(source).is_file():
+        elif not _is_file(source):
             self.drop(where, f"table {table}: {source} is not there to import; mailsetup makes its own aliases")
+        elif not _is_file(source, world_readable=True):
+            # The config's author chose this path, and /etc/aliases is readable by everyone: a file only
+            # root may read (a key, a credentials table) must not come out as the aliases.
+            self.drop(where, f"table {table}: {source} is not readable by everyone, and the aliases are; not "
+                             "imported (give it with --aliases if it really is your aliases file)")
         else:
             self.result.answers.set("aliases", source, where)
             self.ok(where, f"aliases from {source}")
@@ -513,12 +576,15 @@ class _Reader:
         ans, opts = self.result.answers, rule.opts
         if "backup" in opts:
             if rule.for_ == "domain" and rule.domains:
-                ans.set("backup_for", list(dict.fromkeys(ans.get("backup_for", []) + rule.domains)), rule.line)
+                backup = ans.get("backup_for", [])
+                backup.extend(d for d in dict.fromkeys(rule.domains) if d not in self._backup_seen)
+                self._backup_seen.update(rule.domains)
+                ans.set("backup_for", backup, rule.line)
                 self.ok(rule.line, f"backup MX for {', '.join(rule.domains)}")
             else:
                 self.drop(rule.line, "a backup relay without its domains: not carried over")
             return
-        open_relay = rule.from_ == "any" and not rule.auth and rule.for_ in ("any", "!local")
+        open_relay = not rule.auth and _anyone(rule) and _anywhere(rule)
         if open_relay:
             self.result.open_relays.append(Found(self.at(rule.line), f"`{rule.text[:120]}` relays anyone's mail to "
                                                  "anywhere (an open relay): not carried over"))
@@ -555,7 +621,7 @@ class _Reader:
 
     def settle_listeners(self) -> None:
         ans = self.result.answers
-        addresses: list[str] = []
+        addresses: dict[str, None] = {}  # in order, each once (a dict: a file may have 100,000 listeners)
         for words in self.listeners:
             t = [w.text for w in words]
             line = words[0].line
@@ -578,8 +644,7 @@ class _Reader:
             key = "submission_port" if submission else "smtp_port"
             if port != (587 if submission else 25):
                 ans.set(key, port, line)
-            if where not in addresses:
-                addresses.append(where)
+            addresses.setdefault(where)
             self.ok(line, f"listen on {where} port {port}" + (" (submission: TLS and AUTH required)" if submission
                                                                else " (STARTTLS offered, AUTH after it)"))
             for word in ("tag", "mask-source", "mask-src", "senders", "filter", "hostnames", "proxy-v2"):
@@ -587,8 +652,8 @@ class _Reader:
                     self.drop(line, f"listen … {word}: not carried over")
             if "hostname" in t and t.index("hostname") + 1 < len(t):
                 ans.set("hostname", t[t.index("hostname") + 1], line)
-        if addresses and addresses != [self.default_listen]:
-            ans.set("listen", addresses, self.listeners[0][0].line)
+        if addresses and list(addresses) != [self.default_listen]:
+            ans.set("listen", list(addresses), self.listeners[0][0].line)
 
     def settle_tls(self) -> None:
         """The certificate the listeners named: kept where both files are there, else a new one."""
@@ -606,13 +671,13 @@ class _Reader:
         if "hostname" not in ans and "." in name:
             ans.set("hostname", name, pair.get("cert", ("", self.listeners[0][0].line if self.listeners else 1))[1])
         cert, key = pair.get("cert"), pair.get("key")
-        if cert and key and Path(cert[0]).is_file() and Path(key[0]).is_file():
+        if cert and key and _is_file(cert[0]) and _is_file(key[0]):
             ans.set("tls", "existing", cert[1])
             ans.set("cert", cert[0], cert[1])
             ans.set("key", key[0], key[1])
             self.ok(cert[1], f"certificate {cert[0]} and key {key[0]} (kept as they are)")
         else:
-            missing = next((p for p, _ in (cert or ("", 0), key or ("", 0)) if not p or not Path(p).is_file()), "")
+            missing = next((p for p, _ in (cert or ("", 0), key or ("", 0)) if not p or not _is_file(p)), "")
             line = (cert or key or ("", 1))[1]
             ans.set("tls", "self-signed", line)
             self.drop(line, f"pki {name}: {missing or 'a file'} is not there; a new self-signed certificate is made")

@@ -580,7 +580,12 @@ def validate_message_size(value: Any, flag: str = "--max-message-size") -> int:
         raise MailsetupError(f"{flag}: {value!r} is not a number of bytes") from None
     if size < 1024:
         raise MailsetupError(f"{flag}: {size} is too small (at least 1024 bytes)")
+    if size > MAX_MESSAGE_SIZE:  # smtpd's number is a C long long: a larger one fails `smtpd -n` late
+        raise MailsetupError(f"{flag}: {size} is too large (smtpd takes at most {MAX_MESSAGE_SIZE})")
     return size
+
+
+MAX_MESSAGE_SIZE = (1 << 63) - 1
 
 
 def _first_user(value: Any, flag: str = "--user") -> str | None:

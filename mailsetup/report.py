@@ -250,4 +250,4 @@ def _dovecot_start(setup: MailSetup) -> str:
 def one_line(text: str) -> str:
     """A message stays one line whatever a name in it holds: control characters are shown escaped, so
     a file name cannot forge a second line."""
-    return "".join(c if " " <= c != "\x7f" else repr(c)[1:-1] for c in text)
+    return "".join(c if " " <= c != "\x7f" and not "\x80" <= c <= "\x9f" else repr(c)[1:-1] for c in text)
