@@ -17,8 +17,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from mailsetup.errors import MailsetupError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -814,6 +817,61 @@ def _replace(path: Path, content: bytes, mode: int, backup: bool, created: list[
         raise
     finally:
         os.close(dir_fd)
+
+
+def replace_built(path: Path, build: Callable[[str], T], mode: int, keep_backups: int | None = None) -> T:
+    """Replace `path` with a file a library writes by name (a Berkeley DB): `build(name)` makes it as
+    a temporary file inside the directory opened and checked as _replace does, reached through
+    /proc/self/fd (so no path another user steers is ever followed); then it gets `mode`, is fsynced,
+    the old file becomes a dated backup (a hard link: never read into memory) and the new one is
+    renamed into place. Anything failing removes the temporary file and leaves the old one as it was."""
+    target = _target(path)
+    dir_fd, _ = _open_dir(target.parent, "write", path)
+    backup = None
+    try:
+        opened = _open_existing(dir_fd, target.name, "write", path)
+        st = None
+        if opened is not None:
+            os.close(opened[0])
+            st = opened[1]
+        tmp = _tmp_name(target.name)
+        try:
+            result = build(f"/proc/self/fd/{dir_fd}/{tmp}")
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW, dir_fd=dir_fd)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise _refuse("write", path, "the file built is not a regular file")
+                owner = _keep_owner(st)
+                if owner is not None:
+                    os.fchown(fd, *owner)
+                os.fchmod(fd, mode)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if st is not None:
+                backup = _link_backup_in(dir_fd, target)
+            os.replace(tmp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if keep_backups is not None and backup is not None:
+        prune_backups([Applied(target, "replaced", backup)], keep_backups)
+    return result
+
+
+def _link_backup_in(dir_fd: int, path: Path) -> Path:
+    """A dated backup of `path` that is the old file itself (a second name for it, made before the new
+    file is renamed over the first): same bytes, mode and owner, at no cost in memory or disk."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name, n = f"{path.name}.{stamp}.bak", 1
+    while _exists_in(dir_fd, name):
+        name, n = f"{path.name}.{stamp}.{n}.bak", n + 1
+    os.link(path.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    return path.with_name(name)
 
 
 def write_atomic(path: Path, content: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:

@@ -55,7 +55,22 @@ needs_makemap = pytest.mark.skipif(
     MAKEMAP is None or DB_DUMP is None, reason="needs OpenSMTPD's makemap and db_dump (db-util)"
 )
 needs_smtpd = pytest.mark.skipif(SMTPD is None, reason="needs OpenSMTPD's smtpd")
-needs_dbm = pytest.mark.skipif(db_backend() != "dbm", reason="this Python's dbm.ndbm is not Berkeley DB")
+needs_dbm = pytest.mark.skipif(db_backend() not in ("bdb", "dbm"),
+                               reason="no Berkeley DB writer here (a binding, or a Berkeley-DB dbm.ndbm)")
+HAS_BDB = aliases._bsddb() is not None
+HAS_NDBM = aliases._ndbm() is not None
+
+
+@pytest.fixture(params=["bdb", "ndbm"])
+def writer(request, monkeypatch):
+    """Each Berkeley DB writer in turn: the binding (as makemap writes), and dbm.ndbm (the fallback)."""
+    if request.param == "bdb" and not HAS_BDB:
+        pytest.skip("no Berkeley DB binding (python3-bsddb3) here")
+    if request.param == "ndbm":
+        if not HAS_NDBM:
+            pytest.skip("this Python's dbm.ndbm is not Berkeley DB")
+        monkeypatch.setattr(aliases, "_bsddb", lambda: None)
+    return request.param
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -260,7 +275,7 @@ def test_parser_agrees_with_the_installed_makemap(data):
 @needs_makemap
 @needs_dbm
 @pytest.mark.parametrize("data", EVERY_INPUT.values(), ids=EVERY_INPUT.keys())
-def test_our_db_dumps_identically_to_makemaps(data, tmp_path):
+def test_our_db_dumps_identically_to_makemaps(data, tmp_path, writer):
     rc, _stderr, expected = run_makemap(data)
     if rc != 0:
         return  # refused: nothing to compare (the test above checks that we refuse it too)
@@ -503,6 +518,7 @@ def test_build_refuses_duplicate_entries():
 
 def _without_berkeley_dbm(monkeypatch):
     # Nothing real can make this interpreter lose its dbm, so only the selection is forced here.
+    monkeypatch.setattr(aliases, "_bsddb", lambda: None)
     fake = types.SimpleNamespace(library="GNU gdbm")
     monkeypatch.setattr(dbm, "ndbm", fake, raising=False)
     monkeypatch.setitem(sys.modules, "dbm.ndbm", fake)
@@ -602,13 +618,17 @@ DELIVERY_ALIASES = (
 
 @needs_smtpd
 @pytest.mark.skipif(os.geteuid() != 0, reason="the smtpd daemon must start as root")
-@pytest.mark.parametrize("kind", ["db", "makemap", "file"])
-def test_smtpd_delivers_through_our_table_and_refuses_what_we_predict(kind):
+@pytest.mark.parametrize("kind", ["db", "ndbm", "makemap", "file"])
+def test_smtpd_delivers_through_our_table_and_refuses_what_we_predict(kind, monkeypatch):
     # db: our dbm.ndbm writes it (Debian 13: Python 3.13's Berkeley DB 5.3 read by smtpd 7.6);
     # makemap: the fallback path, the installed makemap after our check
     entries = parse_aliases(DELIVERY_ALIASES, smtpd_version=INSTALLED)
-    if kind == "db" and db_backend() != "dbm":
-        pytest.skip("this Python's dbm.ndbm is not Berkeley DB")
+    if kind == "db" and not HAS_BDB:
+        pytest.skip("no Berkeley DB binding (python3-bsddb3) here")
+    if kind == "ndbm":
+        if not HAS_NDBM:
+            pytest.skip("this Python's dbm.ndbm is not Berkeley DB")
+        monkeypatch.setattr(aliases, "_bsddb", lambda: None)
     # not tmp_path: smtpd delivers as "nobody", who cannot enter pytest's 0700 directories
     work = Path(tempfile.mkdtemp(prefix="mailsetup-aliases-e2e-"))
     work.chmod(0o755)
@@ -617,7 +637,7 @@ def test_smtpd_delivers_through_our_table_and_refuses_what_we_predict(kind):
         maildir = work / "md"
         maildir.mkdir()
         maildir.chmod(0o1777)
-        if kind == "db":
+        if kind in ("db", "ndbm"):
             table = work / "aliases.db"
             table.write_bytes(build_aliases_db(entries))
         elif kind == "makemap":
@@ -943,7 +963,7 @@ def test_aliases_command_checks_with_the_given_versions_rules(tmp_path, version,
 
 
 # Hides dbm.ndbm from the mailsetup process it is put in front of, as on a Python built without it.
-_NO_NDBM = "import sys\nsys.modules['dbm.ndbm'] = None\n"
+_NO_NDBM = "import sys\nfor m in ('dbm.ndbm', 'bsddb3', 'berkeleydb'):\n    sys.modules[m] = None\n"
 
 
 @needs_makemap
@@ -974,3 +994,67 @@ def test_makemap_path_refuses_a_file_the_installed_makemap_reads_otherwise(tmp_p
     assert errors == ["mailsetup: error: the installed makemap reads the aliases differently from the target "
                       "smtpd version (OpenSMTPD 7.5 changed the aliases syntax)"]
     assert not (tmp_path / "aliases.db").exists()
+
+
+# ------------------------------------------------------------- the streamed Berkeley DB writer
+
+
+def _many_aliases(n: int) -> str:
+    head = "postmaster: root\nabuse: root\nroot: alice\n# generated\n\n"
+    return head + "".join(f"user{i:06d}: u{i % 97}, x{i}@example.net, /var/mail/archive/{i}\n" for i in range(n))
+
+
+@needs_makemap
+@pytest.mark.skipif(not HAS_BDB, reason="no Berkeley DB binding (python3-bsddb3) here")
+def test_the_aliases_command_streams_a_big_file_into_makemaps_records_at_makemaps_size(tmp_path):
+    source = tmp_path / "aliases"
+    source.write_text(_many_aliases(50_000))
+    r = run_cli("aliases", source)
+    assert r.code == 0, r.err
+    assert r.out.strip() == f"wrote {tmp_path / 'aliases.db'}: 50003 aliases"
+    theirs = tmp_path / "theirs.db"
+    subprocess.run([MAKEMAP, "-t", "aliases", "-o", str(theirs), str(source)], check=True)
+    assert db_dump_records(tmp_path / "aliases.db") == db_dump_records(theirs)
+    ours_size, their_size = (tmp_path / "aliases.db").stat().st_size, theirs.stat().st_size
+    assert abs(ours_size - their_size) <= their_size // 10, (ours_size, their_size)
+    assert (tmp_path / "aliases.db").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.skipif(not HAS_BDB, reason="no Berkeley DB binding (python3-bsddb3) here")
+def test_a_rebuild_keeps_the_old_database_as_a_backup_and_leaves_no_temporary_file(tmp_path):
+    source = tmp_path / "aliases"
+    source.write_text("postmaster: root\nabuse: root\nroot: alice\n")
+    assert run_cli("aliases", source).code == 0
+    before = (tmp_path / "aliases.db").read_bytes()
+    source.write_text("postmaster: root\nabuse: root\nroot: bob\n")
+    assert run_cli("aliases", source).code == 0
+    [backup] = tmp_path.glob("aliases.db.*.bak")
+    assert backup.read_bytes() == before
+    assert read_aliases_db(tmp_path / "aliases.db")["root"] == "bob"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aliases", "aliases.db", backup.name]
+
+
+@pytest.mark.skipif(not HAS_BDB, reason="no Berkeley DB binding (python3-bsddb3) here")
+def test_a_duplicate_in_a_streamed_file_names_both_lines_and_changes_nothing(tmp_path):
+    source = tmp_path / "aliases"
+    source.write_text("postmaster: root\nabuse: root\nroot: alice\n")
+    assert run_cli("aliases", source).code == 0
+    before = (tmp_path / "aliases.db").read_bytes()
+    source.write_text(_many_aliases(3000) + "User000007: someone\n")
+    r = run_cli("aliases", source)
+    assert r.code == 2
+    assert r.err_lines[-1] == (f"mailsetup: error: {source}:3006: duplicate entry: the same name as line 13 "
+                               "(names are compared case-insensitively)")
+    assert (tmp_path / "aliases.db").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aliases", "aliases.db"]  # no temporary file left
+
+
+@needs_makemap
+@pytest.mark.skipif(not HAS_BDB, reason="no Berkeley DB binding (python3-bsddb3) here")
+def test_a_file_the_plain_patterns_do_not_cover_takes_the_exact_parser_and_still_matches_makemap(tmp_path):
+    source = tmp_path / "aliases"
+    text = "postmaster: root\nabuse: root\nroot: alice,\\\n  bob\nteam: alice # the team\n"
+    source.write_text(text)
+    assert run_cli("aliases", source).code == 0
+    rc, _err, expected = run_makemap(text.encode())
+    assert rc == 0 and db_dump_records(tmp_path / "aliases.db") == expected
