@@ -19,6 +19,7 @@ makemap), read one back, or render a `file:` table instead.
 
 from __future__ import annotations
 
+import functools
 import gc
 import operator
 import os
@@ -319,8 +320,8 @@ DEFAULT_SYNTAX = (7, 4)
 def _pick(smtpd_version: tuple[int, ...]):
     """(fast-path pattern, exact parser) for the makemap of that version."""
     if tuple(smtpd_version[:2]) >= TABLE_LINE_SYNTAX:
-        return _SIMPLE_LINE_75, _parse_bytes_75
-    return _SIMPLE_LINE, _parse_bytes
+        return _simple_line(True), _parse_bytes_75
+    return _simple_line(False), _parse_bytes
 
 
 def parse_aliases(
@@ -476,31 +477,37 @@ _SIMPLE_TARGET = "|".join(
 # ends at the first blank or ':' (makemap's cut); the separator runs until a character makemap's
 # lstrip(": \t...") keeps, where the value starts; the value keeps its trailing blanks, as stored.
 # No possessive quantifiers: Python 3.11.2's re mis-matches `(?:,[ ]*+x)*+` on "," (CPython bug).
-_SIMPLE_LINE = re.compile(
+_SIMPLE_LINE_TEXT = (
     r"\n(?:[ \t]*([^\s:#]+)[ \t:]+(?![ \t:])"
     rf"((?:{_SIMPLE_TARGET})(?:[ \t]*,[ \t]*(?:{_SIMPLE_TARGET}))*[ \t\r\f\v]*)(?:#[^\n]*)?"
-    r"|[ \t\r\f\v]*(?:#[^\n]*)?)(?=\n)",
-    re.ASCII,
+    r"|[ \t\r\f\v]*(?:#[^\n]*)?)(?=\n)"
 )
 
 
 # The same for OpenSMTPD >= 7.5: one separator byte then blanks and tabs, no comment after an entry,
 # trailing blanks trimmed (outside the value group); a name starting with '[' goes the exact way.
-_SIMPLE_LINE_75 = re.compile(
+_SIMPLE_LINE_75_TEXT = (
     r"\n(?:[ \t]*([^\s:#\[]+)[ \t:][ \t]*"
     rf"((?:{_SIMPLE_TARGET})(?:[ \t]*,[ \t]*(?:{_SIMPLE_TARGET}))*)[ \t\r\f\v]*"
-    r"|[ \t\r\f\v]*(?:#[^\n]*)?)(?=\n)",
-    re.ASCII,
+    r"|[ \t\r\f\v]*(?:#[^\n]*)?)(?=\n)"
 )
 
 
-def _parse_simple(text: str, pattern: re.Pattern[str] = _SIMPLE_LINE) -> list[AliasEntry] | None:
+@functools.cache
+def _simple_line(v75: bool, as_bytes: bool = False) -> re.Pattern:
+    """The plain-line pattern of that grammar, compiled on first use (each costs ~2 ms; a command
+    needs one of the four)."""
+    text = _SIMPLE_LINE_75_TEXT if v75 else _SIMPLE_LINE_TEXT
+    return re.compile(text.encode() if as_bytes else text, re.ASCII)
+
+
+def _parse_simple(text: str, pattern: re.Pattern[str] | None = None) -> list[AliasEntry] | None:
     """The entries, when every line of `text` is blank, a comment or a plain entry and no name repeats;
     else None (then only the exact parser may answer)."""
     if "\\" in text or "\0" in text:
         return None  # escapes, continuation lines and NUL cuts are the exact parser's
     padded = "\n" + text + ("\n" if text and not text.endswith("\n") else "")
-    rows = pattern.findall(padded)
+    rows = (pattern or _simple_line(False)).findall(padded)
     if len(rows) != padded.count("\n") - 1:
         return None  # some line is not of the plain shape
     del padded
@@ -669,7 +676,7 @@ class BdbWriter:
         put, flag, exists = self.db.put, self.bdb.DB_NOOVERWRITE, self.bdb.DBKeyExistError
         for key, value in zip(keys, values, strict=True):
             try:
-                put(key, value, flags=flag)
+                put(key, value, None, flag)
             except exists:
                 raise DuplicateName(key) from None
             self.count += 1
@@ -785,7 +792,7 @@ def _plain_rows(data: bytes, smtpd_version: tuple[int, ...]) -> Iterator[tuple[l
     a line is not of the plain shape or not UTF-8."""
     if b"\\" in data or b"\0" in data:
         raise NotPlain
-    pattern = _PLAIN_BYTES[_pick(smtpd_version)[0]]
+    pattern = _simple_line(tuple(smtpd_version[:2]) >= TABLE_LINE_SYNTAX, as_bytes=True)
     start, size = 0, len(data)
     while start < size:
         end = data.find(b"\n", min(start + _CHUNK, size))
@@ -803,9 +810,6 @@ def _plain_rows(data: bytes, smtpd_version: tuple[int, ...]) -> Iterator[tuple[l
         named = [row for row in rows if row[0]]
         yield [name.lower() + b"\0" for name, _ in named], [value + b"\0" for _, value in named]
         start = end
-
-
-_PLAIN_BYTES = {p: re.compile(p.pattern.encode(), re.ASCII) for p in (_SIMPLE_LINE, _SIMPLE_LINE_75)}
 
 
 def write_aliases_db_file(source: Path, out: Path, smtpd_version: tuple[int, ...],
