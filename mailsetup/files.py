@@ -491,8 +491,10 @@ def _open_existing(dir_fd: int, name: str, verb: str, target: Path) -> tuple[int
 
 
 def _read_fd(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 16):
+    # The size it has now in one read, so that a big file is one bytes object (joining one chunk
+    # copies nothing): a 42 MB aliases file must not cost twice that at its peak.
+    chunks = [os.read(fd, max(os.fstat(fd).st_size, 0) + 1)]
+    while chunks[-1] and (chunk := os.read(fd, 1 << 16)):
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -649,8 +651,9 @@ def _read_regular(path: Path, limit: int) -> bytes:
 
 
 def _read_fd_bounded(fd: int, limit: int) -> bytes:
-    chunks, size = [], 0
-    while size <= limit and (chunk := os.read(fd, 1 << 20)):
+    first = os.read(fd, min(max(os.fstat(fd).st_size, 0), limit) + 1)  # one object for the usual case
+    chunks, size = [first], len(first)
+    while first and size <= limit and (chunk := os.read(fd, 1 << 20)):
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
