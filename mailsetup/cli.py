@@ -2,8 +2,8 @@
 its steps; errors become one line and an exit code. Heavy modules load inside the commands.
 
 No `from __future__ import annotations` here: Typer reads every command's annotations on each start
-(for `--help` and for any one command alike), and as strings it would compile and eval each of them
-twice (~370 of them), a fifth of what mailsetup adds to `import typer`."""
+(for `--help` and for any one command alike), and as strings it compiles and evals each of them
+twice (~370 evals): ~10 ms of the ~28 ms it took to build the commands, measured here."""
 
 import os
 import sys
