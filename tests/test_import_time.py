@@ -64,3 +64,20 @@ def test_user_list_imports_no_heavy_library(set_up_root: Path):
     assert run_cli("user", "list", "--root", set_up_root).out.split() == ["bob"]
     found = heavy(imported_by("user", "list", "--root", set_up_root))
     assert not found, f"`mailsetup user list` imports {found} before it needs them"
+
+
+def test_a_command_run_alone_reads_as_in_the_whole_app():
+    """cli.main builds only the command argv names (start-up); usage lines, errors and the command
+    list must read as they do when Typer builds every command."""
+    r = run_cli("keygen", "--bogus")
+    assert r.code == 2 and "Usage: mailsetup keygen [OPTIONS]" in r.err and "No such option: --bogus" in r.err
+    r = run_cli("keyge")
+    assert r.code == 2 and "No such command 'keyge'. Did you mean 'keygen'?" in r.err
+    r = run_cli("user", "bogus")
+    assert r.code == 2 and "Usage: mailsetup user [OPTIONS] COMMAND" in r.err
+    listed = run_cli("--help", env={"COLUMNS": "200"}).out
+    for name in ("init", "import", "render", "cert", "keygen", "aliases", "serve", "smoke", "doctor", "dns", "user"):
+        assert f"  {name} " in listed, name
+    user_help = run_cli("user", "--help").out
+    assert all(f"  {name} " in user_help for name in ("add", "list", "remove")), user_help
+    assert run_cli("--version").out.startswith("mailsetup ")
