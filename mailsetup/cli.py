@@ -227,22 +227,41 @@ def user_remove(name: o.RemovedUser, root: o.Root = None, os_name: o.OsName = No
 
 
 def _app_for(argv: list[str]) -> typer.Typer:
-    """`app` holding only the command (or group) that argv names first. Typer builds every command's
-    options on each start although one runs: ~15 ms of `mailsetup keygen`'s ~20 ms above `import typer`.
-    No command, an option first (`--help`, `--version`) or an unknown name gets the whole app, so what
-    they print (the command list, "No such command" with its suggestion) is unchanged."""
+    """`app` as this start needs it. Typer builds every command's options (168 of them) on each start
+    although one command at most runs: ~15 ms, which `--help` and `keygen` would pay above `import typer`.
+    A command (or group) named first: an app holding only it. Anything else (no arguments, `--help`,
+    `--version`, an unknown option or name) ends in the command list, the version or an error, and runs
+    no command: the commands are stand-ins there, with their own names and help but no options. What each
+    prints (the command list, "No such command" with its suggestion, usage lines) is unchanged."""
     from copy import copy
 
     from typer.main import get_command_name
 
     name = argv[1] if len(argv) > 1 else ""
+    if name == "--":  # `mailsetup -- keygen` runs keygen: only the whole app can
+        return app
+    lean = copy(app)  # the same callback and settings; keeps the group (and its usage lines) a group
     commands = [c for c in app.registered_commands if (c.name or get_command_name(c.callback.__name__)) == name]
     groups = [g for g in app.registered_groups if g.name == name]
-    if not commands and not groups:
-        return app
-    lean = copy(app)  # the same callback and settings; keeps the group (and its usage line) a group
-    lean.registered_commands, lean.registered_groups = commands, groups
+    if commands or groups:
+        lean.registered_commands, lean.registered_groups = commands, groups
+    else:
+        lean.registered_commands = [_listed_only(c) for c in app.registered_commands]
     return lean
+
+
+def _listed_only(command):  # a CommandInfo with a stand-in callback: its name and help, no options
+    from copy import copy
+
+    real = command.callback
+
+    def stand_in() -> None:
+        raise AssertionError(f"the stand-in for {real.__name__} ran")  # _app_for's rules exclude it
+
+    stand_in.__name__, stand_in.__doc__ = real.__name__, real.__doc__
+    listed = copy(command)
+    listed.callback = stand_in
+    return listed
 
 
 def main() -> None:

@@ -67,8 +67,8 @@ def test_user_list_imports_no_heavy_library(set_up_root: Path):
 
 
 def test_a_command_run_alone_reads_as_in_the_whole_app():
-    """cli.main builds only the command argv names (start-up); usage lines, errors and the command
-    list must read as they do when Typer builds every command."""
+    """cli.main builds only the command argv names, or stand-ins that list the commands (start-up);
+    usage lines, errors and the command list must read as they do when Typer builds every command."""
     r = run_cli("keygen", "--bogus")
     assert r.code == 2 and "Usage: mailsetup keygen [OPTIONS]" in r.err and "No such option: --bogus" in r.err
     r = run_cli("keyge")
@@ -81,3 +81,5 @@ def test_a_command_run_alone_reads_as_in_the_whole_app():
     user_help = run_cli("user", "--help").out
     assert all(f"  {name} " in user_help for name in ("add", "list", "remove")), user_help
     assert run_cli("--version").out.startswith("mailsetup ")
+    r = run_cli("--", "keygen")  # after `--` a command runs though argv starts with no command name
+    assert r.code == 0 and len(r.out.strip()) == 32, r.err
