@@ -1,5 +1,9 @@
-"""Start-up time of the `mailsetup` command (`--help`, `keygen`) against a bare interpreter and
-`import typer`, measured in the same run, plus the slowest imports of `mailsetup keygen`.
+"""Start-up time of the `mailsetup` command (`--help`, `keygen`) as a ratio to its floor, `python -c
+"import typer"` measured in the same run (target: <= 1.3x each), plus the slowest imports of `mailsetup keygen`.
+
+Absolute times move from machine to machine (60 ms and 150 ms for the same `--help`); the ratio to
+`import typer` on the same interpreter, interleaved, does not. Run from the non-editable install that
+scripts/bootstrap makes (.venv from the wheel): an editable install's import finder costs every start.
 
 Run: .venv/bin/python benchmarks/startup.py [--runs N]
 """
@@ -7,6 +11,7 @@ Run: .venv/bin/python benchmarks/startup.py [--runs N]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -19,7 +24,7 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 MAILSETUP = BIN / "mailsetup"
 PYTHON = sys.executable  # the venv's interpreter: the one the `mailsetup` script runs on
-TARGET_MS = 100.0
+TARGET_RATIO = 1.3  # of `import typer`'s median; issue 17
 RUN_TIMEOUT = 30.0  # seconds for one start; a hang fails the benchmark instead of stalling it
 
 
@@ -32,7 +37,7 @@ class Case:
     key: str
     label: str
     argv: list[str]
-    ours: bool  # held to the target
+    ours: bool  # held to the target ratio
     times: list[float]
 
     @property
@@ -63,6 +68,20 @@ def time_once(argv: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
+def editable_install() -> str | None:
+    """Why the mailsetup in this venv is not the wheel's (an editable or missing install), or None."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("mailsetup")
+    except metadata.PackageNotFoundError:
+        return "mailsetup is not installed in this venv"
+    direct = dist.read_text("direct_url.json")
+    if direct and json.loads(direct).get("dir_info", {}).get("editable"):
+        return "mailsetup is installed editable (pip install -e): rebuild the venv with scripts/bootstrap"
+    return None
+
+
 def import_times(argv: list[str], env: dict[str, str]) -> list[tuple[int, int, str]]:
     """(self µs, cumulative µs, module) for every import `python -X importtime` reports."""
     done = subprocess.run([PYTHON, "-X", "importtime", *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -86,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs and --top must be >= 1")
     if not MAILSETUP.exists():
         parser.error(f"{MAILSETUP} not found: run with the project's venv python (.venv/bin/python)")
+    why = editable_install()
+    if why:
+        parser.error(why)
 
     # No inherited bytecode or import-time settings that would make one command unlike another.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
@@ -111,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         ms = case.median_ms
         verdict = ""
         if case.ours:
-            verdict = f"< {TARGET_MS:.0f} ms " + ("ok" if ms < TARGET_MS else "MISSED")
-            if ms >= TARGET_MS:
+            met = ms / typer_ <= TARGET_RATIO
+            verdict = f"<= {TARGET_RATIO:.2f}x typer " + ("ok" if met else "MISSED")
+            if not met:
                 missed.append(case.label)
         print(f"{case.label:<28} {ms:>10.1f} {min(case.times) * 1000:>8.1f} {max(case.times) * 1000:>8.1f} "
               f"{ms / bare:>7.2f}x {ms / typer_:>8.2f}x  {verdict}")
@@ -133,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({len(rows)} modules imported in all, {sum(r[0] for r in rows) / 1000:.1f} ms of import time under "
           "-X importtime, which itself slows imports a little)")
     if missed:
-        print(f"MISSED the {TARGET_MS:.0f} ms target: {', '.join(missed)}")
+        print(f"MISSED the {TARGET_RATIO:.2f}x `import typer` target: {', '.join(missed)}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """The mailsetup command line: each command names its options (declared in options.py) and calls
-its steps; errors become one line and an exit code. Heavy modules load inside the commands."""
+its steps; errors become one line and an exit code. Heavy modules load inside the commands.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: Typer reads every command's annotations on each start
+(for `--help` and for any one command alike), and as strings it compiles and evals each of them
+twice (~370 evals): ~10 ms of the ~28 ms it took to build the commands, measured here."""
 
 import os
 import sys
@@ -224,13 +226,51 @@ def user_remove(name: o.RemovedUser, root: o.Root = None, os_name: o.OsName = No
     remove_user(name, root, os_name)
 
 
+def _app_for(argv: list[str]) -> typer.Typer:
+    """`app` as this start needs it. Typer builds every command's options (168 of them) on each start
+    although one command at most runs: ~15 ms, which `--help` and `keygen` would pay above `import typer`.
+    A command (or group) named first: an app holding only it. Anything else (no arguments, `--help`,
+    `--version`, an unknown option or name) ends in the command list, the version or an error, and runs
+    no command: the commands are stand-ins there, with their own names and help but no options. What each
+    prints (the command list, "No such command" with its suggestion, usage lines) is unchanged."""
+    from copy import copy
+
+    from typer.main import get_command_name
+
+    name = argv[1] if len(argv) > 1 else ""
+    if name == "--":  # `mailsetup -- keygen` runs keygen: only the whole app can
+        return app
+    lean = copy(app)  # the same callback and settings; keeps the group (and its usage lines) a group
+    commands = [c for c in app.registered_commands if (c.name or get_command_name(c.callback.__name__)) == name]
+    groups = [g for g in app.registered_groups if g.name == name]
+    if commands or groups:
+        lean.registered_commands, lean.registered_groups = commands, groups
+    else:
+        lean.registered_commands = [_listed_only(c) for c in app.registered_commands]
+    return lean
+
+
+def _listed_only(command):  # a CommandInfo with a stand-in callback: its name and help, no options
+    from copy import copy
+
+    real = command.callback
+
+    def stand_in() -> None:
+        raise AssertionError(f"the stand-in for {real.__name__} ran")  # _app_for's rules exclude it
+
+    stand_in.__name__, stand_in.__doc__ = real.__name__, real.__doc__
+    listed = copy(command)
+    listed.callback = stand_in
+    return listed
+
+
 def main() -> None:
     try:
         if os.geteuid() == 0 and any(v in os.environ for v in ("TMPDIR", "TEMP", "TMP")):
             from mailsetup.files import use_trusted_tempdir
 
             use_trusted_tempdir()  # root inherits a user's TMPDIR through `su` or pam_tmpdir
-        app(standalone_mode=True)
+        _app_for(sys.argv)(standalone_mode=True)
     except MailsetupError as exc:
         if "--debug" in sys.argv:
             raise

@@ -5,11 +5,13 @@ and the next steps for this OS.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import typer
 
-from mailsetup.files import Applied
-from mailsetup.model import MailSetup
+if TYPE_CHECKING:  # annotations only: `mailsetup keygen` prints through echo() without loading the model
+    from mailsetup.files import Applied
+    from mailsetup.model import MailSetup
 
 _STATE_COLOR = {"new": "green", "replaced": "yellow", "unchanged": None}
 
