@@ -285,7 +285,7 @@ def _plan_aliases(setup: MailSetup, prov: Provisioning, admin: str | None) -> No
     prov.plan.add(FileChange(aliases_path, text.encode(), aliases_mod.ALIASES_MODE,
                              f"aliases(5), {len(entries)} entries"))
     backend = aliases_mod.db_backend()
-    if backend == "dbm":
+    if backend in ("bdb", "dbm"):
         db = aliases_mod.build_aliases_db(entries)
     elif backend == "makemap":
         prov.warnings.append("this Python's dbm cannot write Berkeley DB; built aliases.db with makemap")
