@@ -1058,3 +1058,13 @@ def test_a_file_the_plain_patterns_do_not_cover_takes_the_exact_parser_and_still
     assert run_cli("aliases", source).code == 0
     rc, _err, expected = run_makemap(text.encode())
     assert rc == 0 and db_dump_records(tmp_path / "aliases.db") == expected
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 4096])
+def test_lines_cut_across_blocks_anywhere_come_out_whole(size):
+    text = _many_aliases(200).encode() + b"last: final, entry@example.org"  # no newline at the end
+    blocks = [text[i:i + size] for i in range(0, len(text), size)]
+    rows = [r for keys, values in aliases._plain_rows(blocks, (7, 4)) for r in zip(keys, values, strict=True)]
+    whole = [r for keys, values in aliases._plain_rows([text], (7, 4)) for r in zip(keys, values, strict=True)]
+    expected = [(e.name.encode() + b"\0", e.value.encode() + b"\0") for e in parse_aliases(text.decode())]
+    assert rows == whole == expected
