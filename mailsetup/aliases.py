@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from itertools import compress, repeat
 from pathlib import Path
@@ -615,6 +615,7 @@ BDB_CACHE = 32 << 20
 DEBIAN_DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 
 
+@functools.cache
 def _bsddb():
     """A maintained Berkeley DB binding's `db` module (PyPI's berkeleydb, or bsddb3: Debian's
     python3-bsddb3, found in Debian's own dist-packages when this venv cannot import it), over the
@@ -639,13 +640,7 @@ def _debian_bsddb3():
 
     if "bsddb3" in sys.modules and sys.modules["bsddb3"] is None:
         return None  # blocked on purpose (the import system's convention)
-    folder = DEBIAN_DIST_PACKAGES / "bsddb3"
-    try:
-        for place in (DEBIAN_DIST_PACKAGES, folder):
-            st = place.stat()
-            if st.st_uid != 0 or st.st_mode & 0o022:
-                return None
-    except OSError:
+    if not _root_only(DEBIAN_DIST_PACKAGES / "bsddb3"):
         return None
     spec = importlib.machinery.PathFinder.find_spec("bsddb3", [str(DEBIAN_DIST_PACKAGES)])
     if spec is None or spec.loader is None:
@@ -661,33 +656,66 @@ def _debian_bsddb3():
         return None
 
 
+def _root_only(package: Path) -> bool:
+    """Whether only root could have put the code under `package` there: no other user controls its
+    path, and every file and folder in it is root's and writable by root alone."""
+    from mailsetup.files import _controllers
+
+    try:
+        if _controllers(package):
+            return False
+        for place in [package, *package.rglob("*")]:
+            st = place.lstat()
+            if st.st_uid != 0 or st.st_mode & 0o022:
+                return False
+    except OSError:
+        return False
+    return True
+
+
 class BdbWriter:
     """A Berkeley DB hash as makemap writes one (records `name\\0` -> `value\\0`, the library's own
-    fill factor), pre-sized for `expected` records, with a 16 MiB cache; a name already stored is a
-    DuplicateName (DB_NOOVERWRITE), never a silent overwrite."""
+    fill factor), pre-sized for `expected` records, with a BDB_CACHE cache; a name already stored is
+    a DuplicateName (DB_NOOVERWRITE), never a silent overwrite. The library's own errors (a full
+    disk, a refused open) come out as OSError naming `path`, as every other write's do."""
 
     def __init__(self, bdb, path: str, expected: int, mode: int = ALIASES_MODE):
-        self.bdb = bdb
+        self.bdb, self.path, self.count = bdb, path, 0
         self.db = bdb.DB()
-        self.db.set_h_nelem(max(expected, 1))
-        self.db.set_cachesize(0, BDB_CACHE, 1)
-        self.db.open(path, dbtype=bdb.DB_HASH, flags=bdb.DB_CREATE | bdb.DB_EXCL, mode=mode)
-        self.count = 0
+        try:
+            self.db.set_h_nelem(min(max(expected, 1), 1 << 30))
+            self.db.set_cachesize(0, BDB_CACHE, 1)
+            self.db.open(path, dbtype=bdb.DB_HASH, flags=bdb.DB_CREATE | bdb.DB_EXCL, mode=mode)
+        except bdb.DBError as exc:
+            self.db.close()
+            raise self._os_error(exc) from None
+
+    def _os_error(self, exc: Exception) -> OSError:
+        code, text = (exc.args + (0, ""))[:2] if exc.args else (0, "")
+        return OSError(code if isinstance(code, int) and code > 0 else 0, str(text) or "Berkeley DB refused",
+                       self.path)
 
     def put_all(self, keys: Iterable[bytes], values: Iterable[bytes]) -> None:
-        put, flag, exists = self.db.put, self.bdb.DB_NOOVERWRITE, self.bdb.DBKeyExistError
-        for key, value in zip(keys, values, strict=True):
-            try:
-                put(key, value, None, flag)
-            except exists:
-                raise DuplicateName(key) from None
-            self.count += 1
+        bdb = self.bdb
+        put, flag, exists = self.db.put, bdb.DB_NOOVERWRITE, bdb.DBKeyExistError
+        try:
+            for key, value in zip(keys, values, strict=True):
+                try:
+                    put(key, value, None, flag)
+                except exists:
+                    raise DuplicateName(key) from None
+                self.count += 1
+        except bdb.DBError as exc:
+            raise self._os_error(exc) from None
 
     def has(self, key: bytes) -> bool:
         return self.db.get(key) is not None
 
     def close(self) -> None:
-        self.db.close()
+        try:
+            self.db.close()
+        except self.bdb.DBError as exc:
+            raise self._os_error(exc) from None
 
 
 class DuplicateName(Exception):
@@ -732,6 +760,17 @@ _NAME_OF = operator.attrgetter("name")
 _VALUE_OF = operator.attrgetter("value")
 
 
+def _write_entries(writer: BdbWriter, entries: list[AliasEntry]) -> None:
+    try:
+        writer.put_all((e.name.encode() + b"\0" for e in entries), (e.value.encode() + b"\0" for e in entries))
+    except DuplicateName:
+        seen: set[str] = set()
+        line = next(e.line for e in entries if e.name in seen or seen.add(e.name))
+        raise MailsetupError(f"aliases:{line}: duplicate entry") from None
+    finally:
+        writer.close()
+
+
 def build_aliases_db(entries: Iterable[AliasEntry]) -> bytes:
     """The aliases.db bytes: keys `name\\0`, values `value\\0`, as makemap writes them (through a
     Berkeley DB binding, else dbm.ndbm)."""
@@ -740,16 +779,11 @@ def build_aliases_db(entries: Iterable[AliasEntry]) -> bytes:
         entries = entries if isinstance(entries, list) else list(entries)
         with tempfile.TemporaryDirectory(prefix="mailsetup-aliases-") as tmp:
             path = os.path.join(tmp, "aliases.db")
-            writer = BdbWriter(bdb, path, len(entries))
             try:
-                writer.put_all((e.name.encode() + b"\0" for e in entries), (e.value.encode() + b"\0" for e in entries))
-            except DuplicateName:
-                seen: set[str] = set()
-                line = next(e.line for e in entries if e.name in seen or seen.add(e.name))
-                raise MailsetupError(f"aliases:{line}: duplicate entry") from None
-            finally:
-                writer.close()
-            return Path(path).read_bytes()
+                _write_entries(BdbWriter(bdb, path, len(entries)), entries)
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise MailsetupError(f"cannot build aliases.db in {tmp}: {exc.strerror}", exit_code=1) from None
     ndbm = _ndbm()
     if ndbm is None:
         raise DbmUnavailable(
@@ -841,14 +875,14 @@ def write_aliases_db_file(source: Path, out: Path, smtpd_version: tuple[int, ...
     then replaces it atomically, the old one kept as a dated backup. Returns (entries, RFC 2142 names
     missing). NotPlain when the file needs the exact parser (the caller takes the other way, which
     also names any bad line); DbmUnavailable without a binding."""
-    from mailsetup.files import replace_built
+    from mailsetup.files import INPUT_LIMIT, replace_built
 
     bdb = _bsddb()
     if bdb is None:
         raise DbmUnavailable("no Berkeley DB binding here")
     source = Path(source)
     try:
-        expected = source.stat().st_size // 24  # an estimate: a line is rarely shorter
+        expected = min(source.stat().st_size, INPUT_LIMIT) // 24  # an estimate: a line is rarely shorter
     except OSError:
         expected = 0
     blocks = _source_blocks(source)
@@ -856,8 +890,9 @@ def write_aliases_db_file(source: Path, out: Path, smtpd_version: tuple[int, ...
     def build(path: str) -> tuple[int, list[str]]:
         writer = BdbWriter(bdb, path, expected, mode=0o600)
         try:
-            for keys, values in _plain_rows(blocks, smtpd_version):
-                writer.put_all(keys, values)
+            with closing(blocks):  # the source's descriptor, closed now even when we stop early
+                for keys, values in _plain_rows(blocks, smtpd_version):
+                    writer.put_all(keys, values)
             missing = [n for n in RFC2142_NAMES if not writer.has(n.encode() + b"\0")]
             return writer.count, missing
         except DuplicateName:

@@ -802,10 +802,7 @@ def _backup_in(dir_fd: int, path: Path, data: bytes, st: os.stat_result, private
     """A dated copy of `path` beside it (NAME.YYYYmmdd-HHMMSS.bak, NAME.YYYYmmdd-HHMMSS.N.bak when
     that is taken), same mode and group; a secret's (`private`) is its owner's alone (0600 at most), even
     where the live file is shared with a group: nothing needs to read an old key or password."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    name, n = f"{path.name}.{stamp}.bak", 1
-    while _exists_in(dir_fd, name):
-        name, n = f"{path.name}.{stamp}.{n}.bak", n + 1
+    name = _backup_name(dir_fd, path)
     tmp = _tmp_name(name)
     mode = stat.S_IMODE(st.st_mode) & (0o600 if private else 0o7777)
     write_new_file(tmp, [data], mode, _keep_owner(st), dir_fd=dir_fd)
@@ -859,12 +856,12 @@ def _replace(path: Path, content: bytes, mode: int, backup: bool, created: list[
 
 def replace_built(path: Path, build: Callable[[str], T], mode: int, keep_backups: int | None = None) -> T:
     """Replace `path` with a file a library writes by name (a Berkeley DB): `build(name)` makes it as
-    a temporary file inside the directory opened and checked as _replace does, reached through
-    /proc/self/fd (so no path another user steers is ever followed); then it gets `mode`, is fsynced,
-    the old file becomes a dated backup (a hard link: never read into memory) and the new one is
-    renamed into place. Anything failing removes the temporary file and leaves the old one as it was."""
+    a temporary file inside the directory opened and checked as _replace does (as root: one only root
+    controls, so its name cannot be steered); then it gets `mode`, is fsynced, the old file becomes a
+    dated backup (a hard link: never read into memory) and the new one is renamed into place.
+    Anything failing removes the temporary file and the backup and leaves the old one as it was."""
     target = _target(path)
-    dir_fd, _ = _open_dir(target.parent, "write", path)
+    dir_fd, real_dir = _open_dir(target.parent, "write", path)
     backup = None
     try:
         opened = _open_existing(dir_fd, target.name, "write", path)
@@ -874,26 +871,23 @@ def replace_built(path: Path, build: Callable[[str], T], mode: int, keep_backups
             st = opened[1]
         tmp = _tmp_name(target.name)
         try:
-            result = build(f"/proc/self/fd/{dir_fd}/{tmp}")
-            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW, dir_fd=dir_fd)
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise _refuse("write", path, "the file built is not a regular file")
-                owner = _keep_owner(st)
-                if owner is not None:
-                    os.fchown(fd, *owner)
-                os.fchmod(fd, mode)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            result = build(os.path.join(real_dir, tmp))
+            _finish_built(dir_fd, tmp, mode, _keep_owner(st), path)
             if st is not None:
                 backup = _link_backup_in(dir_fd, target)
             os.replace(tmp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dir_fd)
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(backup.name, dir_fd=dir_fd)
             raise
         os.fsync(dir_fd)
+    except OSError as exc:
+        if exc.filename is None or not str(exc.filename).startswith("/"):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
     finally:
         os.close(dir_fd)
     if keep_backups is not None and backup is not None:
@@ -901,13 +895,32 @@ def replace_built(path: Path, build: Callable[[str], T], mode: int, keep_backups
     return result
 
 
-def _link_backup_in(dir_fd: int, path: Path) -> Path:
-    """A dated backup of `path` that is the old file itself (a second name for it, made before the new
-    file is renamed over the first): same bytes, mode and owner, at no cost in memory or disk."""
+def _finish_built(dir_fd: int, name: str, mode: int, owner: tuple[int, int] | None, shown: Path) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _refuse("write", shown, "the file built is not a regular file")
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _backup_name(dir_fd: int, path: Path) -> str:
+    """NAME.YYYYmmdd-HHMMSS.bak beside `path`, or NAME.YYYYmmdd-HHMMSS.N.bak when that is taken."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name, n = f"{path.name}.{stamp}.bak", 1
     while _exists_in(dir_fd, name):
         name, n = f"{path.name}.{stamp}.{n}.bak", n + 1
+    return name
+
+
+def _link_backup_in(dir_fd: int, path: Path) -> Path:
+    """A dated backup of `path` that is the old file itself (a second name for it, made before the new
+    file is renamed over the first): same bytes, mode and owner, at no cost in memory or disk."""
+    name = _backup_name(dir_fd, path)
     os.link(path.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     return path.with_name(name)
 

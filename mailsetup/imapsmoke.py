@@ -42,9 +42,13 @@ def serving_plan(maildir: Path) -> tuple[list[str], int, int, dict | None] | str
 
     from mailsetup.files import _controllers
 
-    st = maildir.stat()
-    me = os.geteuid()
-    if me == 0 and _controllers(maildir) - {st.st_uid}:
+    try:
+        st = maildir.stat()
+        me = os.geteuid()
+        steered = me == 0 and _controllers(maildir) - {st.st_uid}
+    except OSError as exc:
+        return f"it cannot be looked at ({exc.strerror})"
+    if steered:
         # Root's Dovecot reads (and writes its indexes, moves new/ to cur/) as the Maildir's owner: a
         # path someone else steers (a link swapped in, another user's folder on the way) could point it
         # at root's or a third user's mail, which it would then read and change with their rights.

@@ -243,8 +243,11 @@ def _anywhere(rule: _Rule) -> bool:
 
 
 class _Reader:
-    def __init__(self, path: Path, os_name: str, default_listen: str):
+    def __init__(self, path: Path, os_name: str, default_listen: str, trusted: bool = True, shared: bool = False):
         self.name = str(path)
+        self.trusted = trusted  # only root controls the config's path: the secret files it names may be read
+        self.shared = shared  # others could read the config (and so its queue key)
+        self.pairs: dict[str, list[tuple[str, str]]] = {}
         self.os_name, self.default_listen = os_name, default_listen
         self.result = Imported(path, "", ImportedAnswers(path))
         self.pki: dict[str, dict[str, tuple[str, int]]] = {}
@@ -325,6 +328,9 @@ class _Reader:
                 self.result.queue_key = None
             if self.result.queue_key:
                 self.ok(line, "queue encryption with its key (kept: mail queued under it stays readable)")
+                if self.shared:
+                    self.drop(line, "queue encryption key: others could read this file, so the key is not secret; "
+                                    "once the queue is drained, rotate it (mailsetup init --rotate-queue-key --drain)")
             else:
                 self.drop(line, "queue encryption key: not a usable key (32 characters); a new one is made, so "
                                 "drain the old queue first (smtpctl pause smtp; wait for `smtpctl show queue` "
@@ -344,6 +350,9 @@ class _Reader:
         self.tables[words[1].text] = (values, words[0].line)
         if words[2].text == "{":
             self.inline.add(words[1].text)
+            # the pairs themselves, for an auth table's logins only: never shown
+            self.pairs[words[1].text] = [(rest[i - 2].text, w.text) for i, w in enumerate(rest)
+                                         if i >= 2 and rest[i - 1].text == "=" and not rest[i - 1].quoted]
 
     def listen_stmt(self, words: list[Word]) -> None:
         self.listeners.append(words)
@@ -499,7 +508,8 @@ class _Reader:
             except MailsetupError as exc:
                 self.drop(line, f"table {name}: logins not carried over ({exc.message})")
                 continue
-            self.result.logins.extend(c for c in logins if c.user not in {x.user for x in self.result.logins})
+            have = {x.user for x in self.result.logins}
+            self.result.logins.extend(c for c in logins if c.user not in have)
             self.ok(line, f"table {name}: {len(logins)} login(s) carried over with their password hashes")
 
     def settle_rules(self) -> None:
@@ -609,8 +619,10 @@ class _Reader:
         from mailsetup import credentials
 
         if name in self.inline:  # { "user" = "hash", … }
-            text = "".join(f"{u} {h}\n" for u, h in zip(values[::2], values[1::2], strict=False))
+            text = "".join(f"{u} {h}\n" for u, h in self.pairs.get(name, []))
             return credentials.parse_credentials(text, f"table {name}")
+        if not self.trusted:
+            raise MailsetupError("the config is not root's alone, so the files it names are not read for logins")
         kind, sep, rest = values[0].partition(":") if len(values) == 1 else ("", "", "")
         path = rest if kind == "file" else (values[0] if values and not sep else "")
         if not path.startswith("/"):
@@ -705,12 +717,30 @@ def read_config(path: Path, os_name: str, default_listen: str) -> Imported:
     if "\0" in text:
         raise MailsetupError(f"{name}:{text[:text.index(chr(0))].count(chr(10)) + 1}: a NUL byte: not a config file")
     statements = expand_macros(lex(text, name), name)
-    return _Reader(path, os_name, default_listen).read(statements)
+    trusted, shared = _standing(path)
+    return _Reader(path, os_name, default_listen, trusted, shared).read(statements)
 
 
-def foreign_conf(path: Path, sandbox: bool) -> Path | None:
-    """`path` when it is an smtpd.conf that says something and that neither mailsetup wrote nor the
-    OS package installed unchanged (dpkg's record of its conffile); else None."""
+def _standing(path: Path) -> tuple[bool, bool]:
+    """(only root controls the file's path, others may read the file)."""
+    import os
+    import stat
+
+    from mailsetup.files import _controllers, strict
+
+    try:
+        mode = os.stat(path).st_mode
+        trusted = not strict() or not _controllers(Path(path))
+    except (OSError, MailsetupError):
+        return False, False
+    return trusted, bool(stat.S_IMODE(mode) & 0o044)
+
+
+def foreign_conf(path: Path, sandbox: bool) -> tuple[Path, bool] | None:
+    """(`path`, certain) when it is an smtpd.conf that says something and that neither mailsetup wrote
+    nor the OS package installed unchanged; else None. `certain`: in a sandbox (no package puts files
+    there), or where dpkg records the package's conffile to compare with; elsewhere (Alpine, the
+    BSDs) a packaged default cannot be told from a hand-written file."""
     import hashlib
 
     from mailsetup.files import read_input
@@ -726,19 +756,27 @@ def foreign_conf(path: Path, sandbox: bool) -> Path | None:
             return None  # empty, or only comments
     except (UnicodeDecodeError, MailsetupError):
         pass  # not even readable as a config: certainly not ours
-    if not sandbox and hashlib.md5(data).hexdigest() in _packaged_sums(path):  # noqa: S324 - dpkg's own sums
+    if sandbox:
+        return path, True
+    sums = _packaged_sums(path)
+    if sums and hashlib.md5(data).hexdigest() in sums:  # noqa: S324 - dpkg's own sums
         return None
-    return path
+    return path, sums is not None
 
 
-def _packaged_sums(path: Path) -> set[str]:
+def _packaged_sums(path: Path) -> set[str] | None:
+    """The md5 sums dpkg records for `path` as a conffile of the opensmtpd package (empty when the
+    package is not installed or does not own it); None where there is no dpkg to ask."""
+    import shutil
     import subprocess
 
+    if not shutil.which("dpkg-query"):
+        return None
     try:
         out = subprocess.run(["dpkg-query", "-W", "-f=${Conffiles}\\n", "opensmtpd"], capture_output=True,
                              text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return set()
+        return None
     return {parts[1] for parts in (line.split() for line in out.splitlines())
             if len(parts) >= 2 and parts[0] == str(path)}
 

@@ -139,18 +139,22 @@ _IMPORTED: dict[tuple, Any] = {}
 
 def _offer_import(root: Path | None, os_name: str | None, opts: InitOptions) -> None:
     """A first run where an smtpd.conf mailsetup did not write already is: on a terminal, offer to
-    import it (its meaning carried over) rather than replace it; unattended, stop and say how."""
+    import it (its meaning carried over) rather than replace it; unattended, stop and say how (where
+    the OS's packaged default can be told apart: dpkg; elsewhere it is replaced, with a backup)."""
     from mailsetup.importconf import default_conf, foreign_conf
 
-    found = foreign_conf(default_conf(root, os_name), sandbox=root is not None)
-    if found is None:
+    foreign = foreign_conf(default_conf(root, os_name), sandbox=root is not None)
+    if foreign is None:
         return
+    found, certain = foreign
     if opts.interactive and not opts.yes and not opts.as_json:
         from mailsetup import wizard
 
         if wizard.confirm(f"{found} was not written by mailsetup. Import it (its domain, listeners, certificate, "
                           "queue and aliases carried over) instead of replacing it?", default=True):
             opts.import_conf = found
+        return
+    if not certain:  # maybe the OS's own default: replaced as before (a dated backup is kept)
         return
     raise MailsetupError(f"{found}: an smtpd.conf mailsetup did not write is here; `mailsetup import` adopts it",
                          hint="or move it aside to start afresh (replacing it would not carry its meaning over)")

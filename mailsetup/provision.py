@@ -310,7 +310,8 @@ def _plan_credentials(setup: MailSetup, prov: Provisioning, new_user: tuple[str,
     path = Path(setup.layout.credentials)
     users = credentials.read_credentials(path)
     content = credentials.render_credentials(users)
-    added = [c for c in imported or [] if c.user not in {u.user for u in users}]
+    present = {u.user for u in users}
+    added = [c for c in imported or [] if c.user not in present]
     if added:
         users = users + added
         content = credentials.render_credentials(users)

@@ -1071,3 +1071,11 @@ def test_lines_cut_across_blocks_anywhere_come_out_whole(size):
     whole = [r for keys, values in aliases._plain_rows([text], (7, 4)) for r in zip(keys, values, strict=True)]
     expected = [(e.name.encode() + b"\0", e.value.encode() + b"\0") for e in parse_aliases(text.decode())]
     assert rows == whole == expected
+
+
+@pytest.mark.skipif(not HAS_BDB, reason="no Berkeley DB binding (python3-bsddb3) here")
+def test_a_berkeley_db_refusal_is_an_os_error_naming_the_file_not_the_librarys_own_exception(tmp_path):
+    where = str(tmp_path / "no-such-folder" / "aliases.db")
+    with pytest.raises(OSError) as err:
+        aliases.BdbWriter(aliases._bsddb(), where, 10)
+    assert err.value.filename == where

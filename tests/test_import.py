@@ -101,6 +101,7 @@ table aliases db:{old}/aliases.db
 accept from any for domain "example.org" alias <aliases> deliver to maildir
 accept for any relay tls verify
 """)
+    conf.chmod(0o600)  # as a config holding a queue key should be (see the next test for one that is not)
     root = tmp_path / "root"
     report, _ = imported(conf, root, "--no-smoke")
     assert report["import"]["not_carried_over"] == [] and report["import"]["queue_key_kept"] is True
@@ -407,3 +408,50 @@ def test_escape_sequences_in_the_file_never_reach_the_terminal(tmp_path: Path):
     assert r.code == 0, r.err
     assert not any(c in r.out + r.err for c in "\x1b\x07\x9b")
     assert "smtp \\x1b]0;owned\\x07x: not carried over" in r.out
+
+
+def test_a_queue_key_others_could_read_is_kept_but_flagged_for_rotation(tmp_path: Path):
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text("queue encryption 0123456789abcdef0123456789abcdef\nlisten on 0.0.0.0\n")
+    conf.chmod(0o644)
+    report, _ = imported(conf, tmp_path / "root", "--domain", "example.test", "--admin", "alice", "--no-smoke")
+    assert report["import"]["queue_key_kept"] is True
+    [note] = [f for f in report["import"]["not_carried_over"] if "queue encryption key" in f]
+    assert note.startswith(f"{conf}:1: ") and "--rotate-queue-key --drain" in note
+    assert "0123456789abcdef" not in json.dumps(report)
+
+
+def test_an_inline_auth_tables_logins_come_over_and_their_hashes_are_never_printed(tmp_path: Path):
+    hashed = "$2b$10$" + "a" * 53
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text(f'table creds {{ "carol" = "{hashed}" }}\nlisten on 0.0.0.0 port 587 tls-require auth <creds>\n')
+    conf.chmod(0o600)
+    root = tmp_path / "root"
+    report, _ = imported(conf, root, "--domain", "example.test", "--admin", "alice", "--no-smoke")
+    assert report["import"]["logins"] == ["carol"]
+    assert hashed not in json.dumps(report)
+    assert f"carol {hashed}" in (root / "etc/mailsetup/credentials").read_text()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root: a config in a folder another user controls")
+def test_a_config_another_user_controls_cannot_make_root_read_a_credentials_file_into_logins(tmp_path: Path):
+    import os
+    import pwd
+
+    secret = tmp_path / "root-only-creds"
+    secret.write_text("carol $2b$10$" + "b" * 53 + "\n")
+    secret.chmod(0o600)
+    theirs = Path(tempfile.mkdtemp(prefix="mailsetup-theirs-", dir="/tmp"))
+    try:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(theirs, nobody.pw_uid, nobody.pw_gid)
+        conf = theirs / "smtpd.conf"
+        conf.write_text(f"table creds file:{secret}\nlisten on 0.0.0.0 port 587 tls-require auth <creds>\n")
+        os.chown(conf, nobody.pw_uid, nobody.pw_gid)
+        root = tmp_path / "root"
+        report, _ = imported(conf, root, "--domain", "example.test", "--admin", "alice", "--no-smoke")
+        assert report["import"]["logins"] == []
+        assert any("not root's alone" in f for f in report["import"]["not_carried_over"])
+        assert "carol" not in (root / "etc/mailsetup/credentials").read_text()
+    finally:
+        shutil.rmtree(theirs, ignore_errors=True)
