@@ -379,6 +379,7 @@ def test_a_credentials_tables_password_hashes_are_never_printed_even_when_it_is_
         assert "Q8rIaV" not in r.out + r.err
 
 
+@pytest.mark.once  # ~10 s of our own parser's scaling: the same on every release
 def test_a_file_of_many_domains_imports_in_seconds_not_hours(tmp_path: Path):
     # 100,000 domains in one rule (2 MiB; the limit is 4): each was checked against a list of the
     # ones before, ~3 minutes here (a 4 MiB file: ~half an hour, as root); now a few seconds.
@@ -389,6 +390,7 @@ def test_a_file_of_many_domains_imports_in_seconds_not_hours(tmp_path: Path):
     assert r.code == 0 and "d0.example.test" in r.out, r.err
 
 
+@pytest.mark.once  # ~24 s of our own parser's scaling: the same on every release
 def test_a_file_of_many_listeners_imports_in_seconds_not_minutes(tmp_path: Path):
     # 120,000 `listen on` lines (2.6 MiB): each address was checked against a list of the ones before
     # (~2 minutes in the importer alone here); now linear.
