@@ -65,6 +65,9 @@ def test_the_tutorials_config_comes_out_in_todays_grammar_with_the_same_meaning(
 
 @needs_smtpd
 def test_the_tutorials_config_imported_passes_the_smoke_test_on_the_real_smtpd():
+    from test_real_smtpd import ensure_system_user
+
+    ensure_system_user("alice")  # the real smtpd delivers root's mail to a person's account only
     base = Path(tempfile.mkdtemp(prefix="mailsetup-import-", dir="/tmp"))
     base.chmod(0o755)  # smtpd's unprivileged processes must reach aliases.db
     try:
