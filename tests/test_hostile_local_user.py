@@ -92,6 +92,7 @@ def test_init_on_a_real_host_never_follows_the_admins_maildir_link_into_a_folder
 
 
 @pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare")
+@pytest.mark.once  # ~20 s of our own path handling's time-out: the same on every release
 def test_init_on_a_real_host_is_not_hung_by_a_fifo_in_the_admins_maildir(tmp_path: Path):
     """The smoke test looks for its message by reading every file in ~alice/Maildir/new as root
     (`p.read_bytes()` for p in new.iterdir()): alice leaves a FIFO there and root's `mailsetup init`
