@@ -558,8 +558,15 @@ def _read(path: Path, what: str) -> bytes:
     """The file's bytes, or one line saying why not (as root: read as whoever controls the path)."""
     from mailsetup.files import read_input
 
-    try:
+    with _reading(path, what):
         return read_input(path)
+
+
+@contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """An input's OSError as one line naming it (missing, a directory, unreadable)."""
+    try:
+        yield
     except FileNotFoundError:
         raise MailsetupError(f"{path}: no such {what}") from None
     except IsADirectoryError:
@@ -858,14 +865,8 @@ def _source_blocks(source: Path) -> Iterator[bytes]:
     """The aliases file a MiB at a time, read as _read reads it (the same errors, one line each)."""
     from mailsetup.files import read_input_blocks
 
-    try:
+    with _reading(source, "aliases file"):
         yield from read_input_blocks(source)
-    except FileNotFoundError:
-        raise MailsetupError(f"{source}: no such aliases file") from None
-    except IsADirectoryError:
-        raise MailsetupError(f"{source}: is a directory, not an aliases file") from None
-    except OSError as exc:
-        raise MailsetupError(f"{source}: cannot read: {exc.strerror or exc}") from None
 
 
 def write_aliases_db_file(source: Path, out: Path, smtpd_version: tuple[int, ...],

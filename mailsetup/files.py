@@ -618,11 +618,7 @@ def read_input_blocks(path: Path, limit: int = INPUT_LIMIT, block: int = 1 << 20
         return
     fd = _open_trusted(path) if strict() else os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        if not stat.S_ISREG(st.st_mode):
-            raise _refuse("read", path, "it is not a regular file")
+        _check_input(fd, path, limit)
         total = 0
         while data := os.read(fd, block):
             total += len(data)
@@ -667,16 +663,22 @@ def _controllers(path: Path) -> set[int]:
     return owners
 
 
+def _check_input(fd: int, path: Path, limit: int) -> None:
+    """A named input is a regular file of at most `limit` bytes: a FIFO or a device is never waited
+    on, a directory is IsADirectoryError, anything else one refusal."""
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise _refuse("read", path, "it is not a regular file")
+    if st.st_size > limit:
+        raise _refuse("read", path, f"it is larger than {limit >> 20} MiB")
+
+
 def _read_regular(path: Path, limit: int) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        if not stat.S_ISREG(st.st_mode):
-            raise _refuse("read", path, "it is not a regular file")
-        if st.st_size > limit:
-            raise _refuse("read", path, f"it is larger than {limit >> 20} MiB")
+        _check_input(fd, path, limit)
         data = _read_fd_bounded(fd, limit)  # the size may grow while we read
         if len(data) > limit:
             raise _refuse("read", path, f"it is larger than {limit >> 20} MiB")
