@@ -849,11 +849,16 @@ def _replace(path: Path, content: bytes, mode: int, backup: bool, created: list[
         os.fsync(dir_fd)
         return target, saved, None if st is None else stat.S_IMODE(st.st_mode)
     except OSError as exc:
-        if exc.filename is None or not str(exc.filename).startswith("/"):
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-        raise
+        raise _naming(exc, path) from None
     finally:
         os.close(dir_fd)
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """`exc` naming the file a person asked for, when it names none or only a relative entry."""
+    if exc.filename is None or not str(exc.filename).startswith("/"):
+        return OSError(exc.errno, exc.strerror, str(path))
+    return exc
 
 
 def replace_built(path: Path, build: Callable[[str], T], mode: int, keep_backups: int | None = None) -> T:
@@ -887,9 +892,7 @@ def replace_built(path: Path, build: Callable[[str], T], mode: int, keep_backups
             raise
         os.fsync(dir_fd)
     except OSError as exc:
-        if exc.filename is None or not str(exc.filename).startswith("/"):
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-        raise
+        raise _naming(exc, path) from None
     finally:
         os.close(dir_fd)
     if keep_backups is not None and backup is not None:
