@@ -1,3 +1,3 @@
-from mailsetup.cli import main
+from mailsetup.entry import main
 
 main()

@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 from mailsetup.errors import MailsetupError
-from mailsetup.files import FileChange
 from mailsetup.model import Acme, MailSetup
+from mailsetup.plan import FileChange
 
 HOOK_MODE = 0o755  # certbot runs only executables in renewal-hooks/deploy
 HOOK_NAME = "mailsetup-smtpd"

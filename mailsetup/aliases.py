@@ -24,15 +24,12 @@ import gc
 import operator
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
 from itertools import compress, repeat
 from pathlib import Path
+from typing import NamedTuple
 
 from mailsetup.errors import MailsetupError
 
@@ -61,8 +58,7 @@ class DbmUnavailable(MailsetupError):
     """No way to write a Berkeley DB file here (no Berkeley-DB `dbm.ndbm`, or no `makemap`)."""
 
 
-@dataclass(frozen=True, slots=True)
-class AliasEntry:
+class AliasEntry(NamedTuple):  # not a dataclass: `mailsetup aliases` starts without loading dataclasses
     """One alias as makemap stores it: `name` is the key (ASCII lower-cased), `value` the text after
     the colon exactly as stored (trailing blanks kept), both without the NUL the db adds; `line` is
     the source line the entry starts on."""
@@ -742,6 +738,8 @@ def _ndbm():
 
 
 def _makemap_path() -> str | None:
+    import shutil
+
     # /usr/sbin is often missing from a non-root PATH
     return shutil.which("makemap") or shutil.which("makemap", path="/usr/sbin:/usr/local/sbin:/usr/bin")
 
@@ -781,6 +779,8 @@ def _write_entries(writer: BdbWriter, entries: list[AliasEntry]) -> None:
 def build_aliases_db(entries: Iterable[AliasEntry]) -> bytes:
     """The aliases.db bytes: keys `name\\0`, values `value\\0`, as makemap writes them (through a
     Berkeley DB binding, else dbm.ndbm)."""
+    import tempfile
+
     bdb = _bsddb()
     if bdb is not None:
         entries = entries if isinstance(entries, list) else list(entries)
@@ -910,6 +910,9 @@ def build_aliases_db_with_makemap(text: str, entries: Iterable[AliasEntry] | Non
     `entries`: what our parser made of the text for the target smtpd; the db must hold exactly that,
     else the installed makemap reads the file by other rules (another version) and it is refused.
     """
+    import subprocess
+    import tempfile
+
     makemap = _makemap_path()
     if makemap is None:
         raise DbmUnavailable(
@@ -944,6 +947,8 @@ def build_aliases_db_with_makemap(text: str, entries: Iterable[AliasEntry] | Non
 
 def read_aliases_db(path: Path) -> dict[str, str]:
     """Read an aliases db back: {name: value}, both without their NUL terminators."""
+    import tempfile
+
     path = Path(path)
     data = _read(path, "aliases database")
     if len(data) < 16 or data[12:16] not in _HASH_MAGIC:
@@ -974,6 +979,8 @@ def read_aliases_db(path: Path) -> dict[str, str]:
 
 
 def _read_with_makemap(shown: Path, path: str) -> dict[bytes, bytes]:
+    import subprocess
+
     makemap = _makemap_path()
     if makemap is None:
         raise DbmUnavailable(f"{shown}: neither a Berkeley-DB dbm.ndbm nor makemap is available to read it")

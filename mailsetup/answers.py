@@ -4,9 +4,7 @@ from it. Keys are the flag names without dashes (`smtp_port` for --smtp-port).
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from mailsetup.errors import MailsetupError
 from mailsetup.platforms import LAYOUTS, detect_os, get_layout, sandboxed
@@ -18,7 +16,7 @@ class AnswersFile(dict):
     """The keys of an answers file, and where each was set: an error names `FILE:LINE: --flag` (a
     key is its flag's name)."""
 
-    def __init__(self, path: Path, data: bytes, values: dict[str, Any]):
+    def __init__(self, path: Path, data: bytes, values: dict[str, object]):
         super().__init__(values)
         self.path = path
         self._lines = _lines_of(data)
@@ -33,6 +31,8 @@ class AnswersFile(dict):
 def load_answers(path: Path, ours: bool = False) -> AnswersFile:
     """An answers file: `--answers FILE` (read as whoever controls its path), or with `ours` the one
     the last run wrote, which root acts on and so reads only from a path no other user controls."""
+    import tomllib  # here: `mailsetup aliases` on a host without answers never needs it
+
     from mailsetup.files import read_input, read_secret
 
     try:
@@ -82,7 +82,7 @@ def _lines_of(data: bytes) -> dict[str, int]:
 def kept_backups(root: Path | None, os_name: str | None = None) -> int:
     """How many dated backups of each file the set-up under `root` (or this host's) keeps; the
     default where there is none."""
-    from mailsetup.model import DEFAULT_KEEP_BACKUPS
+    from mailsetup.defaults import DEFAULT_KEEP_BACKUPS
 
     path = existing_answers(root.absolute() if root else None, os_name)
     if path is None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from mailsetup import queuekey, spool
 from mailsetup.errors import MailsetupError
-from mailsetup.files import Applied, apply_plan, prune_backups, undo_applied
 from mailsetup.model import MailSetup
 from mailsetup.opensmtpd import check_config, openssl_major, smtpd_version, tls_defect
+from mailsetup.plan import Applied, apply_plan, prune_backups, undo_applied
 from mailsetup.provision import Provisioning
 
 

@@ -6,10 +6,14 @@ memory and leaves the writing to files.py.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailsetup.errors import MailsetupError
-from mailsetup.files import FileChange, apply_plan
 from mailsetup.report import echo
+
+if TYPE_CHECKING:  # the plan module loads dataclasses: `mailsetup aliases` mostly goes without it
+    from mailsetup.plan import FileChange
+    from mailsetup.smtpdversion import VersionProbe
 
 
 def smtpd_version_or_installed(given: str | None) -> str | None:
@@ -28,6 +32,7 @@ def write_new(changes: list[FileChange], force: bool, flag: str, make_dirs: bool
     as the set-up under `root`, or this host's, keeps; every one when not `prune`), never into a
     folder that does not exist unless it is the layout's own (make_dirs)."""
     from mailsetup.answers import kept_backups
+    from mailsetup.plan import apply_plan
 
     for change in changes:
         if not make_dirs and not change.path.parent.is_dir():
@@ -48,6 +53,7 @@ def render_conf(raw: dict, queue_key_file: Path | None, aliases_format: str, out
     from mailsetup import queuekey
     from mailsetup.model import build_setup
     from mailsetup.opensmtpd import open_relay_rules
+    from mailsetup.plan import FileChange
     from mailsetup.questions import require_answers
     from mailsetup.render import render_smtpd_conf
 
@@ -86,6 +92,7 @@ def make_cert(hostname: str | None, days: int, key_type: str, out_cert: Path | N
     """A private key and a self-signed certificate (or a CSR), by default where the layout keeps them."""
     from mailsetup import pki
     from mailsetup.model import validate_days, validate_dns_name, validate_key_type, validate_path
+    from mailsetup.plan import FileChange
     from mailsetup.platforms import detect_os, get_layout, sandboxed
 
     if not hostname:
@@ -125,6 +132,8 @@ def make_queue_key(out: Path | None, force: bool) -> None:
     if out is None:
         echo(key)
         return
+    from mailsetup.plan import FileChange
+
     # Every backup kept (see render_conf): an old queue key may be the only way into queued mail.
     write_new([FileChange(out, queuekey.queue_key_file_bytes(key), queuekey.KEY_MODE, "--out", secret=True)], force,
               "--out", prune=False)
@@ -137,14 +146,21 @@ def _warn_rfc2142(source: Path, missing: list[str]) -> None:
              fg="yellow")
 
 
-def build_aliases(source: Path, out: Path | None, check: bool, smtpd_version: str | None) -> None:
-    """Check an aliases file and, unless `check`, write its database as `makemap -t aliases` does."""
-    from mailsetup import aliases as aliases_mod
-    from mailsetup.model import DEFAULT_SMTPD_VERSION, parse_version
+def build_aliases(source: Path, out: Path | None, check: bool, smtpd_version: str | None,
+                  installed: VersionProbe | None = None) -> None:
+    """Check an aliases file and, unless `check`, write its database as `makemap -t aliases` does.
+    `installed`: `smtpd -h` already running (entry.py starts it before anything loads)."""
+    from mailsetup.defaults import DEFAULT_SMTPD_VERSION, parse_version
 
     # 7.5 and later read aliases differently: follow the smtpd that will read this db
-    found = smtpd_version_or_installed(smtpd_version)
-    version = parse_version(found) if found else DEFAULT_SMTPD_VERSION
+    if smtpd_version:
+        version = parse_version(smtpd_version)
+    else:
+        from mailsetup.smtpdversion import VersionProbe
+
+        found = (installed or VersionProbe()).result()
+        version = found[:2] if found else DEFAULT_SMTPD_VERSION
+    from mailsetup import aliases as aliases_mod
     from mailsetup.answers import kept_backups
 
     out = out or source.with_name(source.name + ".db")
@@ -176,5 +192,7 @@ def build_aliases(source: Path, out: Path | None, check: bool, smtpd_version: st
             f"file:{source}` in smtpd.conf instead of a db: table",
             exit_code=1,
         )
+    from mailsetup.plan import FileChange, apply_plan
+
     apply_plan([FileChange(out, db, aliases_mod.ALIASES_MODE, "aliases.db")], kept_backups(None))
     echo(f"wrote {out}: {len(entries)} aliases")

@@ -5,13 +5,11 @@ No `from __future__ import annotations` here: Typer reads every command's annota
 (for `--help` and for any one command alike), and as strings it compiles and evals each of them
 twice (~370 evals): ~10 ms of the ~28 ms it took to build the commands, measured here."""
 
-import os
 import sys
 
 import typer
 
 from mailsetup import options as o
-from mailsetup.errors import Interrupted, MailsetupError
 
 app = typer.Typer(name="mailsetup", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
@@ -265,27 +263,9 @@ def _listed_only(command):  # a CommandInfo with a stand-in callback: its name a
 
 
 def main() -> None:
-    try:
-        if os.geteuid() == 0 and any(v in os.environ for v in ("TMPDIR", "TEMP", "TMP")):
-            from mailsetup.files import use_trusted_tempdir
+    from mailsetup.entry import run
 
-            use_trusted_tempdir()  # root inherits a user's TMPDIR through `su` or pam_tmpdir
-        _app_for(sys.argv)(standalone_mode=True)
-    except MailsetupError as exc:
-        if "--debug" in sys.argv:
-            raise
-        from mailsetup.report import echo, one_line
-
-        error = "" if isinstance(exc, Interrupted) else "error: "
-        echo(f"mailsetup: {error}{one_line(exc.message)}", err=True, fg=None if error == "" else "red")
-        if exc.hint:
-            echo(f"hint: {one_line(exc.hint)}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        from mailsetup.report import echo
-
-        echo("mailsetup: interrupted; nothing was left half-written.", err=True)
-        sys.exit(130)
+    run(lambda: _app_for(sys.argv)(standalone_mode=True), "--debug" in sys.argv)
 
 
 if __name__ == "__main__":

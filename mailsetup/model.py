@@ -14,16 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from mailsetup.defaults import DEFAULT_KEEP_BACKUPS, DEFAULT_SMTPD_VERSION, parse_version
 from mailsetup.errors import MailsetupError
 from mailsetup.platforms import Layout, account_problem, detect_os, get_layout, sandboxed
 
 KEY_TYPES = ("rsa-2048", "rsa-4096", "ecdsa-p256")
-DEFAULT_SMTPD_VERSION = (7, 4)
 DEFAULT_DOVECOT_VERSION = (2, 3)  # Debian 12's; 2.4 (Debian 13) needs another grammar
 IMAP_SERVERS = ("dovecot", "none")
 MODERN_GRAMMAR = (6, 4)  # action/match, `pki … cert`, `queue encryption KEY`
 DEFAULT_MAX_MESSAGE_SIZE = 35 * 1024 * 1024  # smtpd's default
-DEFAULT_KEEP_BACKUPS = 5  # dated backups kept of each file, as certbot keeps five versions
 ACME_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"  # Let's Encrypt's, certbot's default
 TLS_SOURCES = ("self-signed", "existing", "csr", "acme")
 
@@ -211,15 +210,6 @@ def validate_keep_backups(value: Any, flag: str = "--keep-backups") -> int:
     if count < 1:
         raise MailsetupError(f"{flag}: {count} is too few: keep at least 1 backup of each file")
     return count
-
-
-def parse_version(value: Any, flag: str = "--smtpd-version") -> tuple[int, int]:
-    """7.4, 6.0.3, or as `smtpd -h` prints it (6.8.0p2, 7.4.0-portable); nothing after it: a version
-    with words behind it ("7.4 evil") is a mistake, not 7.4."""
-    m = re.fullmatch(r"\s*(\d+)\.(\d+)(?:\.\d+)?(?:p\d+)?(?:-[A-Za-z]+)?\s*", str(value))
-    if not m:
-        raise MailsetupError(f"{flag}: {value!r} is not a version like 7.4 or 6.0.3")
-    return int(m.group(1)), int(m.group(2))
 
 
 def validate_imap(value: Any, flag: str = "--imap") -> str:

@@ -16,19 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailsetup.errors import MailsetupError
-
-_SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/local/bin", "/usr/bin")
-
-
-def find_binary(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in _SBIN:
-        candidate = os.path.join(d, name)
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
+from mailsetup.smtpdversion import find_binary, version_in_help
 
 
 def _run(tool: str, args: list[str], timeout: float, binary: str | None = None) -> subprocess.CompletedProcess:
@@ -56,10 +44,7 @@ def smtpd_version(smtpd: str | None = None) -> tuple[int, int, str] | None:
         proc = _run("smtpd", ["-h"], 10, smtpd)
     except MailsetupError:
         return None
-    m = re.search(r"OpenSMTPD\s+(\d+)\.(\d+)(\S*)", proc.stdout + proc.stderr)
-    if not m:
-        return None
-    return int(m.group(1)), int(m.group(2)), f"{m.group(1)}.{m.group(2)}{m.group(3)}"
+    return version_in_help(proc.stdout + proc.stderr)
 
 
 @dataclass(frozen=True)

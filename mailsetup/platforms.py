@@ -5,18 +5,17 @@ Facts come from each OS's packaging (see shared/reference/opensmtpd.md, "Per-OS 
 
 from __future__ import annotations
 
-import platform
+import os
 import pwd
 import re
 import shutil
-from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 from mailsetup.errors import MailsetupError
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):  # not a dataclass: `mailsetup aliases` starts without loading dataclasses
     """Paths and commands of one OS's OpenSMTPD, as absolute paths on the target host."""
 
     name: str
@@ -170,7 +169,7 @@ def parse_os_release(text: str) -> dict[str, str]:
 
 def detect_os(os_release: Path = Path("/etc/os-release"), system: str | None = None) -> str | None:
     """The layout name for this host, or None when nothing we know matches."""
-    system = system or platform.system()
+    system = system or os.uname().sysname  # platform.system() without loading platform
     if system == "OpenBSD":
         return "openbsd"
     if system == "FreeBSD":
@@ -211,8 +210,7 @@ def sandboxed(layout: Layout, root: Path | None) -> Layout:
     def under(p: PurePosixPath) -> PurePosixPath:
         return PurePosixPath(root) / p.relative_to("/")
 
-    return replace(
-        layout,
+    return layout._replace(
         smtpd_conf=under(layout.smtpd_conf),
         aliases=under(layout.aliases),
         cert_dir=under(layout.cert_dir),

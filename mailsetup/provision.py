@@ -15,11 +15,12 @@ from typing import Any
 from mailsetup import aliases as aliases_mod
 from mailsetup import credentials, queuekey
 from mailsetup.errors import MailsetupError
-from mailsetup.files import FileChange, Plan, read_current, read_input
+from mailsetup.files import read_current, read_input
 from mailsetup.model import MailSetup, validate_admin
 from mailsetup.opensmtpd import (
     open_relay_rules,
 )
+from mailsetup.plan import FileChange, Plan
 from mailsetup.render import ANSWERS_MODE, render_answers, render_smtpd_conf
 
 CONF_MODE = 0o600  # it carries the queue key, and smtpd reads it with no secrecy check

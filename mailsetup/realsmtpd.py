@@ -28,7 +28,7 @@ def loopback_setup(setup: MailSetup, smtp_port: int, submission_port: int, liste
     listeners = (Listener("smtp", listen, smtp_port, "starttls", "optional"),
                  Listener("submission", listen, submission_port, "require", "required"))
     # The smoke test runs no Dovecot: the loopback smtpd writes the Maildir itself, the one LMTP writes.
-    return replace(setup, listeners=listeners, layout=replace(setup.layout, localhost_listener=""), imap="none")
+    return replace(setup, listeners=listeners, layout=setup.layout._replace(localhost_listener=""), imap="none")
 
 
 def loopback_config(setup: MailSetup, smtp_port: int, submission_port: int, relay_port: int,

@@ -5,42 +5,66 @@ and the next steps for this OS.
 from __future__ import annotations
 
 import os
+import re
+import sys
 from typing import TYPE_CHECKING
 
-import typer
-
 if TYPE_CHECKING:  # annotations only: `mailsetup keygen` prints through echo() without loading the model
-    from mailsetup.files import Applied
     from mailsetup.model import MailSetup
+    from mailsetup.plan import Applied
 
 _STATE_COLOR = {"new": "green", "replaced": "yellow", "unchanged": None}
+
+
+_FG = {"black": 30, "red": 31, "green": 32, "yellow": 33, "blue": 34, "magenta": 35, "cyan": 36, "white": 37}
+_ANSI = re.compile(r"\033\[[;?0-9]*[a-zA-Z]")
 
 
 def _style(text: str, fg: str | None, bold: bool = False) -> str:
     if os.environ.get("NO_COLOR") or not fg and not bold:
         return text
-    return typer.style(text, fg=fg, bold=bold)
+    color = f"\033[{_FG[fg]}m" if fg else ""
+    return color + ("\033[1m" if bold else "") + text + "\033[0m"
+
+
+def _write(text: str = "", err: bool = False) -> None:
+    """A line out as click.echo writes it (flushed; colour codes only on a terminal), without loading
+    Typer and click: `mailsetup aliases` prints through here on its Typer-free way (entry.py)."""
+    stream = sys.stderr if err else sys.stdout
+    if stream is None:
+        return
+    if "\033" in text and not _isatty(stream):
+        text = _ANSI.sub("", text)
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def echo(text: str = "", err: bool = False, fg: str | None = None) -> None:
     """One line for a person, coloured unless NO_COLOR is set."""
-    typer.echo(_style(text, fg), err=err)
+    _write(_style(text, fg), err=err)
 
 
 def print_plan(prov, show_diff: bool) -> None:
     setup: MailSetup = prov.setup
-    typer.echo(
+    _write(
         f"mailsetup: {setup.domain} on {setup.hostname} ({setup.layout.title}, smtpd "
         f"{setup.smtpd_version[0]}.{setup.smtpd_version[1]}"
         + (f", under {setup.root}" if setup.root else "")
         + ")"
     )
     for note in prov.notes:
-        typer.echo(f"  - {note}")
-    typer.echo("Plan:")
+        _write(f"  - {note}")
+    _write("Plan:")
     for change in prov.plan.changes:
         state = change.state()
-        typer.echo(
+        _write(
             f"  {_style(f'{state:<9}', _STATE_COLOR[state])} {change.mode:04o}  {change.path}  ({change.reason})"
         )
     if show_diff:
@@ -49,31 +73,31 @@ def print_plan(prov, show_diff: bool) -> None:
                 continue
             for line in change.diff().splitlines():
                 color = "green" if line.startswith("+") else "red" if line.startswith("-") else None
-                typer.echo(_style(line, color))
+                _write(_style(line, color))
 
 
 def print_applied(results: list[Applied]) -> None:
     written = [r for r in results if r.state != "unchanged"]
-    typer.echo(f"Wrote {len(written)} file(s).")
+    _write(f"Wrote {len(written)} file(s).")
     for r in written:
         if r.backup:
-            typer.echo(f"  backup of the old {r.path.name}: {r.backup}")
+            _write(f"  backup of the old {r.path.name}: {r.backup}")
 
 
 def print_verdict(verdict, defect: str | None) -> None:
     mark = _style("✓", "green") if verdict.ok else _style("✗", "red")
     if verdict.ran:
-        typer.echo(f"{mark} smtpd -n: {verdict.text}")
+        _write(f"{mark} smtpd -n: {verdict.text}")
     else:
-        typer.echo(f"- {verdict.text}")
+        _write(f"- {verdict.text}")
     if defect:
-        typer.echo(_style(f"✗ installed OpenSMTPD: {defect}", "red"))
+        _write(_style(f"✗ installed OpenSMTPD: {defect}", "red"))
 
 
 def print_next_steps(setup: MailSetup) -> None:
-    typer.echo("Next steps:")
+    _write("Next steps:")
     for step in next_steps(setup):
-        typer.echo(f"  {step}")
+        _write(f"  {step}")
 
 
 def print_warnings(warnings: list[str]) -> None:
@@ -81,16 +105,16 @@ def print_warnings(warnings: list[str]) -> None:
     a question that depends on them)."""
     if not warnings:
         return
-    typer.echo(_style("Warnings:", "yellow", bold=True), err=True)
+    _write(_style("Warnings:", "yellow", bold=True), err=True)
     for warning in warnings:
-        typer.echo(_style(f"  ! {warning}", "yellow"), err=True)
+        _write(_style(f"  ! {warning}", "yellow"), err=True)
 
 
 def print_json(value) -> None:
     """Every command's --json output: one document on stdout, indented the same way."""
     import json
 
-    typer.echo(json.dumps(value, indent=2))
+    _write(json.dumps(value, indent=2))
 
 
 def print_smoke(sr, as_json: bool = False) -> None:
@@ -98,13 +122,13 @@ def print_smoke(sr, as_json: bool = False) -> None:
     if as_json:
         print_json([c.as_dict() for c in sr.checks])
         return
-    typer.echo("Smoke test (on loopback, with the set-up's own files):")
+    _write("Smoke test (on loopback, with the set-up's own files):")
     for c in sr.checks:
         mark = _style("✓", "green") if c.ok else _style("✗", "red")
-        typer.echo(f"  {mark} {c.name}: {c.detail} ({c.seconds:.2f}s)")
+        _write(f"  {mark} {c.name}: {c.detail} ({c.seconds:.2f}s)")
     total = sum(c.seconds for c in sr.checks)
     passed = sum(c.ok for c in sr.checks)
-    typer.echo(_style(f"  {passed}/{len(sr.checks)} passed in {total:.1f}s", "green" if sr.ok else "red"))
+    _write(_style(f"  {passed}/{len(sr.checks)} passed in {total:.1f}s", "green" if sr.ok else "red"))
 
 
 _MARKS = {"ok": "✓", "warn": "!", "fail": "✗"}
@@ -117,10 +141,10 @@ def print_doctor(findings, as_json: bool = False) -> None:
         print_json([f.as_dict() for f in findings])
         return
     for f in findings:
-        typer.echo(_style(f"{_MARKS[f.status]} {f.name}: {f.detail}", _COLORS[f.status]))
+        _write(_style(f"{_MARKS[f.status]} {f.name}: {f.detail}", _COLORS[f.status]))
     fails = sum(f.status == "fail" for f in findings)
     warns = sum(f.status == "warn" for f in findings)
-    typer.echo(_style(f"{len(findings) - fails - warns} ok, {warns} warning(s), {fails} problem(s)",
+    _write(_style(f"{len(findings) - fails - warns} ok, {warns} warning(s), {fails} problem(s)",
                       "red" if fails else "green"))
 
 
@@ -130,7 +154,7 @@ def print_preflight(pre, as_json: bool = False) -> None:
         print_json(pre.as_dict())
         return
     where = ", ".join(pre.addresses) or "no public address known"
-    typer.echo(f"Preflight: {pre.setup.hostname} ({where}) and {pre.setup.domain}, as the internet sees them:")
+    _write(f"Preflight: {pre.setup.hostname} ({where}) and {pre.setup.domain}, as the internet sees them:")
     print_doctor(pre.findings)
 
 
@@ -140,45 +164,45 @@ def print_dns(setup: MailSetup, records, ptr: list[str], have_ips: bool, compari
 
     # Shown by what each record does; the snippet stays pasteable (its headings are zone comments).
     ordered = [r for key in GROUPS for r in records if group_of(r) == key]
-    typer.echo(f"; zone-file snippet for {setup.domain}")
+    _write(f"; zone-file snippet for {setup.domain}")
     for key, title in GROUPS.items():
         group = [r for r in ordered if group_of(r) == key]
         if not group and key != "routing":
             continue
-        typer.echo(f"; -- {title}")
+        _write(f"; -- {title}")
         for r in group:
-            typer.echo(r.zone_line())
+            _write(r.zone_line())
         if key == "routing":
             for why in left_out:  # a zone-file comment: the snippet can still be pasted as it is
-                typer.echo(f"; {why}")
+                _write(f"; {why}")
             if not have_ips:
-                typer.echo(f"{setup.hostname + '.':<32} 3600 IN A     <this host's public IPv4: pass --ip>")
-    typer.echo("")
-    typer.echo(f"{'name':<32} {'type':<5} {'value':<60} why")
+                _write(f"{setup.hostname + '.':<32} 3600 IN A     <this host's public IPv4: pass --ip>")
+    _write("")
+    _write(f"{'name':<32} {'type':<5} {'value':<60} why")
     for r in ordered:
-        typer.echo(f"{r.name:<32} {r.type:<5} {r.value:<60} {r.why}")
+        _write(f"{r.name:<32} {r.type:<5} {r.value:<60} {r.why}")
     for line in ptr:
-        typer.echo(f"PTR: {line}")
+        _write(f"PTR: {line}")
     if mta_sts is not None:
-        typer.echo("")
+        _write("")
         for line in _mta_sts_lines(setup, mta_sts):
-            typer.echo(line)
+            _write(line)
     ports = client_ports(setup)
     offered = [f"{name} on {setup.hostname} port {port}" for name, port in ports.items() if port is not None]
     missing = [name for name, port in ports.items() if port is None]
-    typer.echo(f"Mail clients (RFC 6186) find {', '.join(offered)}"
+    _write(f"Mail clients (RFC 6186) find {', '.join(offered)}"
                + (f"; \"0 0 0 .\" says {', '.join(missing)} not offered here" if missing else "") + ".")
     if setup.imap == "dovecot":
         from mailsetup.dns import autoconfig_url
 
-        typer.echo(f"Thunderbird autoconfig: {setup.layout.autoconfig_file}; serve it at {autoconfig_url(setup)} "
+        _write(f"Thunderbird autoconfig: {setup.layout.autoconfig_file}; serve it at {autoconfig_url(setup)} "
                    f"(point autoconfig.{setup.domain} at that web server).")
     if comparisons is None:
         return
-    typer.echo("")
+    _write("")
     for c in comparisons:
         found = f" (found: {', '.join(c.found)})" if c.found and c.status != "ok" else ""
-        typer.echo(_style(f"{_MARKS[c.status]} {c.record.type} {c.record.name}: {c.detail}{found}", _COLORS[c.status]))
+        _write(_style(f"{_MARKS[c.status]} {c.record.type} {c.record.name}: {c.detail}{found}", _COLORS[c.status]))
 
 
 def _mta_sts_lines(setup: MailSetup, info: dict) -> list[str]:
@@ -239,13 +263,12 @@ def next_steps(setup: MailSetup) -> list[str]:
 
 
 def _dovecot_start(setup: MailSetup) -> str:
-    from dataclasses import replace
 
     from mailsetup.platforms import restart_command
 
     if setup.root is not None:
         return f"dovecot -F -c {setup.layout.dovecot_conf}"
-    found = restart_command(replace(setup.layout, restart="systemctl restart dovecot"))
+    found = restart_command(setup.layout._replace(restart="systemctl restart dovecot"))
     return "dovecot (it runs in the background by itself)" if found.startswith("no systemd") else found
 
 

@@ -45,8 +45,8 @@ def remove_user(name: str, root: Path | None, os_name: str | None) -> None:
 def _write_credentials(setup, creds: list, done: str) -> None:
     """Write the table (owner and mode smtpd needs to re-read it), then have a running smtpd that
     serves this file re-read it, so the change is live without a restart."""
-    from mailsetup.files import FileChange, apply_plan
     from mailsetup.opensmtpd import smtpd_tables_reading, update_table
+    from mailsetup.plan import FileChange, apply_plan
     from mailsetup.platforms import LAYOUTS
     from mailsetup.provision import imap_users_change
 

@@ -173,7 +173,7 @@ def test_the_credentials_backup_is_0600_though_the_live_table_is_shared_with_smt
 
 
 def test_undo_gives_a_shared_secret_its_mode_back(tmp_path: Path):
-    from mailsetup.files import FileChange, apply_plan, undo_applied
+    from mailsetup.plan import FileChange, apply_plan, undo_applied
 
     table = tmp_path / "credentials"
     table.write_text("old\n")
@@ -186,7 +186,7 @@ def test_undo_gives_a_shared_secret_its_mode_back(tmp_path: Path):
 
 def test_a_failed_write_removes_no_backup(tmp_path: Path):
     from mailsetup.errors import MailsetupError
-    from mailsetup.files import FileChange, apply_plan
+    from mailsetup.plan import FileChange, apply_plan
 
     conf = tmp_path / "a.conf"
     conf.write_text("now\n")

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 
 from mailsetup.errors import MailsetupError
-from mailsetup.files import FileChange, Plan, apply_plan, undo_applied
+from mailsetup.plan import FileChange, Plan, apply_plan, undo_applied
 from mailsetup.platforms import detect_os, get_layout
 
 OS_RELEASES = {
@@ -142,17 +142,17 @@ def test_as_root_another_users_file_is_refused_and_roots_file_keeps_its_group(tm
 def test_a_plan_reads_each_file_once_to_show_it_and_once_more_to_write_it(tmp_path: Path, monkeypatch):
     """Listing a plan, its JSON and its diff summary all ask each file's state: the disk is read
     once for all of them, and once more, fresh, right before the write (it may have changed)."""
-    from mailsetup import files
+    from mailsetup import plan as plans
 
     reads: list[Path] = []
-    real = files.read_current
-    monkeypatch.setattr(files, "read_current", lambda path: reads.append(path) or real(path))
+    real = plans.read_current
+    monkeypatch.setattr(plans, "read_current", lambda path: reads.append(path) or real(path))
     (tmp_path / "old").write_bytes(b"old\n")
-    plan = files.Plan()
+    plan = plans.Plan()
     for name in ("new", "old"):
-        plan.add(files.FileChange(tmp_path / name, b"content\n", 0o644, "test"))
+        plan.add(plans.FileChange(tmp_path / name, b"content\n", 0o644, "test"))
     assert [c.state() for c in plan.pending()] == ["new", "replaced"]
     assert [c.state() for c in plan.changes] * 3 == ["new", "replaced"] * 3
-    files.apply_plan(plan)
+    plans.apply_plan(plan)
     assert sorted(reads) == sorted([tmp_path / "new", tmp_path / "old"] * 2)
     assert [c.state() for c in plan.changes] == ["unchanged", "unchanged"]

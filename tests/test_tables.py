@@ -199,7 +199,7 @@ def test_serve_picks_up_a_user_added_while_it_runs(root: Path):
 @pytest.mark.skipif(not IS_ROOT, reason="giving a file a group needs root")
 def test_a_table_is_born_with_its_group_and_a_failed_plan_puts_its_directory_back(tmp_path: Path):
     from mailsetup.errors import MailsetupError
-    from mailsetup.files import FileChange, apply_plan
+    from mailsetup.plan import FileChange, apply_plan
 
     state = tmp_path / "state"
     state.mkdir(mode=0o700)

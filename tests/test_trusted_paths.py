@@ -313,7 +313,7 @@ def test_a_normal_user_still_writes_through_their_own_symlink():
         os.chown(base, NOBODY.pw_uid, NOBODY.pw_gid)
         proc = as_nobody(
             "from pathlib import Path\n"
-            "from mailsetup.files import FileChange, apply_plan, undo_applied\n"
+            "from mailsetup.plan import FileChange, apply_plan, undo_applied\n"
             "real = Path('real'); real.mkdir(); (real / 'smtpd.conf').write_text('old\\n')\n"
             "link = Path('smtpd.conf'); link.symlink_to(real.absolute() / 'smtpd.conf')\n"
             "results = apply_plan([FileChange(link.absolute(), b'new\\n', 0o600, 'conf')])\n"

@@ -1,0 +1,89 @@
+"""Where smtpd is and which version it is, without the subprocess module: `mailsetup aliases` starts
+`smtpd -h` first thing and reads its answer only when it needs the version, so the two run side by
+side (opensmtpd.py reads the version the same way, through version_in_help)."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import signal
+import time
+
+_SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/local/bin", "/usr/bin")
+_HELP_LIMIT = 1 << 16  # `smtpd -h` prints a few hundred bytes
+
+
+def find_binary(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in _SBIN:
+        candidate = os.path.join(d, name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def version_in_help(text: str) -> tuple[int, int, str] | None:
+    """(major, minor, full text) from what `smtpd -h` prints; None when it names no version."""
+    m = re.search(r"OpenSMTPD\s+(\d+)\.(\d+)(\S*)", text)
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2)), f"{m.group(1)}.{m.group(2)}{m.group(3)}"
+
+
+class VersionProbe:
+    """`smtpd -h`, started now (stdin /dev/null, its output on a pipe); `result()` waits for it, at
+    most `timeout` seconds from the start, and gives version_in_help's answer: None when smtpd is
+    absent, cannot start, hangs (it is killed) or names no version."""
+
+    def __init__(self, smtpd: str | None = None, timeout: float = 10.0):
+        self.deadline = time.monotonic() + timeout
+        self.pid: int | None = None
+        self.fd = -1
+        self.found: tuple[int, int, str] | None = None
+        path = smtpd or find_binary("smtpd")
+        if path is None:
+            return
+        read_fd, write_fd = os.pipe()  # both close-on-exec; the child gets write_fd as 1 and 2 only
+        try:
+            self.pid = os.posix_spawn(path, [path, "-h"], os.environ, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, write_fd, 1),
+                (os.POSIX_SPAWN_DUP2, write_fd, 2),
+            ])
+        except OSError:
+            os.close(read_fd)
+            return
+        finally:
+            os.close(write_fd)
+        self.fd = read_fd
+
+    def result(self) -> tuple[int, int, str] | None:
+        if self.pid is not None:
+            out = None
+            try:
+                out = self._read()
+            finally:
+                os.close(self.fd)
+                if out is None:
+                    os.kill(self.pid, signal.SIGKILL)  # hung, or far too talkative
+                os.waitpid(self.pid, 0)
+                self.pid = None
+            self.found = version_in_help(out.decode(errors="replace")) if out is not None else None
+        return self.found
+
+    def _read(self) -> bytes | None:
+        """Everything smtpd printed, to its end; None past the deadline or the limit."""
+        out = bytearray()
+        while len(out) <= _HELP_LIMIT:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self.fd, _HELP_LIMIT)
+            if not chunk:
+                return bytes(out)
+            out += chunk
+        return None
