@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import pwd
 import re
-import shutil
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
@@ -196,6 +195,8 @@ def restart_command(layout: Layout, systemd: Path = Path("/run/systemd/system"),
         return layout.restart
     name = layout.restart.split()[-1]
     if (initd / name).exists():
+        import shutil
+
         if shutil.which("service") or Path("/usr/sbin/service").exists():
             return f"service {name} restart"
         return f"{initd / name} restart"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import select
-import shutil
 import signal
 import time
 
@@ -16,12 +15,14 @@ _HELP_LIMIT = 1 << 16  # `smtpd -h` prints a few hundred bytes
 
 
 def find_binary(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in _SBIN:
+    """The executable `name` in PATH, then in the sbin folders a non-root PATH often lacks. As
+    shutil.which looks, without loading shutil (and the bz2 and lzma it loads), but never in a
+    relative PATH entry ("" or "."): root must not run whatever file of that name the current
+    folder holds."""
+    path = os.environ.get("PATH") or os.defpath
+    for d in (*path.split(os.pathsep), *_SBIN):
         candidate = os.path.join(d, name)
-        if os.access(candidate, os.X_OK):
+        if os.path.isabs(d) and os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
             return candidate
     return None
 
