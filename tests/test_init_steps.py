@@ -159,7 +159,7 @@ def test_following_init_from_its_flags_to_the_files_no_step_goes_back(sandbox: P
     smtpd.conf mailsetup did not write (importconf) right after reading the last run's answers."""
     flags = {"domain": "example.test", "admin": "alice", "root": str(sandbox), "os": "debian", "user": "dave"}
     first = [m for m in _trace_init(flags, monkeypatch, stdin="Secr3t-pass\n") if m != "report"]
-    assert first == ["answers", "importconf", "questions", "model", "credentials", "dns", "provision", "files", "apply",
+    assert first == ["answers", "importconf", "questions", "model", "credentials", "dns", "provision", "plan", "apply",
                      "smoke"]
     again = [m for m in _trace_init({**flags, "rotate": True}, monkeypatch, stdin="Secr3t-pass\n") if m != "report"]
     assert len(again) == len(set(again)), again
