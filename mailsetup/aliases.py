@@ -738,10 +738,9 @@ def _ndbm():
 
 
 def _makemap_path() -> str | None:
-    import shutil
+    from mailsetup.smtpdversion import find_binary
 
-    # /usr/sbin is often missing from a non-root PATH
-    return shutil.which("makemap") or shutil.which("makemap", path="/usr/sbin:/usr/local/sbin:/usr/bin")
+    return find_binary("makemap")  # PATH's absolute folders, then the sbin ones a non-root PATH lacks
 
 
 def db_backend() -> str:

@@ -32,6 +32,8 @@ def aliases_arguments(args: list[str]) -> dict | None:
             return None
         if key in found or value == "" or (value is not True and value.startswith("-")):
             return None
+        if key in ("source", "out") and os.path.exists(value) and not os.access(value, os.R_OK):
+            return None  # Typer's Path refuses an unreadable one with a usage error: it says so
         found[key] = value
     return found if "source" in found else None
 
@@ -47,8 +49,12 @@ def _aliases(found: dict) -> None:
     from mailsetup.artifacts import build_aliases
 
     out = found.get("out")
-    build_aliases(Path(found["source"]), Path(out) if out else None, bool(found.get("check")),
-                  found.get("smtpd_version"), installed)
+    try:
+        build_aliases(Path(found["source"]), Path(out) if out else None, bool(found.get("check")),
+                      found.get("smtpd_version"), installed)
+    finally:
+        if installed is not None:
+            installed.close()  # unread only when we leave early (an error, Ctrl-C): never left running
 
 
 def run(command, debug: bool) -> None:
@@ -77,6 +83,9 @@ def run(command, debug: bool) -> None:
 
         echo("mailsetup: interrupted; nothing was left half-written.", err=True)
         sys.exit(130)
+    except BrokenPipeError:  # the reader went away (`| head`): as click does, quietly, exit 1
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush then succeeds
+        sys.exit(1)
 
 
 def main() -> None:

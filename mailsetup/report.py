@@ -35,7 +35,11 @@ def _write(text: str = "", err: bool = False) -> None:
         return
     if "\033" in text and not _isatty(stream):
         text = _ANSI.sub("", text)
-    stream.write(text + "\n")
+    try:
+        stream.write(text + "\n")
+    except UnicodeEncodeError:  # an ASCII-only stream (PYTHONIOENCODING=ascii): '?' for what it cannot show
+        encoding = stream.encoding or "ascii"
+        stream.write((text + "\n").encode(encoding, "replace").decode(encoding))
     stream.flush()
 
 

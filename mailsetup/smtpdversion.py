@@ -36,9 +36,11 @@ def version_in_help(text: str) -> tuple[int, int, str] | None:
 
 
 class VersionProbe:
-    """`smtpd -h`, started now (stdin /dev/null, its output on a pipe); `result()` waits for it, at
+    """`smtpd -h`, started now as subprocess would start it (stdin /dev/null, its output on a pipe,
+    no other descriptor of ours, SIGPIPE and SIGXFSZ at their defaults); `result()` waits for it, at
     most `timeout` seconds from the start, and gives version_in_help's answer: None when smtpd is
-    absent, cannot start, hangs (it is killed) or names no version."""
+    absent, cannot start, hangs or floods (it is killed) or names no version. `close()` stops it
+    unread (for a caller leaving early)."""
 
     def __init__(self, smtpd: str | None = None, timeout: float = 10.0):
         self.deadline = time.monotonic() + timeout
@@ -51,10 +53,11 @@ class VersionProbe:
         read_fd, write_fd = os.pipe()  # both close-on-exec; the child gets write_fd as 1 and 2 only
         try:
             self.pid = os.posix_spawn(path, [path, "-h"], os.environ, file_actions=[
+                *_close_inherited(),
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, write_fd, 1),
                 (os.POSIX_SPAWN_DUP2, write_fd, 2),
-            ])
+            ], setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
         except OSError:
             os.close(read_fd)
             return
@@ -68,23 +71,53 @@ class VersionProbe:
             try:
                 out = self._read()
             finally:
-                os.close(self.fd)
-                if out is None:
-                    os.kill(self.pid, signal.SIGKILL)  # hung, or far too talkative
-                os.waitpid(self.pid, 0)
-                self.pid = None
+                self._end(kill=out is None)  # hung, far too talkative, or we were interrupted
             self.found = version_in_help(out.decode(errors="replace")) if out is not None else None
         return self.found
+
+    def close(self) -> None:
+        if self.pid is not None:
+            self._end(kill=True)
 
     def _read(self) -> bytes | None:
         """Everything smtpd printed, to its end; None past the deadline or the limit."""
         out = bytearray()
+        poller = select.poll()  # not select(): a descriptor number past 1023 is fine
+        poller.register(self.fd, select.POLLIN)
         while len(out) <= _HELP_LIMIT:
             left = self.deadline - time.monotonic()
-            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+            if left <= 0 or not poller.poll(left * 1000):
                 return None
             chunk = os.read(self.fd, _HELP_LIMIT)
             if not chunk:
                 return bytes(out)
             out += chunk
         return None
+
+    def _end(self, kill: bool) -> None:
+        os.close(self.fd)
+        pid, self.pid = self.pid, None
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:  # still running (only then may it be signalled)
+                if kill:
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass  # SIGCHLD ignored by whoever started us: the kernel reaped it already
+
+
+def _close_inherited() -> list[tuple]:
+    """posix_spawn file actions closing every descriptor a child would inherit beyond 0, 1 and 2
+    (subprocess's close_fds): ours are close-on-exec already, a caller's may not be."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return []
+    actions = []
+    for fd in fds:
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                actions.append((os.POSIX_SPAWN_CLOSE, fd))
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+    return actions

@@ -12,6 +12,7 @@ never stop talking, or are not there.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -178,3 +179,95 @@ def test_the_probe_kills_an_smtpd_that_hangs_or_floods(tmp_path: Path, body: str
     assert probe.result() is None
     assert time.monotonic() - started < 5
     assert pid is not None and _gone(pid)  # killed and reaped: no zombie, no orphan
+
+
+def test_the_probe_stops_an_smtpd_left_unread(tmp_path: Path):
+    """A caller leaving early (an error, Ctrl-C) closes the probe: the child does not outlive it."""
+    probe = VersionProbe(str(_fake_smtpd(tmp_path, "exec sleep 60")))
+    pid = probe.pid
+    probe.close()
+    assert pid is not None and _gone(pid) and probe.result() is None
+
+
+def test_the_probe_hands_smtpd_no_descriptor_of_its_caller(tmp_path: Path):
+    """As subprocess's close_fds: a descriptor the caller left inheritable does not reach smtpd."""
+    listing = tmp_path / "fds"
+    fake = _fake_smtpd(tmp_path, f"ls /proc/$$/fd > {listing}\necho 'version: OpenSMTPD 7.4.0'")
+    opened = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(opened, 57, inheritable=True)
+    try:
+        assert VersionProbe(str(fake)).result() == (7, 4, "7.4.0")
+    finally:
+        os.close(57)
+        os.close(opened)
+    fds = listing.read_text().split()
+    assert "0" in fds and "57" not in fds, fds
+
+
+def _ignoring_sigchld() -> None:
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+
+
+def test_aliases_works_when_started_with_sigchld_ignored(tmp_path: Path):
+    """A parent that ignores SIGCHLD (Perl's $SIG{CHLD}='IGNORE', then system()) passes that on: the
+    kernel then reaps `smtpd -h` itself, and waiting for it must not fail."""
+    where = _files(tmp_path / "w")
+    fake = _fake_smtpd(tmp_path, "echo 'version: OpenSMTPD 7.4.0'")
+    proc = subprocess.run([MAILSETUP, "aliases", "aliases", "--check"], cwd=where, capture_output=True, text=True,
+                          preexec_fn=_ignoring_sigchld, timeout=60,
+                          env=dict(os.environ, NO_COLOR="1", PATH=f"{fake.parent}:{os.environ['PATH']}"))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "aliases: 6 aliases, OK\n", "")
+
+
+def test_a_reader_gone_away_ends_aliases_quietly_as_typer_does(tmp_path: Path):
+    """`mailsetup aliases … | head -0`: exit 1 and no traceback, on both ways."""
+    where = _files(tmp_path / "w")
+    results = []
+    for program in (MAILSETUP, _typer_mailsetup(tmp_path)):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            proc = subprocess.run([program, "aliases", "aliases", "--check"], cwd=where, stdout=write_end,
+                                  stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write_end)
+        results.append((proc.returncode, proc.stderr))
+    assert results[0] == results[1] == (1, "")
+
+
+def test_an_ascii_only_output_gets_a_question_mark_not_a_traceback(tmp_path: Path):
+    where = _files(tmp_path / "w")
+    (where / "é").write_text(GOOD)
+    code, out, err = _run([MAILSETUP, "aliases", "é", "--check"], where, {"PYTHONIOENCODING": "ascii"})
+    assert (code, out, err) == (0, "?: 6 aliases, OK\n", "")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root and runuser")
+def test_a_source_its_user_cannot_read_is_answered_as_typer_answers():
+    """Typer's Path refuses an existing file its user cannot read (root reads any): entry.py leaves
+    that case to Typer, so a normal user sees the same usage error either way."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="mailsetup-entry-", dir="/tmp"))  # pytest's tmp_path is root's alone
+    try:
+        base.chmod(0o755)
+        results = [_as_nobody_on_an_unreadable_source(base, name, program)
+                   for name, program in (("fast", MAILSETUP), ("typer", _typer_mailsetup(base)))]
+    finally:
+        shutil.rmtree(base)
+    assert results[0] == results[1] and results[0][0] == 2, results
+    assert "is not readable" in results[0][2]
+
+
+def _as_nobody_on_an_unreadable_source(base: Path, name: str, program: str) -> tuple[int, str, str]:
+    where = base / name
+    where.mkdir()
+    (where / "aliases").write_text(GOOD)
+    (where / "aliases").chmod(0)
+    for p in (where, where / "aliases"):
+        os.chown(p, 65534, 65534)
+    code, out, err = _run([shutil.which("runuser"), "-u", "nobody", "--", program, "aliases", "aliases", "--check"],
+                          where)
+    return code, out, err.replace(str(where), "WHERE")
