@@ -194,29 +194,31 @@ def dkim_selectors(host: Host) -> list[str]:
 
 class Stream:
     """A person sending mail through `host`'s submission port, one message after another, until
-    stopped; a message counts as sent once the server took it (a refused one is not)."""
+    stopped; a message counts as sent once the server said it took it (250 after DATA), whatever
+    happened after. One the client never heard taken is `unconfirmed`: refused, or taken with its 250
+    lost to a restart or swaks's time-out (SMTP's at-least-once: it may still arrive)."""
 
     def __init__(self, host: Host, sender: str, rcpt: str, tag: str):
         self.host, self.sender, self.rcpt, self.tag = host, sender, rcpt, tag
         self.sent: list[str] = []
         self.ids: dict[str, str] = {}
-        self.refused = 0
+        self.unconfirmed: list[str] = []
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self.stopped.is_set():
-            subject = f"{self.tag} {len(self.sent) + self.refused}"
+            subject = f"{self.tag} {len(self.sent) + len(self.unconfirmed)}"
             user = self.sender.split("@")[0]
             r = self.host.run("swaks", "--timeout", "5", "--server", f"{self.host.address}:587", "--tls",
                               "--auth", "LOGIN", "--auth-user", user, "--auth-password", PASSWORD, "--from",
                               self.sender, "--to", self.rcpt, "--header", f"Subject: {subject}")
-            if r.returncode == 0:
+            accepted = re.search(r"<[-~] +250 2\.0\.0 (\w+) Message accepted", r.stdout)  # <~: over TLS
+            if accepted:
                 self.sent.append(subject)
-                accepted = re.search(r"<- +250 2\.0\.0 (\w+) Message accepted", r.stdout)
-                self.ids[subject] = accepted[1] if accepted else "?"  # smtpd's msgid: its log's name for it
+                self.ids[subject] = accepted[1]  # smtpd's msgid: its log's name for it
             else:
-                self.refused += 1
+                self.unconfirmed.append(subject)
             time.sleep(0.5)
 
     def __enter__(self) -> Stream:
@@ -280,8 +282,11 @@ def test_queue_key_and_dkim_rotation_on_b_while_mail_flows_both_ways_lose_nothin
               "inbound missing:", {m: inbound.ids[m] for m in set(inbound.sent) - set(at_b)})
         print("B's spool:", b.run("find", "/var/spool/smtpd/queue", "-type", "f").stdout)
         print("B's log:\n" + b.log.read_text(errors="replace"), "\nA's log:\n" + a.log.read_text(errors="replace"))
-    assert sorted(at_b) == sorted(inbound.sent)  # nothing lost, either way
-    assert sorted(at_a) == sorted(outbound.sent)
+    assert set(at_b) >= set(inbound.sent) and set(at_a) >= set(outbound.sent)  # nothing lost, either way
+    # nothing made up: what arrived unconfirmed was sent, and its 250 lost (seen once on Debian 12: a
+    # session cut by B's restart after smtpd had taken the message)
+    assert set(at_b) - set(inbound.sent) <= set(inbound.unconfirmed)
+    assert set(at_a) - set(outbound.sent) <= set(outbound.unconfirmed)
     # A restart stops smtpd with SIGTERM, as `service opensmtpd restart` does. One caught in the instant
     # between the other side's 250 and its own record of it sends that message again afterwards
     # (SMTP's at-least-once; seen once in the Debian 13 stage): at most one copy more per restart.
