@@ -70,11 +70,16 @@ def imap_users_access(dovecot_user: str) -> tuple[int, tuple[int, int] | None]:
     return table_access(dovecot_user)
 
 
+# crypt(3) hashes smtpd checks, by their prefix, and Dovecot's name for each: bcrypt (what `mailsetup
+# user add` writes), and the SHA-512 and SHA-256 crypt an imported auth table may carry.
+_SCHEMES = (("$2", "BLF-CRYPT"), ("$6$", "SHA512-CRYPT"), ("$5$", "SHA256-CRYPT"))
+
+
 def render_imap_users(creds: list) -> bytes:
-    """passwd-file lines `user:{BLF-CRYPT}HASH` from the credentials table (table(5) `user hash`):
-    the same bcrypt hash, so a password works for submission and IMAP alike. Only bcrypt hashes
-    (what `mailsetup user add` writes) are carried over; the scheme prefix says which they are."""
+    """passwd-file lines `user:{SCHEME}HASH` from the credentials table (table(5) `user hash`): the
+    same hash, so a password works for submission and IMAP alike; the prefix tells Dovecot its scheme."""
     head = "# Dovecot passdb (passwd-file), derived from the credentials table by `mailsetup user`: edit that.\n"
-    lines = [f"{c.user}:{{BLF-CRYPT}}{c.hash}\n" for c in creds if c.hash.startswith("$2")]
+    lines = [f"{c.user}:{{{scheme}}}{c.hash}\n" for c in creds
+             for prefix, scheme in _SCHEMES if c.hash.startswith(prefix)]
     return (head + "".join(lines)).encode()
 

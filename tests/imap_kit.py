@@ -93,7 +93,7 @@ def mbsync_from_autoconfig() -> list:
 def main() -> None:
     import pwd
 
-    for name in ("alice", "bob"):
+    for name in ("alice", "bob", "carol"):
         run("useradd", "-m", "-s", "/usr/sbin/nologin", name)
         account = pwd.getpwnam(name)  # it may be in the copied /etc already; /home is empty here
         Path(account.pw_dir).mkdir(mode=0o750, exist_ok=True)
@@ -143,8 +143,15 @@ def prove() -> None:
     doctor = run(MAILSETUP, "doctor", "--json")
     seen["doctor_open_maildir"] = {f["name"]: [f["status"], f["detail"]] for f in json.loads(doctor.stdout or "[]")}
     home.chmod(mode)
+    # carol came over from an older smtpd.conf's auth table (`mailsetup import`) with a SHA-512 crypt
+    # hash; the next change of the logins writes her into Dovecot's passwd-file as she is
+    sha512 = run("openssl", "passwd", "-6", "-stdin", input=PASSWORD + "c\n").stdout.strip()
+    with open("/etc/mailsetup/credentials", "a") as table:
+        table.write(f"carol {sha512}\n")
     r = run(MAILSETUP, "user", "add", "bob", "--password-stdin", input=PASSWORD + "b\n")
     seen["add_bob"] = [r.returncode, r.stdout, r.stderr]
+    seen["carol"] = imaps_login("carol", PASSWORD + "c")
+    seen["carol_wrong"] = imaps_login("carol", PASSWORD)
     seen["bob"] = imaps_login("bob", PASSWORD + "b")
     r = run(MAILSETUP, "user", "remove", "bob")
     seen["remove_bob"] = [r.returncode, r.stdout, r.stderr]

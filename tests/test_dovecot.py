@@ -156,6 +156,8 @@ def test_mail_to_an_alias_goes_through_lmtp_and_is_read_over_imaps_with_the_same
     assert seen["add_bob"][0] == 0 and "/etc/dovecot/users" in seen["add_bob"][1], (seen["add_bob"], seen["smtpd_log"])
     assert "told the running Dovecot to reload" in seen["add_bob"][1], seen["add_bob"]
     assert seen["bob"].startswith("ok:"), seen
+    # A SHA-512 crypt login (imported) reads mail over IMAP too, with its own password only.
+    assert seen["carol"].startswith("ok:") and seen["carol_wrong"].startswith("refused:"), seen
     assert seen["remove_bob"][0] == 0, seen["remove_bob"]
     assert seen["bob_removed"].startswith("refused:"), seen
 
