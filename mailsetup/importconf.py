@@ -684,6 +684,8 @@ class _Reader:
             ans.set("hostname", name, pair.get("cert", ("", self.listeners[0][0].line if self.listeners else 1))[1])
         cert, key = pair.get("cert"), pair.get("key")
         if cert and key and _is_file(cert[0]) and _is_file(key[0]):
+            for path, line in (cert, key):
+                _refuse_swappable(path, f"{self.at(line)}: pki {name}")
             ans.set("tls", "existing", cert[1])
             ans.set("cert", cert[0], cert[1])
             ans.set("key", key[0], key[1])
@@ -719,6 +721,16 @@ def read_config(path: Path, os_name: str, default_listen: str) -> Imported:
     statements = expand_macros(lex(text, name), name)
     trusted, shared = _standing(path)
     return _Reader(path, os_name, default_listen, trusted, shared).read(statements)
+
+
+def _refuse_swappable(path: str, where: str) -> None:
+    """As root: one line naming the config's line when a certificate or key it names sits where a user
+    other than root could swap it (mailsetup would refuse to read it later, without the line)."""
+    from mailsetup.files import _controllers, strict
+
+    if strict() and (users := _controllers(Path(path))):
+        raise MailsetupError(f"{where}: {path} is where a user other than root (uid {min(users)}) could swap it; "
+                             "move the pair into a folder only root controls, and import again")
 
 
 def _standing(path: Path) -> tuple[bool, bool]:

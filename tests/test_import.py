@@ -460,3 +460,33 @@ def test_a_config_another_user_controls_cannot_make_root_read_a_credentials_file
         assert "carol" not in (root / "etc/mailsetup/credentials").read_text()
     finally:
         shutil.rmtree(theirs, ignore_errors=True)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root: a certificate pair in a folder another user controls")
+def test_a_certificate_pair_another_user_could_swap_is_refused_naming_the_configs_line(tmp_path: Path):
+    """As root the pair would be refused when read, after the report said "kept"; the importer names
+    the config's line instead, and nothing is written."""
+    import os
+    import pwd
+
+    theirs = Path(tempfile.mkdtemp(prefix="mailsetup-theirs-", dir="/tmp"))
+    try:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(theirs, nobody.pw_uid, nobody.pw_gid)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", theirs / "k.pem",
+                        "-out", theirs / "c.pem", "-days", "2", "-subj", "/CN=mail.example.test"],
+                       check=True, capture_output=True)
+        conf = tmp_path / "smtpd.conf"
+        conf.write_text(f'# mine\npki mail.example.test cert "{theirs}/c.pem"\n'
+                        f'pki mail.example.test key "{theirs}/k.pem"\n'
+                        "listen on 0.0.0.0 port 25 tls pki mail.example.test\n")
+        root = tmp_path / "root"
+        r = run_cli("import", conf, "--root", root, "--os", "debian", "--domain", "example.test", "--admin", "alice",
+                    "--yes", "--no-smoke", "--no-preflight")
+        assert r.code == 2, r.out + r.err
+        assert r.err_lines == [f"mailsetup: error: {conf}:2: pki mail.example.test: {theirs}/c.pem is where a user "
+                               f"other than root (uid {nobody.pw_uid}) could swap it; move the pair into a folder "
+                               "only root controls, and import again"], r.err_lines
+        assert not root.exists()
+    finally:
+        shutil.rmtree(theirs, ignore_errors=True)
