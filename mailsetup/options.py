@@ -103,7 +103,7 @@ AnswersPath = Annotated[Path | None, _opt("--answers", help="A TOML answers file
 ImportConf = Annotated[Path | None, _opt("--import", metavar="SMTPD_CONF",
                                          help="Start from an existing smtpd.conf (any grammar): `mailsetup import`.")]
 ImportFile = Annotated[Path | None, typer.Argument(help="The smtpd.conf to adopt (default: the OS layout's).",
-                                                   show_default=False)]
+                                                   show_default=False, metavar="SMTPD_CONF")]
 Rotate = Annotated[bool, _opt("--rotate", help="Rotate the certificate and the queue key.")]
 RotateCert = Annotated[bool, _opt("--rotate-cert", help="New key and certificate.")]
 RotateQueueKey = Annotated[bool, _opt("--rotate-queue-key", help="New queue encryption key.")]
@@ -133,7 +133,7 @@ Csr = Annotated[Path | None, _opt("--csr", help="Write a CSR for a CA here inste
 ForceBackup = Annotated[bool, _opt("--force", help="Replace existing files (backups are kept).")]
 KeyOut = Annotated[Path | None, _opt("--out", help="Write the key here (0600) instead of printing.")]
 KeyForce = Annotated[bool, _opt("--force", help="Replace --out if it exists (a backup is kept).")]
-AliasesSource = Annotated[Path, typer.Argument(help="The aliases(5) file.")]
+AliasesSource = Annotated[Path, typer.Argument(help="The aliases(5) file.", metavar="SOURCE")]
 AliasesOut = Annotated[Path | None, _opt("--out", help="The database (default: SOURCE.db).")]
 CheckOnly = Annotated[bool, _opt("--check", help="Only validate; write nothing.")]
 
@@ -171,8 +171,8 @@ PreflightTimeout = Annotated[float, _opt("--timeout", metavar="SECONDS",
 PreflightJson = Annotated[bool, _opt("--json", help="Print the checks as JSON.")]
 NoPreflight = Annotated[bool, _opt("--no-preflight",
                                    help="Skip the preflight (DNS, blocklists, port 25) a real host runs first.")]
-UserName = Annotated[str, typer.Argument(help="The login (and local user) name.")]
+UserName = Annotated[str, typer.Argument(help="The login (and local user) name.", metavar="NAME")]
 UserPasswordStdin = Annotated[bool, _opt("--password-stdin",
                                          help="Read the password from standard input (one line).")]
-RemovedUser = Annotated[str, typer.Argument(help="The login to remove.")]
+RemovedUser = Annotated[str, typer.Argument(help="The login to remove.", metavar="NAME")]
 DkimRotate = Annotated[bool, _opt("--rotate", help="Make the next keys; they sign once DNS serves their records.")]
