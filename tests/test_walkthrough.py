@@ -17,8 +17,8 @@ pytestmark = pytest.mark.once  # the wizard's questions are the same on every re
 
 
 @pytest.fixture(scope="module")
-def recorded() -> tuple[str, str]:
-    return kit.record()
+def recorded(tmp_path_factory) -> tuple[str, str]:
+    return kit.record(tmp_path_factory.mktemp("walkthrough") / "demo-wz")
 
 
 def test_the_walkthrough_asks_what_the_wizard_asks(recorded: tuple[str, str]):

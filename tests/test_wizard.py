@@ -47,12 +47,14 @@ def finish(child: pexpect.spawn) -> tuple[int, str]:
     return child.exitstatus if child.exitstatus is not None else 128 + child.signalstatus, child.logfile_read.text()
 
 
-def first_run(root: Path) -> tuple[int, str]:
+def first_run(root: Path, domain: str = "example.test", key_type: str = DOWN + DOWN) -> tuple[int, str]:
+    """A first run as a person types it (docs/walkthrough.md records one too, with its own domain
+    and the default key type)."""
     child = spawn("init", "--root", root, "--os", "debian")
-    answer(child, r"Mail domain \(--domain\)", "example.test\r")
-    answer(child, r"Mail host name, its FQDN \(--hostname\)", "\r")  # accept mail.example.test
+    answer(child, r"Mail domain \(--domain\)", f"{domain}\r")
+    answer(child, r"Mail host name, its FQDN \(--hostname\)", "\r")  # accept mail.DOMAIN
     answer(child, r"TLS certificate \(--tls\)", "\r")  # new self-signed
-    answer(child, r"Key type \(--key-type\)", DOWN + DOWN + "\r")  # ecdsa-p256
+    answer(child, r"Key type \(--key-type\)", key_type + "\r")  # ecdsa-p256 (two down), or Enter: rsa-2048
     answer(child, r"Compress the queue", "y")
     answer(child, r"Encrypt the queue", "y")
     answer(child, r"Import an existing aliases file", "n")

@@ -12,31 +12,11 @@ import re
 import shutil
 from pathlib import Path
 
-from test_wizard import DOWN, PASSWORD, answer, finish, spawn
+from test_wizard import DOWN, answer, finish, first_run, spawn
 
 BEGIN, END = "<!-- recorded by scripts/walkthrough -->", "<!-- end of the recording -->"
 SANDBOX = Path("/tmp/demo-wz")  # a fixed place: the document's paths stay the same from one recording to the next
 _SPINNER = re.compile(r"^[\u2800-\u28ff] ")  # a braille spinner frame ("⠋ generating keys…")
-
-
-def first_run(root: Path) -> tuple[int, str]:
-    child = spawn("init", "--root", root, "--os", "debian")
-    answer(child, r"Mail domain \(--domain\)", "example.org\r")
-    answer(child, r"Mail host name, its FQDN \(--hostname\)", "\r")  # accept mail.example.org
-    answer(child, r"TLS certificate \(--tls\)", "\r")  # new self-signed
-    answer(child, r"Key type \(--key-type\)", "\r")  # rsa-2048
-    answer(child, r"Compress the queue", "y")
-    answer(child, r"Encrypt the queue", "y")
-    answer(child, r"Import an existing aliases file", "n")
-    answer(child, r"\(--admin\)", "alice\r")
-    answer(child, r"First mail user .*\(--user\)", "\r")  # default: alice
-    answer(child, r"Password for alice", PASSWORD + "\r")
-    answer(child, r"Again", PASSWORD + "\r")
-    answer(child, r"Sign outgoing mail with DKIM", "y")
-    answer(child, r"IMAP server for reading mail", "\r")  # a sandbox: none
-    answer(child, r"Run the smoke test", "y")
-    answer(child, r"Write these \d+ file\(s\)\?", "y")
-    return finish(child)
 
 
 def rotation_run(root: Path) -> tuple[int, str]:
@@ -89,14 +69,17 @@ def documented(doc: Path) -> tuple[str, str]:
     return first, again
 
 
-def record() -> tuple[str, str]:
-    """Both sessions in a fresh SANDBOX, cleaned; removed afterwards."""
-    shutil.rmtree(SANDBOX, ignore_errors=True)
+def record(sandbox: Path | None = None) -> tuple[str, str]:
+    """Both sessions in a fresh `sandbox` (SANDBOX, the document's, by default), cleaned; removed
+    afterwards. Another sandbox (a test's own, so two runs never share one) is named SANDBOX in the
+    transcript."""
+    sandbox = sandbox or SANDBOX
+    shutil.rmtree(sandbox, ignore_errors=True)
     try:
-        code, first = first_run(SANDBOX)
+        code, first = first_run(sandbox, domain="example.org", key_type="")
         assert code == 0, first
-        code, again = rotation_run(SANDBOX)
+        code, again = rotation_run(sandbox)
         assert code == 0, again
     finally:
-        shutil.rmtree(SANDBOX, ignore_errors=True)
-    return clean(first), clean(again)
+        shutil.rmtree(sandbox, ignore_errors=True)
+    return tuple(clean(text).replace(str(sandbox), str(SANDBOX)) for text in (first, again))
